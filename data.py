@@ -1,0 +1,422 @@
+"""Datasets for MSF object-centric learning: the LMDB sample format, the built-in `shapes` dataset,
+dataset presets, and the torch `Dataset` that every script reads through `load_dataset`.
+
+Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Appendix A.4
+("converting all datasets into the LMDB database format ... center-cropped and resized to 128x128 ...
+stored in the uint8 data type"; inputs normalised by "subtracting 127.5 and dividing by 127.5").
+
+Run:  python data.py shapes                  # writes data/shapes/{train,val} (64x64) in seconds
+      python data.py shapes --resolution 128 # the paper's resolution, written to data/shapes-128/
+      python data.py info data/shapes        # prints the meta record of every split
+
+On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
+  key b"00000000", b"00000001", ...  one sample each, encoded by `encode_record`:
+      MAGIC | uint32 header length | JSON header [{name, dtype, shape, offset}] | raw array bytes
+  key b"__meta__"                     JSON: name, split, count, resolution, max_objects, format_version, ...
+  A sample holds `image` (H, W, 3) uint8 and `segment` (H, W) uint8 where 0 = background, 1..K = objects,
+  255 = unannotated/ignored. Video samples add a time axis in front, `image` (T, H, W, 3), `segment` (T, H, W),
+  and `bbox` (T, K, 4) float32 normalised (x0, y0, x1, y1).
+  Records are raw arrays read with `np.frombuffer`: opening a dataset never unpickles (never runs code).
+  A split is written to a hidden temporary folder and renamed when complete, so a half-written dataset is
+  never mistaken for a complete one.
+
+Reading order: PRESETS, encode_record/decode_record, write_lmdb, LMDBDataset, render_shapes_sample,
+write_shapes, load_dataset, the CLI.
+"""
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT_VERSION = 1
+MAGIC = b"MSFREC1\n"  # 8 bytes that open every sample record
+META_KEY = b"__meta__"
+IGNORE = 255  # segment value of unannotated / void pixels: they count in no metric
+ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64", "bool"}
+
+# -----------------------------------------------------------------------------
+# Dataset presets: defaults that explicit flags override (paper A.4-A.5 for the real datasets).
+# vae_* feed train_vae.py, ocl_* feed train_ocl.py. `shapes` is sized for a 2-core CPU.
+PRESETS = {
+    #            resolution  slots (objects + background)  video  VAE steps/batch      OCL steps/batch
+    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=500, vae_batch=16, ocl_steps=2500, ocl_batch=32),
+    "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32),
+    "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32),
+    "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32),
+    "movi_c":   dict(resolution=128, num_slots=11, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8),
+    "movi_d":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8),
+    "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8),
+}
+# How each real dataset is made from its official download (the converters: `python data.py <name> --src ...`).
+SOURCES = {
+    "clevrtex": "the ClevrTex download folder holding clevrtex_full/",
+    "coco": "the COCO 2017 folder holding train2017/, val2017/ and annotations/panoptic_*2017.json",
+    "voc": "the folder holding VOCdevkit/VOC2012/",
+    "movi_c": "the TFDS folder movi_c/128x128/1.0.0 (or 256x256) with its tfrecord shards",
+    "movi_d": "the TFDS folder movi_d/128x128/1.0.0 (or 256x256) with its tfrecord shards",
+    "movi_e": "the TFDS folder movi_e/128x128/1.0.0 (or 256x256) with its tfrecord shards",
+}
+
+
+class DatasetMissing(FileNotFoundError):
+    """A dataset split that is not on disk; the message names the command that creates it."""
+
+
+# -----------------------------------------------------------------------------
+# Sample records: raw arrays behind a small JSON header (never a pickle).
+
+def encode_record(arrays):
+    """dict name -> np.ndarray  ->  bytes (MAGIC | len | JSON header | payload)."""
+    header, chunks, offset = [], [], 0
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype.name not in ALLOWED_DTYPES:
+            raise TypeError(f"array '{name}' has dtype {a.dtype}; records hold only {sorted(ALLOWED_DTYPES)}")
+        header.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offset})
+        chunks.append(a.tobytes())
+        offset += a.nbytes
+    head = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + b"".join(chunks)
+
+
+def decode_record(buf):
+    """bytes -> dict name -> np.ndarray (read-only views into `buf`; copy before writing)."""
+    buf = bytes(buf)
+    if buf[:8] != MAGIC:
+        raise ValueError("not an MSF sample record (bad magic); was this LMDB written by another tool?")
+    (n,) = struct.unpack("<I", buf[8:12])
+    header = json.loads(buf[12:12 + n])
+    payload = memoryview(buf)[12 + n:]
+    out = {}
+    for h in header:
+        if h["dtype"] not in ALLOWED_DTYPES:
+            raise ValueError(f"record array '{h['name']}' has disallowed dtype {h['dtype']}")
+        dtype = np.dtype(h["dtype"])
+        count = int(np.prod(h["shape"], dtype=np.int64))
+        a = np.frombuffer(payload, dtype=dtype, count=count, offset=h["offset"])
+        out[h["name"]] = a.reshape(h["shape"])
+    return out
+
+
+def write_lmdb(path, samples, meta, overwrite=False, commit_every=256):
+    """Stream `samples` (an iterable of dicts of arrays) into a new LMDB at `path`.
+
+    The data goes to a hidden sibling folder that is renamed to `path` only after the last record and the
+    meta record are on disk: an interrupted write leaves no `path` behind, so it never looks complete.
+    Returns the number of samples written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    env = lmdb.open(str(tmp), map_size=1 << 40, subdir=True, meminit=False, map_async=True)
+    count = 0
+    try:
+        txn = env.begin(write=True)
+        for sample in samples:
+            txn.put(f"{count:08d}".encode(), encode_record(sample))
+            count += 1
+            if count % commit_every == 0:  # bounded memory: commit in chunks
+                txn.commit()
+                txn = env.begin(write=True)
+        meta = dict(meta, count=count, format_version=FORMAT_VERSION)
+        txn.put(META_KEY, json.dumps(meta).encode())
+        txn.commit()
+        env.sync(True)
+    except BaseException:
+        env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    env.close()
+    if path.exists():
+        shutil.rmtree(path)
+    os.rename(tmp, path)  # atomic on one filesystem: the split appears complete or not at all
+    return count
+
+
+def read_meta(path):
+    """The meta record of one split (a dict), or DatasetMissing if the split is absent or incomplete."""
+    path = Path(path)
+    if not (path / "data.mdb").exists():
+        raise DatasetMissing(f"no dataset split at {path}")
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+    with env.begin() as txn:
+        raw = txn.get(META_KEY)
+    env.close()
+    if raw is None:
+        raise DatasetMissing(f"{path} has no meta record: it is not a complete MSF dataset split")
+    meta = json.loads(raw)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta['format_version']}, newer than this code "
+                         f"({FORMAT_VERSION}); update the code or re-create the dataset")
+    return meta
+
+
+class LMDBDataset(Dataset):
+    """One split of an LMDB dataset.
+
+    Yields dicts: `image` float (3, H, W) in [-1, 1] ((x - 127.5) / 127.5, paper A.4) and `segment` long (H, W);
+    video samples give `image` (T, 3, H, W), `segment` (T, H, W) and `bbox` (T, K, 4).
+    The LMDB environment is opened lazily in the process that reads (each DataLoader worker opens its own).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.count = self.meta["count"]
+        self._env, self._pid = None, None
+
+    def __len__(self):
+        return self.count
+
+    def record(self, i):
+        """The raw arrays of sample i, as stored."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"sample {i} out of range for {self.path} ({self.count} samples)")
+        if self._env is None or self._pid != os.getpid():  # one environment per process (fork-safe)
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=True)
+            self._pid = os.getpid()
+        with self._env.begin() as txn:
+            return decode_record(txn.get(f"{i:08d}".encode()))
+
+    def __getitem__(self, i):
+        rec = self.record(i)
+        image = torch.from_numpy(rec["image"].copy())  # (H, W, 3) or (T, H, W, 3) uint8
+        image = image.movedim(-1, -3).float().sub_(127.5).div_(127.5)  # (3, H, W) or (T, 3, H, W) in [-1, 1]
+        out = {"image": image, "segment": torch.from_numpy(rec["segment"].astype(np.int64))}  # (H, W) / (T, H, W)
+        if "bbox" in rec:
+            out["bbox"] = torch.from_numpy(rec["bbox"].copy())  # (T, K, 4)
+        return out
+
+    def __getstate__(self):  # an open LMDB handle must not travel to worker processes
+        state = dict(self.__dict__)
+        state["_env"], state["_pid"] = None, None
+        return state
+
+
+# -----------------------------------------------------------------------------
+# The built-in dataset `shapes`: 2-6 textured objects on a textured background, sizes spread 8x.
+# MSF exists for objects of different scales, so the side length of an object is drawn log-uniformly
+# from [3/32, 3/4] of the image side (6 to 48 px at 64x64): the largest is 8x the smallest.
+# Objects are drawn back to front, largest first, so small ones occlude large ones and stay visible.
+
+SHAPE_KINDS = ("ellipse", "rectangle", "triangle", "diamond", "hexagon", "star")
+TEXTURES = ("solid", "solid", "stripes", "checker", "dots")  # solid twice: half the objects are plain
+
+
+def _shape_mask(kind, cx, cy, size, angle, xx, yy):
+    """Boolean mask of one shape, sampled at pixel centres (xx, yy). `size` is the bounding side length."""
+    # rotate the pixel grid into the shape's frame; u, v in units of half the size
+    c, s = np.cos(angle), np.sin(angle)
+    u = (c * (xx - cx) + s * (yy - cy)) / (size / 2)
+    v = (-s * (xx - cx) + c * (yy - cy)) / (size / 2)
+    if kind == "ellipse":  # aspect ratio fixed per kind so a shape's size is its visual size
+        return u ** 2 + (v / 0.7) ** 2 <= 1.0
+    if kind == "rectangle":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.65)
+    if kind == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    # regular polygons: inside = on the inner side of every edge (convex), star = union of two triangles
+    n = {"triangle": 3, "hexagon": 6, "star": 3}[kind]
+    inside = _regular_polygon(u, v, n, 0.0)
+    if kind == "star":
+        inside |= _regular_polygon(u, v, 3, np.pi)
+    return inside
+
+
+def _regular_polygon(u, v, n, phase):
+    inside = np.ones(u.shape, dtype=bool)
+    apothem = np.cos(np.pi / n)  # circumradius 1
+    for k in range(n):
+        a = phase + 2 * np.pi * (k + 0.5) / n  # outward normal of edge k
+        inside &= u * np.cos(a) + v * np.sin(a) <= apothem
+    return inside
+
+
+def _random_colour(rng, avoid=None):
+    """A saturated RGB colour (floats in 0..255), at least some distance from `avoid`."""
+    for _ in range(100):
+        hue = rng.uniform(0, 6)
+        sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)
+        x = val * sat * (1 - abs(hue % 2 - 1))
+        rgb = [(val * sat, x, 0), (x, val * sat, 0), (0, val * sat, x),
+               (0, x, val * sat), (x, 0, val * sat), (val * sat, 0, x)][int(hue)]
+        rgb = (np.array(rgb) + val * (1 - sat)) * 255
+        if avoid is None or np.abs(rgb - avoid).sum() > 120:
+            return rgb
+    return rgb
+
+
+def _texture(rng, kind, base, xx, yy, res):
+    """Per-pixel colour (H, W, 3) of a texture with base colour `base`."""
+    other = np.clip(base * rng.uniform(0.45, 0.7), 0, 255)  # a darker shade of the same colour
+    if kind == "solid":
+        return np.broadcast_to(base, xx.shape + (3,))
+    period = rng.uniform(res / 16, res / 8)
+    angle = rng.uniform(0, np.pi)
+    u = np.cos(angle) * xx + np.sin(angle) * yy
+    v = -np.sin(angle) * xx + np.cos(angle) * yy
+    if kind == "stripes":
+        on = (u / period) % 1.0 < 0.5
+    elif kind == "checker":
+        on = ((u // period) + (v // period)) % 2 == 0
+    else:  # dots
+        on = ((u / period) % 1.0 - 0.5) ** 2 + ((v / period) % 1.0 - 0.5) ** 2 < 0.09
+    return np.where(on[..., None], base, other)
+
+
+def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objects=False):
+    """One `shapes` scene: image (res, res, 3) uint8 and exact instance masks segment (res, res) uint8.
+
+    Object k (1-based, in drawing order) owns exactly the pixels whose centre lies inside its shape and
+    inside no later shape: the image is painted with the same boolean masks, so the segment is exact.
+    """
+    yy, xx = np.mgrid[0:res, 0:res] + 0.5  # pixel centres, (res, res) each
+    # background: a smooth two-colour gradient with faint low-frequency waves
+    bg_a, bg_b = _random_colour(rng) * 0.5, _random_colour(rng) * 0.5
+    g_angle = rng.uniform(0, 2 * np.pi)
+    t = ((np.cos(g_angle) * xx + np.sin(g_angle) * yy) / res)[..., None]  # (res, res, 1)
+    t = np.clip(t - t.min(), 0, 1)
+    waves = 12 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) / res)[..., None]
+    for _ in range(100):  # resample until every object keeps enough visible pixels
+        image = bg_a * (1 - t) + bg_b * t + waves  # (res, res, 3) float
+        segment = np.zeros((res, res), dtype=np.uint8)
+        n = int(rng.integers(min_objects, max_objects + 1))
+        sizes = np.sort(np.exp(rng.uniform(np.log(res * 3 / 32), np.log(res * 3 / 4), size=n)))[::-1]
+        objects, full_areas = [], []
+        for k, size in enumerate(sizes, start=1):
+            kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
+            half = size / 2
+            cx, cy = rng.uniform(half, res - half), rng.uniform(half, res - half)
+            angle = rng.uniform(0, 2 * np.pi)
+            # work inside the shape's bounding window only (every shape lies within 1.2 * size/2 of its centre)
+            r = 0.6 * size + 1
+            win = (slice(max(0, int(cy - r)), min(res, int(cy + r) + 1)),
+                   slice(max(0, int(cx - r)), min(res, int(cx + r) + 1)))
+            mask = _shape_mask(kind, cx, cy, size, angle, xx[win], yy[win])  # (h_win, w_win) bool
+            colour = _random_colour(rng, avoid=image[int(cy), int(cx)])
+            texture = TEXTURES[rng.integers(len(TEXTURES))]
+            image[win] = np.where(mask[..., None], _texture(rng, texture, colour, xx[win], yy[win], res), image[win])
+            segment[win][mask] = k
+            objects.append(dict(kind=kind, cx=cx, cy=cy, size=size, angle=angle, texture=texture))
+            full_areas.append(mask.sum())
+        visible = np.bincount(segment.ravel(), minlength=n + 1)[1:]
+        if all(v >= max(6, 0.35 * a) for v, a in zip(visible, full_areas)):
+            break
+    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    if return_objects:
+        return image, segment, objects
+    return image, segment
+
+
+def _shapes_samples(seed, split_id, count, res):
+    for i in range(count):
+        # one generator per sample: sample i is the same whatever the count or the order of generation
+        rng = np.random.default_rng([seed, split_id, i])
+        image, segment = render_shapes_sample(rng, res)
+        yield {"image": image, "segment": segment}
+
+
+SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in the seed, default count)
+
+
+def shapes_dir(root="data", resolution=64):
+    """data/shapes for the default 64x64, data/shapes-<res> for other resolutions."""
+    return Path(root) / ("shapes" if resolution == 64 else f"shapes-{resolution}")
+
+
+def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=False, quiet=False):
+    """Write data/shapes[-res]/{train,val}. `counts` maps split -> number of samples."""
+    if resolution % 16 != 0 or resolution < 32:
+        raise ValueError(f"--resolution must be a multiple of 16 and >= 32, got {resolution}")
+    out = shapes_dir(root, resolution)
+    for split, (split_id, default_count) in SHAPES_SPLITS.items():
+        count = (counts or {}).get(split, default_count)
+        start = time.time()
+        meta = dict(name="shapes", split=split, resolution=resolution, max_objects=6, seed=seed,
+                    source="built-in synthetic generator (data.render_shapes_sample)")
+        n = write_lmdb(out / split, _shapes_samples(seed, split_id, count, resolution), meta, overwrite=overwrite)
+        if not quiet:
+            print(f"wrote {out / split}: {n} samples at {resolution}x{resolution} in {time.time() - start:.1f}s")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The one entry point of the training and evaluation scripts.
+
+def dataset_dir(name, root="data", resolution=None):
+    if name == "shapes":
+        return shapes_dir(root, resolution or PRESETS["shapes"]["resolution"])
+    return Path(root) / name
+
+
+def load_dataset(name, split, root="data", resolution=None):
+    """The `Dataset` of split `split` of dataset `name` under `root`.
+
+    The built-in `shapes` is written on first use; a real dataset that is not converted yet raises
+    DatasetMissing naming the `python data.py ...` command that converts it.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(PRESETS)}")
+    path = dataset_dir(name, root, resolution) / split
+    if not (path / "data.mdb").exists():
+        if name == "shapes":
+            print(f"{path} not found: writing the built-in shapes dataset (a few seconds)")
+            write_shapes(root, resolution or PRESETS["shapes"]["resolution"], overwrite=True)
+        else:
+            raise DatasetMissing(
+                f"dataset '{name}' split '{split}' is not converted yet ({path} not found).\n"
+                f"Convert the official download first:\n"
+                f"    python data.py {name} --src /path/to/{name} --out {dataset_dir(name, root)}\n"
+                f"where --src is {SOURCES[name]}.")
+    ds = LMDBDataset(path)
+    if resolution is not None and ds.meta["resolution"] != resolution:
+        raise ValueError(f"{path} holds {ds.meta['resolution']}px samples, not the requested {resolution}px")
+    return ds
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write or inspect MSF datasets (LMDB).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("shapes", help="write the built-in synthetic dataset")
+    p.add_argument("--root", default="data", help="folder that holds all datasets")
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (paper: 128)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed; the same seed gives the same bytes")
+    p.add_argument("--train", type=int, default=SHAPES_SPLITS["train"][1], help="number of training samples")
+    p.add_argument("--val", type=int, default=SHAPES_SPLITS["val"][1], help="number of validation samples")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
+    p.add_argument("path", help="e.g. data/shapes")
+    args = parser.parse_args(argv)
+
+    if args.command == "shapes":
+        out = shapes_dir(args.root, args.resolution)
+        if out.exists() and not args.overwrite:
+            sys.exit(f"{out} already exists; pass --overwrite to write it again")
+        write_shapes(args.root, args.resolution, args.seed, {"train": args.train, "val": args.val}, args.overwrite)
+    elif args.command == "info":
+        splits = sorted(p for p in Path(args.path).iterdir() if (p / "data.mdb").exists()) \
+            if Path(args.path).is_dir() else []
+        if not splits:
+            sys.exit(f"no dataset splits under {args.path}")
+        for split in splits:
+            print(f"{split}: {json.dumps(read_meta(split), indent=1)}")
+
+
+if __name__ == "__main__":
+    main()

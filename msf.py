@@ -1,0 +1,197 @@
+"""Multi-Scale Fusion (MSF): the image pyramid, naive multi-scale quantization, and inter/intra-scale quantized
+fusion, plus the ablation variants of the paper.
+
+Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.2 (image pyramid,
+naive multi-scale training with one shared codebook), Sect. 3.3 (Eq. 3-5, Algorithm 1), Sect. 3.4 (codebook
+parameters), Tab. 5-6 (ablations).
+
+Notation (paper -> code): scale n = 1..N is list index n-1, finest first; Z_n `zs[n]` (b, c, h_n, w_n) with
+h_n = h / 2^(n-1); Z^si_n, Z^sv_n the two halves after project-up; C^si the shared scale-invariant codebook
+`codebook_si` (m, c); C^sv_n the scale-variant codebooks `codebooks_sv[n]` (m, c); W `weight` (2c, c);
+I_n `indices[n]` (b, 2, h_n, w_n) = [scale-invariant index, scale-variant index]; X_n `xs[n]` (b, c, h_n, w_n).
+
+Reading order: image_pyramid, resample, multi_scale_fusion (the paper's contribution, one pure function),
+fuse_continuous (the channel-concat / element-wise-sum alternatives of Tab. 6), MSFVAE (the module that
+train_vae.py trains), build_vae (the one `if` that turns --vae flags into a model).
+
+Where we follow the paper and the authors' public code differs (../shared/reference/official-spec.md sect. 3):
+the code has no projection W, quantizes the full c channels in both branches, averages instead of
+concatenating, and uses 256/256/128/64 codes. Here: Eq. 3 project-up with pinv(W), chunk into halves, Eq. 5
+concat and project-down with W, and 4 codebooks of 64 codes (64 x 64 = 4096 combinations).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vae
+
+
+def image_pyramid(image, num_scales=3):
+    """T_1 = T, T_n = bilinear down-sampling of T by 2^(n-1) (Sect. 3.2). image (b, 3, H, W) -> N x (b, 3, H/2^(n-1), W/2^(n-1)).
+
+    Each level halves the previous one: bilinear interpolation at exactly 1/2 (align_corners=False) averages
+    each 2x2 block, the classic box pyramid, so no level aliases.
+    """
+    levels = [image]
+    for _ in range(num_scales - 1):
+        levels.append(F.interpolate(levels[-1], scale_factor=0.5, mode="bilinear", align_corners=False))
+    return levels
+
+
+def resample(z, src, dst):
+    """Bring the super-pixels of scale `src` onto the grid of scale `dst` (Sect. 3.3, step 1; Alg. 1).
+
+    Finer -> coarser (src < dst): mean over the 2^(dst-src) x 2^(dst-src) block of super-pixels ("mean them
+    along all spatial dimensions as voting"). Coarser -> finer (src > dst): the covering super-pixel
+    Z[i / 2^(src-dst), j / 2^(src-dst)], i.e. nearest up-sampling. z (b, c, h_src, w_src) -> (b, c, h_dst, w_dst).
+    """
+    if src < dst:
+        return F.avg_pool2d(z, 2 ** (dst - src))
+    if src > dst:
+        return F.interpolate(z, scale_factor=2 ** (src - dst), mode="nearest")
+    return z
+
+
+def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.0, alpha=0.0, return_parts=False):
+    """Inter/intra-scale quantized fusion, Sect. 3.3 and Algorithm 1.
+
+    zs: N x (b, c, h_n, w_n), finest first. codebook_si: (m, c) shared by all scales. codebooks_sv: N x (m, c),
+    one per scale (the same tensor N times = the "shared" ablation), or None = no intra-scale fusion (then
+    weight must be None and the si branch quantizes the raw c channels). weight: W (2c, c) or None.
+    inter=False: each scale votes alone (no inter-scale fusion). tau > 0: Gumbel sampling in matching.
+    alpha: annealed residual (vae.straight_through). Codebooks may be tensors or vae.Codebook modules.
+
+    Returns indices: N x (b, 2, h_n, w_n) long ([si, sv]; (b, 1, h_n, w_n) without intra-scale fusion) and
+    xs: N x (b, c, h_n, w_n); the forward value of xs is Eq. 5 exactly (for alpha = 0) and its gradient reaches
+    zs by the straight-through estimator. With return_parts, also per scale a dict of the continuous and
+    quantized halves (for the losses) and the si codes before inter-scale fusion (for Fig. 3).
+    """
+    N = len(zs)
+    c = zs[0].shape[1]
+    intra = codebooks_sv is not None
+    assert intra == (weight is not None), "intra-scale fusion needs both codebooks_sv and W; without it, neither"
+    if intra:
+        assert len(codebooks_sv) == N, f"need one scale-variant codebook per scale ({N}), got {len(codebooks_sv)}"
+        p = vae.pinv(weight)  # (c, 2c)
+        ups = [vae.project(z, p) for z in zs]  # Eq. 3: Z_n pinv(W), N x (b, 2c, h_n, w_n)
+        zsi = [u[:, :c] for u in ups]  # chunk_{c,2}: scale-invariant half, N x (b, c, h_n, w_n)
+        zsv = [u[:, c:] for u in ups]  # scale-variant half, N x (b, c, h_n, w_n)
+    else:
+        zsi = list(zs)
+
+    indices, xs, parts = [], [], []
+    for n in range(N):
+        b, _, h, w = zsi[n].shape
+        # Step 1: the same region seen by every scale, on the grid of scale n (only scale n itself without inter)
+        sources = range(N) if inter else [n]
+        cands = torch.stack([resample(zsi[j], j, n) for j in sources])  # (N', b, c, h, w)
+        # Step 2: match every candidate with the shared codebook C^si (Eq. 1); one batched match for all N'
+        probs, idx = vae.cb_match(codebook_si, cands.flatten(0, 1), tau)  # (N'*b, m, h, w), (N'*b, h, w)
+        conf = probs.gather(1, idx[:, None])[:, 0].unflatten(0, (len(sources), b))  # (N', b, h, w): P of the chosen code
+        idx = idx.unflatten(0, (len(sources), b))  # (N', b, h, w)
+        # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel
+        win = conf.argmax(dim=0)  # (b, h, w) index into `sources`
+        idx_si = idx.gather(0, win[None])[0]  # (b, h, w)
+        z_si = cands.gather(0, win[None, :, None].expand(1, b, c, h, w))[0]  # (b, c, h, w) the winner's continuous vector
+        q_si = vae.cb_select(codebook_si, idx_si, z_si)  # Eq. 2: X^si_n (b, c, h, w)
+        part = {"q_si_own": vae.cb_select(codebook_si, idx[sources.index(n)]).detach(),  # before inter-scale fusion
+                "win": win}
+        if intra:
+            # scale-variant half: its own codebook C^sv_n, no voting
+            _, idx_sv = vae.cb_match(codebooks_sv[n], zsv[n], tau)  # (b, h, w)
+            q_sv = vae.cb_select(codebooks_sv[n], idx_sv, zsv[n])  # X^sv_n (b, c, h, w)
+            z2 = torch.cat([z_si, zsv[n]], dim=1)  # (b, 2c, h, w)
+            q2 = torch.cat([q_si, q_sv], dim=1)  # concat_c(X^si_n, X^sv_n), (b, 2c, h, w)
+            x = vae.project(vae.straight_through(z2, q2, alpha), weight)  # Eq. 5: concat(..) W, (b, c, h, w)
+            indices.append(torch.stack([idx_si, idx_sv], dim=1))  # (b, 2, h, w)
+            part.update(z=[z_si, zsv[n]], q=[q_si, q_sv])
+        else:
+            x = vae.straight_through(z_si, q_si, alpha)  # (b, c, h, w)
+            indices.append(idx_si[:, None])  # (b, 1, h, w)
+            part.update(z=[z_si], q=[q_si])
+        xs.append(x)
+        parts.append(part)
+    if return_parts:
+        return indices, xs, parts
+    return indices, xs
+
+
+def fuse_continuous(zs, mode, mixer=None):
+    """The alternatives of Tab. 6 (FPN-style, "mixing both low- and high-quality representations together"):
+    for every scale n, bring all scales onto its grid (resample) and either concatenate the channels and mix them
+    with a 1x1 convolution `mixer` (N*c -> c), "channel-concat", or add them, "element-wise-sum".
+    zs: N x (b, c, h_n, w_n) -> N x (b, c, h_n, w_n), continuous (quantized afterwards with one codebook)."""
+    fused = []
+    for n in range(len(zs)):
+        same_grid = [resample(z, j, n) for j, z in enumerate(zs)]  # N x (b, c, h_n, w_n)
+        if mode == "concat":
+            fused.append(mixer(torch.cat(same_grid, dim=1)))  # (b, N*c, h, w) -> (b, c, h, w)
+        else:
+            fused.append(torch.stack(same_grid).sum(0))  # (b, c, h, w)
+    return fused
+
+
+class MSFVAE(nn.Module):
+    """The multi-scale VAE of stage 1: pyramid -> shared encoder -> fusion/quantization -> shared decoder per scale.
+
+    fusion="msf" (default) with inter/intra switches: both on = MSF (Sect. 3.3); both off = naive multi-scale
+    quantization with one shared 4096-code codebook (Sect. 3.2, kind "multiscale"); inter only = shared
+    4096-code codebook with voting; intra only = per-scale GDR-like halves without voting.
+    sv_shared=True: one scale-variant codebook for all scales (Tab. 5 upper right).
+    fusion="concat" / "sum": Tab. 6's alternatives, quantized with one shared 4096-code codebook.
+    """
+
+    def __init__(self, code_dim=256, channels=64, num_scales=3, fusion="msf", inter=True, intra=True,
+                 sv_shared=False, num_codes=4096):
+        super().__init__()
+        assert num_scales >= 1 and fusion in ("msf", "concat", "sum"), (num_scales, fusion)
+        self.code_dim, self.num_scales, self.fusion = code_dim, num_scales, fusion
+        self.inter, self.intra = inter, intra and fusion == "msf"
+        self.encoder, self.decoder = vae.Encoder(code_dim, channels), vae.Decoder(code_dim, channels)
+        self.weight, self.mixer = None, None
+        if self.intra:
+            m = round(num_codes ** 0.5)  # 64 codes each: 64 x 64 = 4096 (si, sv) combinations (A.3)
+            sv = [vae.Codebook(m, code_dim) for _ in range(1 if sv_shared else num_scales)]
+            self.codebooks = nn.ModuleList([vae.Codebook(m, code_dim)] + sv)  # [C^si, C^sv_1, ..., C^sv_N]
+            self.weight = vae.init_projection(code_dim, 2)  # W (2c, c)
+        else:
+            self.codebooks = nn.ModuleList([vae.Codebook(num_codes, code_dim)])  # one shared codebook
+        if fusion == "concat":
+            self.mixer = nn.Conv2d(num_scales * code_dim, code_dim, 1)
+        self.sv_shared = sv_shared
+        self.vocab = [cb.weight.shape[0] for cb in self.codebooks[:2 if self.intra else 1]]  # e.g. [64, 64]
+
+    def quantize(self, zs, tau=0.0, alpha=0.0):
+        """zs: N x (b, c, h_n, w_n) -> indices N x (b, g, h_n, w_n), xs N x (b, c, h_n, w_n), parts."""
+        if self.fusion != "msf":
+            fused = fuse_continuous(zs, self.fusion, self.mixer)
+            return multi_scale_fusion(fused, self.codebooks[0], None, None, inter=False, tau=tau, alpha=alpha,
+                                      return_parts=True)
+        sv = None
+        if self.intra:
+            sv = list(self.codebooks[1:]) * (self.num_scales if self.sv_shared else 1)  # N codebooks
+        return multi_scale_fusion(zs, self.codebooks[0], sv, self.weight, inter=self.inter, tau=tau, alpha=alpha,
+                                  return_parts=True)
+
+    def forward(self, image, tau=0.0, alpha=0.0):
+        return vae.vae_forward(self, image_pyramid(image, self.num_scales), tau, alpha)
+
+    @torch.no_grad()
+    def guidance(self, image):
+        """Frozen stage-2 guidance at every scale: indices N x (b, g, h_n, w_n), X N x (b, c, h_n, w_n)."""
+        zs = [self.encoder(t) for t in image_pyramid(image, self.num_scales)]
+        idxs, xs, _ = self.quantize(zs)
+        return idxs, xs
+
+
+def build_vae(kind="msf", code_dim=256, channels=64, scales=3, fusion="msf", inter=True, intra=True,
+              sv_shared=False, num_codes=4096):
+    """--vae flag -> model. The single place where the kind of VAE is decided (train_vae.py and the loaders of
+    checkpoints call it with the arguments stored in the checkpoint)."""
+    if kind in ("vqvae", "gdr"):
+        return vae.VQVAE(kind, code_dim, channels, num_codes)
+    if kind == "multiscale":
+        return MSFVAE(code_dim, channels, scales, "msf", inter=False, intra=False, num_codes=num_codes)
+    if kind == "msf":
+        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes)
+    raise ValueError(f"unknown --vae '{kind}'; choose msf, vqvae, gdr or multiscale")

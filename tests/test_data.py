@@ -1,0 +1,196 @@
+"""data.py: the record format, atomic LMDB writes, the built-in shapes dataset and load_dataset.
+
+Oracles: an independent ray-casting rasteriser for the shape masks, byte equality for reproducibility,
+a poisoned pickle module for "no unpickling", hand-made records for the video layout.
+Run: python -m pytest -q tests/test_data.py
+"""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+# ----------------------------------------------------------------------------- records
+
+def test_record_round_trip_all_dtypes():
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+              "segment": rng.integers(0, 256, (5, 7), dtype=np.uint8),
+              "bbox": rng.random((3, 2, 4), dtype=np.float32),
+              "area": rng.integers(0, 10 ** 9, (4,), dtype=np.int64),
+              "empty": np.zeros((0, 4), np.float32)}
+    back = data.decode_record(data.encode_record(arrays))
+    assert list(back) == list(arrays)
+    for k in arrays:
+        assert back[k].dtype == arrays[k].dtype and back[k].shape == arrays[k].shape
+        np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_record_refuses_objects_and_foreign_bytes():
+    with pytest.raises(TypeError):
+        data.encode_record({"x": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(ValueError, match="magic"):
+        data.decode_record(pickle.dumps({"image": np.zeros(3)}))
+
+
+def test_lmdb_round_trip_never_unpickles(tmp_path, monkeypatch):
+    samples = [{"image": np.full((4, 4, 3), i, np.uint8), "segment": np.full((4, 4), i, np.uint8)} for i in range(5)]
+    n = data.write_lmdb(tmp_path / "toy" / "train", iter(samples), dict(name="toy", split="train", resolution=4))
+    assert n == 5
+
+    def poisoned(*a, **k):
+        raise AssertionError("something unpickled data")
+    monkeypatch.setattr(pickle, "loads", poisoned)
+    monkeypatch.setattr(pickle, "load", poisoned)
+    monkeypatch.setattr(pickle, "Unpickler", poisoned)
+    ds = data.LMDBDataset(tmp_path / "toy" / "train")
+    assert len(ds) == 5 and ds.meta["count"] == 5 and ds.meta["format_version"] == data.FORMAT_VERSION
+    for i, s in enumerate(samples):
+        rec = ds.record(i)
+        np.testing.assert_array_equal(rec["image"], s["image"])
+        item = ds[i]
+        assert item["image"].shape == (3, 4, 4) and item["image"].dtype == torch.float32
+        assert torch.allclose(item["image"], torch.full((3, 4, 4), (i - 127.5) / 127.5))
+        assert item["segment"].dtype == torch.long and int(item["segment"][0, 0]) == i
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    def broken():
+        yield {"image": np.zeros((4, 4, 3), np.uint8), "segment": np.zeros((4, 4), np.uint8)}
+        raise RuntimeError("disk pulled out")
+    with pytest.raises(RuntimeError):
+        data.write_lmdb(tmp_path / "toy" / "train", broken(), {})
+    assert list((tmp_path / "toy").iterdir()) == []  # neither the split nor a temporary folder
+    with pytest.raises(data.DatasetMissing):
+        data.LMDBDataset(tmp_path / "toy" / "train")
+
+
+def test_overwrite_is_refused_without_flag(tmp_path):
+    rec = [{"image": np.zeros((2, 2, 3), np.uint8), "segment": np.zeros((2, 2), np.uint8)}]
+    data.write_lmdb(tmp_path / "a", iter(rec), {})
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        data.write_lmdb(tmp_path / "a", iter(rec), {})
+    assert data.write_lmdb(tmp_path / "a", iter(rec * 2), {}, overwrite=True) == 2
+
+
+def test_video_records_yield_time_axis(tmp_path):
+    T, K = 3, 2
+    rec = {"image": np.zeros((T, 8, 8, 3), np.uint8), "segment": np.ones((T, 8, 8), np.uint8),
+           "bbox": np.tile(np.array([0.1, 0.2, 0.5, 0.9], np.float32), (T, K, 1))}
+    data.write_lmdb(tmp_path / "v", iter([rec]), dict(name="movi_c", split="train", resolution=8))
+    item = data.LMDBDataset(tmp_path / "v")[0]
+    assert item["image"].shape == (T, 3, 8, 8) and item["segment"].shape == (T, 8, 8)
+    assert item["bbox"].shape == (T, K, 4) and torch.allclose(item["bbox"][2, 1], torch.tensor([0.1, 0.2, 0.5, 0.9]))
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def _inside_polygon(px, py, vx, vy):
+    """Ray casting (Jordan curve) point-in-polygon, vectorised over points; an oracle independent of the
+    generator's half-plane test."""
+    inside = np.zeros(px.shape, bool)
+    n = len(vx)
+    for i in range(n):
+        x0, y0, x1, y1 = vx[i], vy[i], vx[(i + 1) % n], vy[(i + 1) % n]
+        crosses = (y0 > py) != (y1 > py)
+        x_at = x0 + (py - y0) * (x1 - x0) / np.where(y1 == y0, 1e-12, y1 - y0)
+        inside ^= crosses & (px < x_at)
+    return inside
+
+
+def _oracle_mask(obj, res):
+    """Pixel centres inside the object, from the documented geometry of each kind."""
+    yy, xx = np.mgrid[0:res, 0:res] + 0.5
+    c, s = np.cos(obj["angle"]), np.sin(obj["angle"])
+    half = obj["size"] / 2
+    u = (c * (xx - obj["cx"]) + s * (yy - obj["cy"])) / half
+    v = (-s * (xx - obj["cx"]) + c * (yy - obj["cy"])) / half
+    kind = obj["kind"]
+    if kind == "ellipse":
+        return u ** 2 + (v / 0.7) ** 2 <= 1
+    if kind == "rectangle":
+        return _inside_polygon(u, v, [-1, 1, 1, -1], [-0.65, -0.65, 0.65, 0.65])
+    if kind == "diamond":
+        return _inside_polygon(u, v, [1, 0, -1, 0], [0, 1, 0, -1])
+    n = {"triangle": 3, "hexagon": 6, "star": 3}[kind]
+    ang = 2 * np.pi * np.arange(n) / n  # vertices on the unit circle
+    inside = _inside_polygon(u, v, np.cos(ang), np.sin(ang))
+    if kind == "star":
+        inside |= _inside_polygon(u, v, np.cos(ang + np.pi), np.sin(ang + np.pi))
+    return inside
+
+
+def test_shapes_masks_are_exact():
+    res = 64
+    for i in range(40):
+        rng = np.random.default_rng([7, 0, i])
+        image, segment, objects = data.render_shapes_sample(rng, res, return_objects=True)
+        expected = np.zeros((res, res), np.uint8)
+        for k, obj in enumerate(objects, start=1):  # drawn back to front: later objects cover earlier ones
+            expected[_oracle_mask(obj, res)] = k
+        np.testing.assert_array_equal(segment, expected, err_msg=f"sample {i}")
+        assert 2 <= len(objects) <= 6
+        assert set(np.unique(segment)) <= set(range(len(objects) + 1))
+        for k in range(1, len(objects) + 1):
+            assert (segment == k).sum() >= 6, "every object stays visible"
+        # the image is painted with the same masks: every object pixel differs from where the background was
+        assert image.dtype == np.uint8 and image.shape == (res, res, 3)
+
+
+def test_shapes_sizes_spread_at_least_8x():
+    sizes = []
+    for i in range(400):
+        _, _, objects = data.render_shapes_sample(np.random.default_rng([0, 0, i]), 64, return_objects=True)
+        sizes += [o["size"] for o in objects]
+    sizes = np.array(sizes)
+    assert sizes.min() >= 64 * 3 / 32 - 1e-9 and sizes.max() <= 64 * 3 / 4 + 1e-9
+    assert sizes.max() / sizes.min() >= 7.5  # 8x by construction (6 to 48 px)
+    assert (sizes < 12).mean() > 0.15 and (sizes > 30).mean() > 0.1  # both small and large objects are common
+
+
+def test_shapes_are_reproducible_and_seeded(tmp_path):
+    a = data.write_shapes(tmp_path / "a", 64, seed=3, counts={"train": 6, "val": 2}, quiet=True)
+    b = data.write_shapes(tmp_path / "b", 64, seed=3, counts={"train": 9, "val": 2}, quiet=True)
+    c = data.write_shapes(tmp_path / "c", 64, seed=4, counts={"train": 6, "val": 2}, quiet=True)
+    da, db, dc = (data.LMDBDataset(p / "train") for p in (a, b, c))
+    for i in range(6):  # sample i does not depend on the count
+        assert data.encode_record(da.record(i)) == data.encode_record(db.record(i))
+    assert any(not np.array_equal(da.record(i)["image"], dc.record(i)["image"]) for i in range(6))
+    assert not np.array_equal(da.record(0)["image"], data.LMDBDataset(a / "val").record(0)["image"])
+
+
+def test_shapes_resolution_128(tmp_path):
+    out = data.write_shapes(tmp_path, 128, counts={"train": 2, "val": 1}, quiet=True)
+    assert out.name == "shapes-128"
+    ds = data.load_dataset("shapes", "train", tmp_path, resolution=128)
+    assert ds[0]["image"].shape == (3, 128, 128) and ds.meta["resolution"] == 128
+
+
+# ----------------------------------------------------------------------------- load_dataset
+
+def test_load_dataset_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="known datasets: shapes, clevrtex, coco"):
+        data.load_dataset("imagenet", "train", tmp_path)
+    with pytest.raises(data.DatasetMissing, match=r"python data.py coco --src"):
+        data.load_dataset("coco", "train", tmp_path)
+
+
+def test_load_dataset_writes_shapes_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHAPES_SPLITS", {"train": (0, 4), "val": (1, 2)})
+    ds = data.load_dataset("shapes", "val", tmp_path)
+    assert len(ds) == 2 and (tmp_path / "shapes" / "train" / "data.mdb").exists()
+    item = ds[1]
+    assert item["image"].shape == (3, 64, 64) and item["image"].min() >= -1 and item["image"].max() <= 1
+    assert item["segment"].shape == (64, 64) and item["segment"].dtype == torch.long
+
+
+def test_cli_info_and_refusal(tmp_path, capsys):
+    data.main(["shapes", "--root", str(tmp_path), "--train", "3", "--val", "2"])
+    data.main(["info", str(tmp_path / "shapes")])
+    out = capsys.readouterr().out
+    assert '"count": 3' in out and '"count": 2' in out and '"resolution": 64' in out
+    with pytest.raises(SystemExit, match="--overwrite"):
+        data.main(["shapes", "--root", str(tmp_path), "--train", "3", "--val", "2"])

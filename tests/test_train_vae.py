@@ -1,0 +1,114 @@
+"""train_vae.py: a short real run (checkpoint safe to load, loss went down, same seed = same weights),
+the schedules against their closed forms, and every bad input named by the stage-1 issue.
+
+Run: python -m pytest -q tests/test_train_vae.py
+"""
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import msf
+import train_vae
+
+TINY = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1"]
+
+
+def run(tmp_path, tiny_root, *extra):
+    args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "run"), *TINY, *extra])
+    return train_vae.train(args), args
+
+
+def test_twenty_steps_write_a_safe_checkpoint_and_learn(tmp_path, tiny_root):
+    out, args = run(tmp_path, tiny_root, "--steps", "20", "--code-dim", "8")
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(out / name, map_location="cpu", weights_only=True)  # no code runs while loading
+        assert ckpt["kind"] == "vae" and ckpt["model_args"]["kind"] == "msf" and ckpt["model_args"]["code_dim"] == 8
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 20
+    model, _ = train_vae.load_vae(out / "best.pt")
+    assert not model.training and model.num_scales == 3
+    logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    recon = [r["recon1"] for r in logs if "recon1" in r]
+    assert sum(recon[-5:]) / 5 < 0.7 * sum(recon[:2]) / 2, recon  # the loss went down
+    assert any("val_perplexity1_0" in r for r in logs)
+    assert (out / "recon.png").exists()
+
+
+def test_same_seed_same_weights(tmp_path, tiny_root):
+    a, _ = run(tmp_path / "a", tiny_root, "--steps", "3", "--code-dim", "4", "--vae", "gdr")
+    b, _ = run(tmp_path / "b", tiny_root, "--steps", "3", "--code-dim", "4", "--vae", "gdr")
+    sa, sb = (torch.load(p / "last.pt", weights_only=True)["model"] for p in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_vae_kind_trains(tmp_path, tiny_root):
+    for kind in ("vqvae", "multiscale"):
+        out, _ = run(tmp_path / kind, tiny_root, "--steps", "2", "--code-dim", "4", "--vae", kind)
+        model, ckpt = train_vae.load_vae(out / "last.pt")
+        assert ckpt["model_args"]["kind"] == kind
+
+
+def test_schedules_closed_form():
+    total, lr = 200, 1.0
+    assert train_vae.lr_at(0, total, lr) == pytest.approx(1 / 10)  # warmup over total/20 = 10 steps
+    assert train_vae.lr_at(9, total, lr) == pytest.approx(1.0)
+    mid = 10 + (total - 10) // 2
+    assert train_vae.lr_at(mid, total, lr) == pytest.approx(0.5, abs=0.01)
+    assert train_vae.lr_at(total, total, lr) == pytest.approx(0.0, abs=1e-9)
+    assert train_vae.cosine_decay(0, 100) == 1 and train_vae.cosine_decay(50, 100) == pytest.approx(0.5)
+    assert train_vae.cosine_decay(150, 100) == 0
+    assert train_vae.cosine_decay(25, 100, 1, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "imagenet"], "known datasets: shapes"),
+    (["--scales", "0"], "--scales must be >= 1"),
+    (["--resolution", "72"], "not divisible by 4 \\* 2\\^\\(N-1\\) = 16"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train_vae.parse_args(argv)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_unconverted_real_dataset_prints_the_command(tmp_path):
+    with pytest.raises(SystemExit, match="python data.py coco --src"):
+        train_vae.main(["--dataset", "coco", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")])
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_root, monkeypatch):
+    real_build = msf.build_vae
+
+    def build_poisoned(**kw):
+        model = real_build(**kw)
+        forward, calls = model.forward, [0]
+
+        def poisoned(*a, **k):
+            out = forward(*a, **k)
+            calls[0] += model.training  # count training steps only (validation also calls forward)
+            if calls[0] == 3 and model.training:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        model.forward = poisoned
+        return model
+    monkeypatch.setattr(msf, "build_vae", build_poisoned)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        run(tmp_path, tiny_root, "--steps", "5", "--code-dim", "4")
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)  # validation ran every step (5 // 4 = 1)
+    assert last["step"] == 2  # the last good checkpoint is kept, nothing from the broken step overwrote it
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"kind": "ocl", "format_version": 1}, path)
+    with pytest.raises(ValueError, match="OCL checkpoint, but a VAE checkpoint"):
+        train_vae.load_checkpoint(path, "vae")
+    path.write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        train_vae.load_checkpoint(path, "vae")
+    torch.save({"kind": "vae", "format_version": 99}, path)
+    with pytest.raises(ValueError, match="newer than this code"):
+        train_vae.load_checkpoint(path, "vae")

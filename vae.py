@@ -1,0 +1,336 @@
+"""The VAE of stage 1: encoder/decoder, codebook matching and selection, grouped codebooks (GDR) with the
+invertible projection, and the single-scale VQ-VAE baseline.
+
+Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 (Eq. 1-2),
+Appendix A.3 (4x down/up-sampling VAE; code dim c = 256 for transformer guidance, 4 for diffusion guidance;
+4096 codes; GDR's annealed residual connection, Gumbel sampling in code matching, code-replacing trick).
+
+Notation (paper -> code): T image (b, 3, H, W); Z continuous representation `z` (b, c, h, w) with h = H/4;
+C codebook (m, c); P matching probabilities `probs` (b, m, h, w); I indices `idx` (b, h, w);
+X discrete representation `x` (b, c, h, w). Letters: b batch, c channels, m codes, g groups, h, w token grid.
+
+Reading order: Encoder/Decoder, match/select (Eq. 1-2), straight_through, Codebook (usage + code
+replacement), init_projection/pinv (W and pinv(W)), quantize_grouped, VQVAE (kinds "vqvae" and "gdr").
+The multi-scale VAE (image pyramid + fusion) is in msf.py and reuses everything here.
+
+Differences from the paper: the encoder/decoder is a small residual CNN sized for a CPU (`channels`, default
+64), not SLATE's exact dVAE; the code-replacing trick is designed here (the paper names it, the authors'
+public code has none), see Codebook.replace_dead.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Encoder and decoder: 4x spatial down/up-sampling (A.3)
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x))))))"""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Encoder(nn.Module):
+    """T (b, 3, H, W) -> Z (b, c, H/4, W/4). Two strided convolutions, then the residual blocks run at H/4,
+    where compute is 16x cheaper than at full resolution (this is what makes CPU training practical)."""
+
+    def __init__(self, code_dim, channels=64):
+        super().__init__()
+        ch = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(3, ch // 2, 4, stride=2, padding=1), nn.SiLU(),  # (b, ch/2, H/2, W/2)
+            nn.Conv2d(ch // 2, ch, 4, stride=2, padding=1),  # (b, ch, H/4, W/4)
+            ResBlock(ch), ResBlock(ch),
+            nn.GroupNorm(8, ch), nn.SiLU(),
+            nn.Conv2d(ch, code_dim, 1),  # (b, c, H/4, W/4)
+            # standardise each sample's Z (zero mean, unit variance, no learnable scale): codes live on a fixed
+            # scale and the encoder cannot run away from them once the residual is annealed (GDR's public code
+            # gets this with an extra loss pulling Z towards its group-normalised self)
+            nn.GroupNorm(1, code_dim, affine=False),
+        )
+
+    def forward(self, image):
+        return self.net(image)
+
+
+class Decoder(nn.Module):
+    """X (b, c, h, w) -> T' (b, 3, 4h, 4w), the mirror of the encoder with transposed convolutions."""
+
+    def __init__(self, code_dim, channels=64):
+        super().__init__()
+        ch = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(code_dim, ch, 1),  # (b, ch, h, w)
+            ResBlock(ch), ResBlock(ch),
+            nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1),  # (b, ch/2, 2h, 2w)
+            ResBlock(ch // 2),
+            nn.GroupNorm(8, ch // 2), nn.SiLU(),
+            nn.ConvTranspose2d(ch // 2, 3, 4, stride=2, padding=1),  # (b, 3, 4h, 4w)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# -----------------------------------------------------------------------------
+# Codebook matching and selection (Eq. 1-2)
+
+def match(z, codebook, tau=0.0):
+    """Eq. 1: P = softmax_m(-||Z - C||^2), I = argmax_m(P).
+
+    z (b, c, h, w), codebook (m, c) -> probs (b, m, h, w), idx (b, h, w).
+    With tau > 0 the index is instead sampled from softmax_m(-||Z - C||^2 / tau) by the Gumbel-max trick
+    (GDR's Gumbel sampling in code matching, A.3: exploration while the codebook forms); tau = 0 is Eq. 1.
+    Matching chooses, it does not learn: no gradient flows through it (losses act on the selected codes).
+    """
+    b, c, h, w = z.shape
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # distances in fp32 even under AMP
+        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, c)  # (b*h*w, c)
+        cb = codebook.detach().float()  # (m, c)
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, one matmul instead of a (b*h*w, m, c) difference tensor
+        d2 = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ cb.t() + cb.pow(2).sum(1)  # (b*h*w, m)
+        logits = -d2
+        probs = logits.softmax(dim=1)  # (b*h*w, m)
+        if tau > 0:
+            u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
+            idx = (logits / tau - torch.log(-torch.log(u))).argmax(dim=1)  # Gumbel-max sample, (b*h*w,)
+        else:
+            idx = logits.argmax(dim=1)  # (b*h*w,)
+    m = cb.shape[0]
+    return probs.view(b, h, w, m).permute(0, 3, 1, 2), idx.view(b, h, w)
+
+
+def select(codebook, idx):
+    """Eq. 2: X = select_m(C, I), i.e. X[:, :, i, j] = C[I[:, i, j]]. codebook (m, c), idx (b, h, w) -> (b, c, h, w)."""
+    return F.embedding(idx, codebook).permute(0, 3, 1, 2)  # codebook[idx]: (b, h, w, c) -> (b, c, h, w)
+
+
+def straight_through(z, q, alpha=0.0):
+    """Decoder input for the continuous z and its quantization q, both (b, c, h, w).
+
+    Forward value: the annealed residual alpha * z + (1 - alpha) * q (GDR, A.3; alpha goes 1 -> 0 during
+    pretraining, so the decoder first learns on continuous features and ends on pure codes).
+    Backward: identity to z (the straight-through estimator of VQ-VAE: argmin has no gradient).
+    """
+    residual = alpha * z + (1 - alpha) * q
+    return z + (residual - z).detach()
+
+
+def vq_losses(z, q, beta=0.25):
+    """VQ-VAE losses: codebook ||sg(z) - q||^2 moves codes to the data; commitment beta ||z - sg(q)||^2
+    keeps the encoder near its codes (van den Oord et al. 2017, beta = 0.25)."""
+    return F.mse_loss(q, z.detach()), beta * F.mse_loss(z, q.detach())
+
+
+# -----------------------------------------------------------------------------
+# Codebook with usage tracking and the code-replacing trick
+
+
+class Codebook(nn.Module):
+    """m learnable codes of dimension c, plus what the code-replacing trick needs.
+
+    Code replacing (paper A.3 names it "instead of utilization loss, to improve code utilization"; the
+    authors' public code has no implementation, so this is our design):
+      * the codes start on data (`init_from`, first training step);
+      * training forwards count how many tokens selected each code (`hits`) and keep a random sample of up to
+        1024 of the continuous vectors this codebook was asked to quantize (`recent`);
+      * `replace_dead()`, which the training loop calls every K steps, moves every code that received less than
+        `threshold` (3%) of its uniform share of the tokens since the last call onto one of those recent vectors
+        (drawn without replacement, plus a little noise), then restarts the counts.
+    A dead code thus restarts where the data is, instead of being pushed there by an extra loss. Early in
+    training the encoder moves fast and leaves codes behind; this is when most replacements happen.
+    """
+
+    def __init__(self, num_codes, dim, threshold=0.03):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_codes, dim) * 0.1)  # (m, c)
+        self.threshold = threshold
+        self.register_buffer("hits", torch.zeros(num_codes))  # (m,) tokens that chose each code since last check
+        self.register_buffer("recent", torch.zeros(0, dim), persistent=False)  # (<=1024, c)
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def match(self, z, tau=0.0):
+        if self.training and not self.initialised:
+            self.init_from(z)
+        return match(z, self.weight, tau)  # (b, m, h, w), (b, h, w)
+
+    def select(self, idx):
+        return select(self.weight, idx)  # (b, c, h, w)
+
+    @torch.no_grad()
+    def init_from(self, z):
+        """Data-dependent initialisation: the codes start on randomly chosen continuous vectors of the first
+        batch, not at an arbitrary point where one code would win every match."""
+        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
+        m = self.weight.shape[0]
+        pick = torch.randint(len(zf), (m,), device=zf.device) if len(zf) < m else torch.randperm(len(zf), device=zf.device)[:m]
+        self.weight.copy_(zf[pick] + 0.01 * torch.randn_like(zf[pick]))
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def observe(self, z, idx):
+        """Record that the continuous vectors z (b, c, h, w) were quantized to the codes idx (b, h, w)."""
+        self.hits += torch.bincount(idx.flatten(), minlength=self.weight.shape[0]).float()
+        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
+        pool = torch.cat([self.recent, zf])  # a scale's call adds to the previous scales' vectors
+        self.recent = pool[torch.randperm(len(pool), device=pool.device)[:1024]]  # (<=1024, c)
+
+    @torch.no_grad()
+    def replace_dead(self):
+        """Re-seed the codes that (almost) no token chose since the last call; returns how many."""
+        m, total = self.weight.shape[0], self.hits.sum()
+        dead = (self.hits < self.threshold * total / m).nonzero().flatten()  # (k,)
+        self.hits.zero_()
+        k = min(len(dead), len(self.recent))
+        if total == 0 or k == 0:
+            return 0
+        dead = dead[torch.randperm(len(dead), device=dead.device)[:k]]
+        pick = torch.randperm(len(self.recent), device=dead.device)[:k]
+        noise = 0.01 * self.recent.std() * torch.randn(k, self.weight.shape[1], device=dead.device)
+        self.weight[dead] = (self.recent[pick] + noise).to(self.weight.dtype)
+        return k
+
+
+# -----------------------------------------------------------------------------
+# The invertible projection of GDR (used by Eq. 3 and Eq. 5)
+
+
+def init_projection(dim, groups=2):
+    """W in R^{(g*c) x c}: Eq. 5 (X = concat(...) W) projects g*c channels down to c, and Eq. 3 projects up
+    with its pseudo-inverse pinv(W) in R^{c x (g*c)}. W starts with orthonormal columns (then pinv(W) = W^T);
+    pinv(W) W = I_c holds for any W of full column rank, so project-down after project-up returns the input:
+    the projection is "invertible" (GDR) and the two copies can be recombined without loss."""
+    return nn.Parameter(nn.init.orthogonal_(torch.empty(groups * dim, dim)))  # (g*c, c)
+
+
+def pinv(weight):
+    """pinv(W): (g*c, c) -> (c, g*c). Differentiable, so W also learns through the project-up."""
+    with torch.autocast(weight.device.type, enabled=False):  # the SVD inside needs fp32
+        return torch.linalg.pinv(weight.float())
+
+
+def project(x, matrix):
+    """Right-multiply the channel axis: x (b, k, h, w) @ matrix (k, k') -> (b, k', h, w)."""
+    return (x.permute(0, 2, 3, 1) @ matrix.to(x.dtype)).permute(0, 3, 1, 2)  # (b, h, w, k) @ (k, k') -> (b, k', h, w)
+
+
+def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0):
+    """Grouped quantization (GDR). z (b, c, h, w), g codebooks of (m_k, c) each, W (g*c, c) or None.
+
+    With W: project up with pinv(W) to g*c channels, chunk into g groups of c, match each group with its own
+    codebook, concatenate the selected codes and project down with W. Without W and with one codebook this is
+    the plain VQ-VAE quantizer. Returns indices (b, g, h, w), x (b, c, h, w) carrying the straight-through
+    gradient, and `parts` (continuous and quantized halves, for the losses and the figures).
+    """
+    g = len(codebooks)
+    c = z.shape[1]
+    zup = project(z, pinv(weight)) if weight is not None else z  # Eq. 3: (b, g*c, h, w)
+    zs = zup.split(c, dim=1)  # g x (b, c, h, w)
+    idxs = [cb_match(cb, zk, tau)[1] for cb, zk in zip(codebooks, zs)]  # g x (b, h, w)
+    qs = [cb_select(cb, i, zk) for cb, i, zk in zip(codebooks, idxs, zs)]  # g x (b, c, h, w)
+    z2, q2 = torch.cat(zs, 1), torch.cat(qs, 1)  # (b, g*c, h, w)
+    x = straight_through(z2, q2, alpha)  # (b, g*c, h, w)
+    if weight is not None:
+        x = project(x, weight)  # Eq. 5 for g groups: (b, c, h, w)
+    assert x.shape[1] == c and len(idxs) == g
+    return torch.stack(idxs, 1), x, {"z": list(zs), "q": qs}  # (b, g, h, w), (b, c, h, w)
+
+
+def cb_match(codebook, z, tau):
+    """Match against a Codebook module (tracks usage) or a plain (m, c) tensor."""
+    return codebook.match(z, tau) if isinstance(codebook, Codebook) else match(z, codebook, tau)
+
+
+def cb_select(codebook, idx, z=None):
+    """Select codes; a training Codebook module also records the match of z (its continuous input) for the
+    code-replacing trick."""
+    if not isinstance(codebook, Codebook):
+        return select(codebook, idx)
+    if z is not None and codebook.training:
+        codebook.observe(z, idx)
+    return codebook.select(idx)
+
+
+# -----------------------------------------------------------------------------
+# Single-scale VQ-VAE (kind "vqvae": 4096 codes) and GDR (kind "gdr": 2 groups of 64 codes = 4096 combinations)
+
+
+class VQVAE(nn.Module):
+    """Encoder -> quantizer -> decoder at one scale.
+
+    kind "vqvae": one codebook of `num_codes` (4096) codes of dimension c.
+    kind "gdr":   `groups` (2) codebooks of num_codes^(1/groups) (64) codes, invertible projection W (2c, c).
+    forward() returns a dict with lists over scales (one scale here) so train_vae.py treats it like MSF.
+    """
+
+    def __init__(self, kind="vqvae", code_dim=256, channels=64, num_codes=4096, groups=2):
+        super().__init__()
+        assert kind in ("vqvae", "gdr"), kind
+        self.kind, self.code_dim, self.num_scales = kind, code_dim, 1
+        self.encoder, self.decoder = Encoder(code_dim, channels), Decoder(code_dim, channels)
+        if kind == "vqvae":
+            self.codebooks = nn.ModuleList([Codebook(num_codes, code_dim)])
+            self.weight = None
+        else:
+            per_group = round(num_codes ** (1 / groups))
+            self.codebooks = nn.ModuleList([Codebook(per_group, code_dim) for _ in range(groups)])
+            self.weight = init_projection(code_dim, groups)  # W (2c, c)
+        self.vocab = [cb.weight.shape[0] for cb in self.codebooks]  # classes per index, e.g. [64, 64]
+
+    def quantize(self, zs, tau=0.0, alpha=0.0):
+        """zs: list with one (b, c, h, w) -> indices [(b, g, h, w)], xs [(b, c, h, w)], parts."""
+        idx, x, parts = quantize_grouped(zs[0], list(self.codebooks), self.weight, tau, alpha)
+        return [idx], [x], [parts]
+
+    def forward(self, image, tau=0.0, alpha=0.0):
+        return vae_forward(self, [image], tau, alpha)
+
+    @torch.no_grad()
+    def guidance(self, image):
+        """Frozen stage-2 guidance: indices [(b, g, h, w)] and discrete representation X [(b, c, h, w)]."""
+        idxs, xs, _ = self.quantize([self.encoder(image)])
+        return idxs, xs
+
+
+def vae_forward(model, images, tau, alpha, zs=None):
+    """Shared by VQVAE and msf.MSFVAE: encode every scale, quantize, decode every scale, add up the losses
+    (Sect. 3.2: "there are N sets of reconstruction and quantization losses")."""
+    if zs is None:
+        zs = [model.encoder(t) for t in images]  # N x (b, c, h_n, w_n)
+    idxs, xs, parts = model.quantize(zs, tau, alpha)
+    recons = [model.decoder(x) for x in xs]  # N x (b, 3, H_n, W_n)
+    logs, loss = {}, 0.0
+    for n, (t, r, p) in enumerate(zip(images, recons, parts), start=1):
+        mse = F.mse_loss(r, t)
+        codebook_loss, commit_loss = 0.0, 0.0
+        for zk, qk in zip(p["z"], p["q"]):
+            a, b = vq_losses(zk, qk)
+            codebook_loss, commit_loss = codebook_loss + a, commit_loss + b
+        loss = loss + mse + codebook_loss + commit_loss
+        logs[f"recon{n}"], logs[f"codebook{n}"], logs[f"commit{n}"] = mse.detach(), codebook_loss.detach(), commit_loss.detach()
+    return {"loss": loss, "logs": logs, "recons": recons, "indices": idxs, "xs": xs, "parts": parts}
+
+
+def count_codebook_params(model):
+    """Codebook-related parameters of Sect. 3.4: all codebooks plus the projection W."""
+    n = sum(cb.weight.numel() for cb in model.codebooks)
+    if getattr(model, "weight", None) is not None:
+        n += model.weight.numel()
+    return n
+
+
+def perplexity(idx, num_codes):
+    """exp(entropy) of the code histogram of idx (any shape): num_codes if all codes are used equally, 1 if one code."""
+    p = torch.bincount(idx.flatten(), minlength=num_codes).float()
+    p = p / p.sum()
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
