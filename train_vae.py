@@ -87,8 +87,9 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, expect_kind):
-    """Load a checkpoint dict safely (weights_only=True: no code runs) and check that it is of `expect_kind`."""
+def load_checkpoint(path, expect_kind=None):
+    """Load a checkpoint dict safely (weights_only=True: no code runs) and check that it is of `expect_kind`
+    ("vae" or "ocl"; None accepts both)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
@@ -101,7 +102,7 @@ def load_checkpoint(path, expect_kind):
         raise ValueError(f"{path} is not a checkpoint written by this code (no 'kind' entry)")
     if ckpt.get("format_version", 0) > CKPT_VERSION:
         raise ValueError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code ({CKPT_VERSION})")
-    if ckpt["kind"] != expect_kind:
+    if expect_kind is not None and ckpt["kind"] != expect_kind:
         raise ValueError(f"{path} is a {ckpt['kind'].upper()} checkpoint, but a {expect_kind.upper()} checkpoint "
                          f"is needed here")
     return ckpt

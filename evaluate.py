@@ -1,0 +1,418 @@
+"""Evaluation: the segmentation metrics ARI, ARIfg, mIoU and mBO (pure functions on label maps), the paper's
+analysis tools (object separability of the VAE guidance, Fig. 2 and Fig. 3 style figures) and the CLI.
+
+Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 4.1 (metrics), Sect. 4.2
+(Tab. 4 separability, Fig. 3), Fig. 2 (segmentations), A.2 (Tab. 7 mIoU by object size).
+
+Run:  python evaluate.py                                   # the OCL checkpoint of the quick start
+      python evaluate.py --ckpt runs/ocl_shapes_transformer_msf/best.pt --viz 8 --json metrics.json
+      python evaluate.py --ckpt runs/vae_shapes_msf_c256/best.pt --separability --viz 4   # a VAE checkpoint
+
+Metric definitions (also in the README, "Metrics"). Inputs are long label maps `pred` and `true`, (b, H, W) for
+images or (b, T, H, W) for videos; a video is scored over all its frames jointly, so a slot must keep its object
+across frames. In `true`, 0 = background, 1..K = objects, 255 = ignored: ignored pixels count in no metric
+(they are removed from both maps before anything is counted).
+  ari(pred, true)                      adjusted Rand index over all non-ignored pixels (equals scikit-learn's
+                                       adjusted_rand_score on those pixels, special cases included)
+  ari(pred, true, foreground_only=True) ARIfg: the same over the pixels whose true label is an object
+  miou(pred, true)                     IoU of every non-empty true segment (background included) with every
+                                       predicted segment; one-to-one Hungarian matching maximising the summed
+                                       IoU; sum of matched IoUs / number of non-empty true segments
+  mbo(pred, true)                      every non-empty true segment's best IoU over predicted segments, averaged
+A sample where a metric is undefined (nothing annotated; no foreground for ARIfg) gets NaN, and dataset means
+skip NaN and report how many samples counted (`mean_and_count`).
+
+Reading order: contingency, ari, matched_ious, miou, mbo, miou_by_size, masks_to_labels, mean_and_count;
+kmeans, separability; palette, fig2, pca_colours, fig3; the CLI (evaluate_vae; evaluate_ocl; main).
+Imports only data.py; the CLI alone imports train_vae/train_ocl to rebuild a model from its checkpoint.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+import data
+
+IGNORE = data.IGNORE
+COCO_SMALL, COCO_LARGE = 32 ** 2, 96 ** 2  # COCO's area thresholds (pixels of the original image)
+
+# -----------------------------------------------------------------------------
+# Metrics: everything starts from the contingency table of (true, pred) label pairs
+
+
+def contingency(pred, true):
+    """counts (b, Kt, Kp) float64: n_ij = number of non-ignored pixels with true label t_i and predicted label p_j.
+
+    pred, true: long (b, ...) of the same shape. Labels are compacted over the batch (torch.unique), so any
+    integer labels work. Returns counts and the true label values of the rows (Kt,); 255 has no row.
+    """
+    assert pred.shape == true.shape, f"pred {tuple(pred.shape)} and true {tuple(true.shape)} differ"
+    b = true.shape[0]
+    pred, true = pred.reshape(b, -1).long(), true.reshape(b, -1).long()  # (b, P): all frames of a video jointly
+    t_vals, t_idx = torch.unique(true, return_inverse=True)  # (Kt',), (b, P)
+    _, p_idx = torch.unique(pred, return_inverse=True)  # (b, P)
+    kt, kp = len(t_vals), int(p_idx.max()) + 1 if p_idx.numel() else 1
+    flat = (torch.arange(b, device=true.device)[:, None] * kt + t_idx) * kp + p_idx  # (b, P) cell of each pixel
+    valid = true != IGNORE  # (b, P)
+    counts = torch.bincount(flat[valid], minlength=b * kt * kp).view(b, kt, kp).double()  # (b, Kt', Kp)
+    keep = t_vals != IGNORE
+    return counts[:, keep], t_vals[keep]
+
+
+def ari_from_counts(n):
+    """Adjusted Rand index from a contingency table n (b, Kt, Kp), in scikit-learn's pair-counting form:
+    ARI = 2 (tp tn - fn fp) / ((tp + fn)(fn + tn) + (tp + fp)(fp + tn)), 1 when fn = fp = 0; NaN without pixels."""
+    N = n.sum((1, 2))  # (b,)
+    a, b_ = n.sum(2), n.sum(1)  # (b, Kt) true sizes, (b, Kp) predicted sizes
+    ss = (n ** 2).sum((1, 2))
+    tp = ss - N  # ordered pairs of pixels together in both
+    fp = (n * b_[:, None, :]).sum((1, 2)) - ss  # together in pred, apart in true
+    fn = (n * a[:, :, None]).sum((1, 2)) - ss  # together in true, apart in pred
+    tn = N ** 2 - fp - fn - ss
+    den = (tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)
+    ari = 2 * (tp * tn - fn * fp) / torch.where(den == 0, torch.ones_like(den), den)
+    ari = torch.where((fn == 0) & (fp == 0), torch.ones_like(ari), ari)
+    return torch.where(N == 0, torch.full_like(ari, math.nan), ari).float()
+
+
+def ari(pred, true, foreground_only=False):
+    """ARI (b,) over non-ignored pixels; ARIfg with foreground_only=True (pixels whose true label is an object)."""
+    n, t_vals = contingency(pred, true)
+    if foreground_only:
+        n = n[:, t_vals != 0]  # drop the background row: its pixels leave the table
+    return ari_from_counts(n)
+
+
+def iou_from_counts(n):
+    """IoU (b, Kt, Kp) = |t_i & p_j| / |t_i | p_j| over non-ignored pixels (0 where the union is empty)."""
+    union = n.sum(2, keepdim=True) + n.sum(1, keepdim=True) - n
+    return n / union.clamp(min=1)
+
+
+def matched_ious(pred, true):
+    """Per true segment, the IoU of its Hungarian-matched predicted segment (0 if unmatched), (b, Kt) with NaN
+    for segments absent from the sample; also the true label values (Kt,). Matching: one-to-one, maximising the
+    summed IoU (scipy's linear_sum_assignment)."""
+    n, t_vals = contingency(pred, true)
+    iou = iou_from_counts(n).cpu().numpy()  # (b, Kt, Kp)
+    present = (n.sum(2) > 0).cpu().numpy()  # (b, Kt)
+    out = np.full(present.shape, np.nan)
+    for i in range(len(iou)):  # one small assignment problem per sample (at most ~25 x 25)
+        rows = np.flatnonzero(present[i])
+        if len(rows) == 0:
+            continue
+        r, c = linear_sum_assignment(iou[i][rows], maximize=True)
+        out[i, rows] = 0.0  # unmatched true segments (more segments than predictions) score 0
+        out[i, rows[r]] = iou[i][rows[r], c]
+    return torch.from_numpy(out).float(), t_vals
+
+
+def miou(pred, true):
+    """mIoU (b,): sum of Hungarian-matched IoUs / number of non-empty true segments (background included)."""
+    m, _ = matched_ious(pred, true)  # (b, Kt), NaN for absent segments
+    present = ~torch.isnan(m)
+    count = present.sum(1)
+    out = torch.where(present, m, torch.zeros_like(m)).sum(1) / count.clamp(min=1)
+    return torch.where(count == 0, torch.full_like(out, math.nan), out)
+
+
+def mbo(pred, true):
+    """mBO (b,): for each non-empty true segment (background included) its best IoU over predicted segments, averaged."""
+    n, _ = contingency(pred, true)
+    best = iou_from_counts(n).amax(2) if n.shape[2] else torch.zeros(n.shape[:2], dtype=n.dtype)  # (b, Kt)
+    present = n.sum(2) > 0
+    count = present.sum(1)
+    out = (best * present).sum(1) / count.clamp(min=1)
+    return torch.where(count == 0, torch.full_like(out, math.nan), out).float()
+
+
+def miou_by_size(pred, true, areas, thresholds=(COCO_SMALL, COCO_LARGE)):
+    """mIoU of small / medium / large objects (Tab. 7), with COCO's thresholds on the object's area in the
+    original image: small < 32^2 <= medium < 96^2 <= large. areas: (b, K) float, areas[:, k-1] = area of object
+    label k (NaN or 0 for absent labels). Matching is the same Hungarian matching as miou (background included);
+    returns a dict of (b,) means over each sample's objects of that size (NaN if it has none)."""
+    m, t_vals = matched_ious(pred, true)  # (b, Kt)
+    out = {name: torch.full((m.shape[0],), math.nan) for name in ("small", "medium", "large")}
+    for i in range(m.shape[0]):
+        buckets = {"small": [], "medium": [], "large": []}
+        for j, label in enumerate(t_vals.tolist()):
+            if label == 0 or math.isnan(m[i, j]) or label > areas.shape[1]:
+                continue
+            area = float(areas[i, label - 1])
+            name = "small" if area < thresholds[0] else "medium" if area < thresholds[1] else "large"
+            buckets[name].append(float(m[i, j]))
+        for name, v in buckets.items():
+            if v:
+                out[name][i] = sum(v) / len(v)
+    return out
+
+
+def masks_to_labels(masks, size):
+    """Soft masks (b, s, h, w) -> labels (b, H, W): bilinear up-sampling to the ground-truth size, then argmax over
+    slots (the authors' convention). Video masks (b, t, s, h, w) -> (b, t, H, W)."""
+    if masks.dim() == 5:
+        b, t = masks.shape[:2]
+        return masks_to_labels(masks.flatten(0, 1), size).unflatten(0, (b, t))
+    up = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)  # (b, s, H, W)
+    return up.argmax(1)
+
+
+def mean_and_count(values):
+    """Dataset mean of per-sample values skipping NaN, and how many samples counted."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    ok = ~torch.isnan(v)
+    return (v[ok].mean().item() if ok.any() else math.nan), int(ok.sum())
+
+
+# -----------------------------------------------------------------------------
+# Object separability of the VAE guidance (Tab. 4)
+
+
+def kmeans(x, k, iters=100, seed=0):
+    """Lloyd's k-means with k-means++ seeding from a seeded generator. x (n, d) -> centers (k, d), assign (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.float().cpu()
+    n, k = len(x), min(k, len(x))
+    first = int(torch.randint(n, (1,), generator=g))
+    centers = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)  # (n,) squared distance to the nearest chosen center
+    for _ in range(1, k):  # k-means++: the next center is drawn with probability proportional to d2
+        p = d2 / d2.sum() if d2.sum() > 0 else torch.full((n,), 1.0 / n)
+        i = int(torch.multinomial(p, 1, generator=g))
+        centers.append(x[i])
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    centers = torch.stack(centers)  # (k, d)
+    for _ in range(iters):
+        assign = torch.cdist(x, centers).argmin(1)  # (n,)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)  # (k, d)
+        counts = torch.bincount(assign, minlength=k).float()[:, None]  # (k, 1)
+        new = torch.where(counts > 0, sums / counts.clamp(min=1), centers)  # an empty cluster keeps its center
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    return centers, torch.cdist(x, centers).argmin(1)
+
+
+def separability(tokens, k, seed=0):
+    """Tab. 4 on one set of tokens (n, d): k-means into k clusters, then
+    inter = mean distance between the k cluster centers (all pairs; larger = clusters further apart) and
+    intra = mean distance of a token to its own cluster's center (smaller = tighter clusters)."""
+    centers, assign = kmeans(tokens, k, seed=seed)
+    k = len(centers)
+    pair = torch.cdist(centers, centers)  # (k, k)
+    inter = pair[torch.triu_indices(k, k, 1).unbind()].mean().item() if k > 1 else math.nan
+    intra = (tokens.float().cpu() - centers[assign]).norm(dim=1).mean().item()
+    return inter, intra
+
+
+def guidance_separability(x, k, seed=0):
+    """Mean (inter, intra) over the images of a batch of guidance X (b, c, h, w), one k-means per image on its
+    h*w tokens, after scaling every token to unit length (so VAEs with c = 256 and c = 4, or differently scaled
+    codes, are compared on the geometry of directions)."""
+    results = []
+    for img in x:
+        tokens = F.normalize(img.flatten(1).t().float(), dim=1)  # (h*w, c)
+        results.append(separability(tokens, k, seed))
+    inter, intra = zip(*results)
+    return float(np.nanmean(inter)), float(np.mean(intra))
+
+
+# -----------------------------------------------------------------------------
+# Figures (PNG, written with Pillow)
+
+
+def palette(n=64):
+    """n distinct colours (uint8 (n, 3)); colour i always belongs to slot / label i, in every row and figure."""
+    i = np.arange(n)
+    hue = (i * 0.618033988749895) % 1.0  # golden-ratio hue steps keep neighbours apart
+    sat, val = 0.65 + 0.35 * (i % 2), 0.95 - 0.3 * ((i // 2) % 2)
+    k = (hue[:, None] * 6 + np.array([5, 3, 1])) % 6  # HSV -> RGB
+    rgb = val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+    return (rgb * 255).astype(np.uint8)
+
+
+def _to_uint8(image):
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _colour_labels(image, labels, alpha=0.6):
+    """Blend the colour of each label over the image; ignored pixels (255) are white."""
+    pal = palette(256)
+    pal[IGNORE] = 255
+    col = pal[labels.cpu().numpy().astype(np.int64) % 256]
+    return (alpha * col + (1 - alpha) * image).astype(np.uint8)
+
+
+def fig2(path, images, true, pred, masks, scale=2):
+    """Fig. 2 style: one row per sample, columns image | ground truth | predicted segmentation | one column per
+    slot (the image where the slot's mask is high, white elsewhere, under a bar of the slot's colour).
+    images (b, 3, H, W) in [-1, 1]; true, pred (b, H, W); masks (b, s, H, W) soft masks summing to 1 over slots."""
+    pal = palette(256)
+    rows = []
+    for i in range(len(images)):
+        img = _to_uint8(images[i])  # (H, W, 3)
+        cols = [img, _colour_labels(img, true[i]), _colour_labels(img, pred[i])]
+        for s in range(masks.shape[1]):
+            m = masks[i, s].detach().float().cpu().numpy()[..., None]  # (H, W, 1)
+            tile = (m * img + (1 - m) * 255).astype(np.uint8)
+            tile[: max(2, img.shape[0] // 16)] = pal[s]  # the slot's colour, as in the segmentation column
+            cols.append(tile)
+        sep = np.full((img.shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([c for col in cols for c in (col, sep)], axis=1))
+    canvas = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def pca_colours(maps):
+    """Colour token maps by a 3-component PCA fitted jointly on all of them, so one colour means one direction
+    in every map passed together. maps: list of (c, h, w) -> list of (h, w, 3) uint8."""
+    tokens = torch.cat([m.detach().float().cpu().flatten(1).t() for m in maps])  # (sum h*w, c)
+    centred = tokens - tokens.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
+    proj = centred @ v[:3].t()  # (sum h*w, <=3)
+    if proj.shape[1] < 3:
+        proj = F.pad(proj, (0, 3 - proj.shape[1]))
+    lo, hi = proj.min(0).values, proj.max(0).values
+    rgb = ((proj - lo) / (hi - lo).clamp(min=1e-8) * 255).round().byte().numpy()
+    out, start = [], 0
+    for m in maps:
+        h, w = m.shape[-2:]
+        out.append(rgb[start:start + h * w].reshape(h, w, 3))
+        start += h * w
+    return out
+
+
+def fig3(path, image, columns, scale=2):
+    """Fig. 3 style, one row per scale: the image at that scale, then each column of `columns` (a dict name ->
+    list over scales of (c, h_n, w_n) token maps, e.g. scale-invariant before / after inter-scale fusion,
+    scale-variant, fused), each coloured by a PCA fitted over all scales of that column, up-sampled to the image."""
+    H = image.shape[-1]
+    colours = {name: pca_colours(maps) for name, maps in columns.items()}
+    pyramid = [image]
+    rows = []
+    for n in range(len(next(iter(columns.values())))):
+        if n:
+            pyramid.append(F.avg_pool2d(pyramid[-1][None], 2)[0])
+        tiles = [np.asarray(Image.fromarray(_to_uint8(pyramid[n])).resize((H, H), Image.NEAREST))]
+        tiles += [np.asarray(Image.fromarray(colours[name][n]).resize((H, H), Image.NEAREST)) for name in columns]
+        sep = np.full((H, 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([c for t in tiles for c in (t, sep)], axis=1))
+    canvas = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    return list(columns)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def _batches(dataset, batch_size, limit):
+    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)
+    seen = 0
+    for batch in loader:
+        if limit and seen >= limit:
+            return
+        if limit:
+            batch = {k: v[: limit - seen] for k, v in batch.items()}
+        seen += len(batch["image"])
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_vae(ckpt, args, device):
+    """A VAE checkpoint: reconstruction error per scale and Tab. 4's separability of the scale-1 guidance;
+    --viz N writes Fig. 3 style PNGs."""
+    import train_vae  # the CLI alone rebuilds models from checkpoints
+    model, ckpt = train_vae.load_vae(ckpt, device)
+    a = ckpt["args"]
+    dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], a["resolution"])
+    k = args.clusters or data.PRESETS[a["dataset"]]["num_slots"]
+    inter, intra, recon, count = [], [], {}, 0
+    out_dir = Path(args.out or Path(args.ckpt).parent)
+    for batch in _batches(dataset, args.batch_size, args.limit):
+        image = batch["image"].to(device)  # (b, 3, H, W)
+        out = model(image)
+        for name, v in out["logs"].items():
+            if name.startswith("recon"):
+                recon[name] = recon.get(name, 0.0) + v.item() * len(image)
+        for i in range(len(image)):
+            e, a_ = guidance_separability(out["xs"][0][i:i + 1], k, seed=args.seed)
+            inter.append(e)
+            intra.append(a_)
+        if args.viz and count < args.viz:
+            for i in range(min(len(image), args.viz - count)):
+                parts, xs = out["parts"], out["xs"]
+                if "q_si_own" in parts[0] and len(parts[0]["q"]) == 2:
+                    columns = {"si before inter-scale fusion": [p["q_si_own"][i] for p in parts],
+                               "si after inter-scale fusion": [p["q"][0][i] for p in parts],
+                               "scale-variant": [p["q"][1][i] for p in parts],
+                               "fused X": [x[i] for x in xs]}
+                else:
+                    columns = {"X": [x[i] for x in xs]}
+                names = fig3(out_dir / f"fig3_{count + i:03d}.png", image[i], columns)
+            print(f"wrote {min(args.viz, count + len(image)) - count} Fig. 3 style PNGs to {out_dir} "
+                  f"(columns: image, {', '.join(names)}; one row per scale)")
+        count += len(image)
+    result = {"ckpt": str(args.ckpt), "kind": "vae", "split": args.split, "samples": count,
+              "separability": {"inter_cluster": float(np.nanmean(inter)), "intra_cluster": float(np.mean(intra)),
+                               "clusters": k},
+              "reconstruction_mse": {name: v / count for name, v in recon.items()}}
+    print(f"{Path(args.ckpt)}: VAE {ckpt['model_args']['kind']} c={ckpt['model_args']['code_dim']} on "
+          f"{a['dataset']}/{args.split} ({count} images)")
+    print(f"  separability of scale-1 guidance (Tab. 4, k = {k}): inter-cluster {result['separability']['inter_cluster']:.3f}"
+          f" | intra-cluster {result['separability']['intra_cluster']:.3f}")
+    print("  reconstruction MSE: " + " | ".join(f"scale {n[5:]} {v:.4f}" for n, v in result["reconstruction_mse"].items()))
+    return result
+
+
+def default_ocl_ckpt():
+    return "runs/ocl_shapes_transformer_msf/best.pt"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate an OCL checkpoint (ARI, ARIfg, mIoU, mBO) or a VAE checkpoint "
+                                            "(separability).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=default_ocl_ckpt(), help="best.pt or last.pt of train_ocl.py or train_vae.py")
+    p.add_argument("--split", default="val", help="dataset split to score")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained with)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N samples (0 = all)")
+    p.add_argument("--viz", type=int, default=0, help="write figures for the first N samples (Fig. 2 for OCL, Fig. 3 for VAE)")
+    p.add_argument("--out", default=None, help="folder for figures (default: the checkpoint's folder)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--separability", action="store_true", help="VAE checkpoints: Tab. 4 separability (always computed)")
+    p.add_argument("--clusters", type=int, default=0, help="k of the separability k-means (default: the dataset's slots)")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of any sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    args = p.parse_args(argv)
+
+    import train_vae
+    device = train_vae.pick_device(args.device)
+    if not Path(args.ckpt).exists():
+        sys.exit(f"no checkpoint at {args.ckpt}: train one first (python train_vae.py && python train_ocl.py) "
+                 f"or pass --ckpt PATH")
+    try:
+        ckpt = train_vae.load_checkpoint(args.ckpt)
+        if ckpt["kind"] == "vae":
+            result = evaluate_vae(ckpt, args, device)
+        else:
+            import train_ocl
+            result = train_ocl.evaluate_checkpoint(ckpt, args, device)
+    except (ValueError, data.DatasetMissing) as e:
+        sys.exit(str(e))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""evaluate.py metrics against independent oracles: scikit-learn's adjusted_rand_score (ARI, ARIfg), a brute-force
+best permutation (mIoU), hand-computed cases (mBO, size split, NaN rules), k-means on points with a known answer,
+and the figures' colour rule.
+
+Run: python -m pytest -q tests/test_metrics.py
+"""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+import evaluate
+
+
+def sk_ari(pred, true, fg=False):
+    """scikit-learn on the same pixel subset, one sample at a time; NaN where the subset is empty."""
+    out = []
+    for p, t in zip(pred.reshape(len(pred), -1).numpy(), true.reshape(len(true), -1).numpy()):
+        keep = (t != 255) & ((t != 0) if fg else True)
+        out.append(adjusted_rand_score(t[keep], p[keep]) if keep.any() else math.nan)
+    return np.array(out)
+
+
+def random_case(rng, b, shape, k_true, k_pred, ignore_frac=0.0, blocky=False):
+    if blocky:  # structured: segments are rectangles, predictions are shifted rectangles
+        true = np.zeros((b,) + shape, np.int64)
+        pred = np.zeros((b,) + shape, np.int64)
+        for i in range(b):
+            for k in range(1, k_true):
+                y, x = rng.integers(0, shape[-2] - 2), rng.integers(0, shape[-1] - 2)
+                true[i, ..., y:y + rng.integers(2, 6), x:x + rng.integers(2, 6)] = k
+            for k in range(1, k_pred):
+                y, x = rng.integers(0, shape[-2] - 2), rng.integers(0, shape[-1] - 2)
+                pred[i, ..., y:y + rng.integers(2, 8), x:x + rng.integers(2, 8)] = k
+    else:
+        true = rng.integers(0, k_true, (b,) + shape)
+        pred = rng.integers(0, k_pred, (b,) + shape)
+    if ignore_frac:
+        true[rng.random(true.shape) < ignore_frac] = 255
+    return torch.from_numpy(pred), torch.from_numpy(true)
+
+
+def test_ari_and_arifg_equal_scikit_learn_on_hundreds_of_cases():
+    rng = np.random.default_rng(0)
+    cases = 0
+    for trial in range(60):
+        for shape in [(12, 12), (3, 8, 8)]:  # image and video (all frames jointly)
+            k_true, k_pred = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+            ignore = [0.0, 0.2][trial % 2]
+            pred, true = random_case(rng, 4, shape, k_true, k_pred, ignore, blocky=trial % 3 == 0)
+            pred = pred * int(rng.integers(1, 50)) + int(rng.integers(0, 1000))  # arbitrary label values
+            for fg in (False, True):
+                ours = evaluate.ari(pred, true, foreground_only=fg).numpy()
+                ref = sk_ari(pred, true, fg)
+                np.testing.assert_allclose(ours, ref, atol=1e-6, equal_nan=True)
+                cases += len(ref)
+    assert cases >= 900
+
+
+def test_ari_special_cases_match_scikit_learn():
+    one = torch.zeros(1, 4, 4, dtype=torch.long)
+    many = torch.arange(16).view(1, 4, 4)
+    for pred, true in [(one, one), (many, one), (one, many), (many, many), (one[:, :1, :1], one[:, :1, :1])]:
+        assert evaluate.ari(pred, true).item() == pytest.approx(sk_ari(pred, true)[0], abs=1e-6)
+
+
+def test_perfect_permuted_and_merged_predictions():
+    rng = np.random.default_rng(1)
+    true = torch.from_numpy(rng.integers(0, 5, (3, 16, 16)))
+    true[:, :2] = 255
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    pred = perm[true.clamp(max=4)]  # the same segments under other names
+    pred[true == 255] = 7  # whatever is predicted on ignored pixels does not count
+    for metric in (evaluate.ari, evaluate.miou, evaluate.mbo):
+        assert torch.all(metric(true.clamp(max=4), true) == 1.0)
+        assert torch.all(metric(pred, true) == 1.0)
+    assert torch.all(evaluate.ari(pred, true, foreground_only=True) == 1.0)
+    merged = torch.zeros_like(true)
+    assert torch.allclose(evaluate.ari(merged, true), torch.zeros(3), atol=1e-7)
+
+
+def brute_force_miou(pred, true):
+    t_labels = [v for v in np.unique(true) if v != 255]
+    keep = true != 255
+    p_labels = list(np.unique(pred[keep])) if keep.any() else []
+    iou = np.zeros((len(t_labels), max(len(p_labels), 1)))
+    for i, t in enumerate(t_labels):
+        for j, p in enumerate(p_labels):
+            inter = ((true == t) & (pred == p) & keep).sum()
+            union = (((true == t) | (pred == p)) & keep).sum()
+            iou[i, j] = inter / union if union else 0
+    best = 0.0
+    n_p = iou.shape[1]
+    for perm in itertools.permutations(range(max(n_p, len(t_labels))), len(t_labels)):
+        best = max(best, sum(iou[i, j] for i, j in enumerate(perm) if j < n_p))
+    return best / len(t_labels) if t_labels else math.nan
+
+
+def test_miou_equals_brute_force_best_permutation():
+    rng = np.random.default_rng(2)
+    for trial in range(60):
+        k_true, k_pred = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        pred, true = random_case(rng, 2, (6, 6), k_true, k_pred, 0.15 * (trial % 2), blocky=trial % 2 == 0)
+        ours = evaluate.miou(pred, true).numpy()
+        for i in range(2):
+            ref = brute_force_miou(pred[i].numpy(), true[i].numpy())
+            assert ours[i] == pytest.approx(ref, abs=1e-6) or (math.isnan(ref) and math.isnan(ours[i]))
+
+
+def test_mbo_and_miou_hand_computed():
+    # true: background left half, object 1 top-right, object 2 bottom-right (4x4)
+    true = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 2, 2], [0, 0, 2, 2]]])
+    # pred: slot 5 = left half + top-right (merges bg and object 1), slot 6 = bottom-right
+    pred = torch.tensor([[[5, 5, 5, 5], [5, 5, 5, 5], [5, 5, 6, 6], [5, 5, 6, 6]]])
+    # IoUs: bg-slot5 = 8/12, obj1-slot5 = 4/12, obj2-slot6 = 1
+    assert evaluate.mbo(pred, true).item() == pytest.approx((8 / 12 + 4 / 12 + 1) / 3)
+    assert evaluate.miou(pred, true).item() == pytest.approx((8 / 12 + 0 + 1) / 3)  # obj1 unmatched: 0
+    assert evaluate.ari(pred, true, foreground_only=True).item() == pytest.approx(1.0)  # fg split is exact
+
+
+def test_undefined_samples_are_nan_and_skipped():
+    true = torch.stack([torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 255), torch.ones(4, 4, dtype=torch.long)])
+    pred = torch.zeros(3, 4, 4, dtype=torch.long)
+    fg = evaluate.ari(pred, true, foreground_only=True)
+    assert math.isnan(fg[0]) and math.isnan(fg[1]) and fg[2] == 1.0  # no foreground / nothing annotated
+    for metric in (evaluate.ari, evaluate.miou, evaluate.mbo):
+        v = metric(pred, true)
+        assert math.isnan(v[1]) and not math.isnan(v[0])
+    assert evaluate.mean_and_count(fg) == (1.0, 1)
+
+
+def test_miou_by_size_hand_computed():
+    true = torch.zeros(1, 8, 8, dtype=torch.long)
+    true[0, :2, :2] = 1  # small in the original image
+    true[0, 4:, 4:] = 2  # large
+    true[0, 0, 6:] = 3  # medium
+    pred = true.clone()
+    pred[0, 4:, 4:6] = 9  # half of object 2 goes to another slot
+    areas = torch.tensor([[100.0, 96.0 ** 2, 40.0 ** 2]])  # original areas of labels 1, 2, 3
+    out = evaluate.miou_by_size(pred, true, areas)
+    assert out["small"].item() == pytest.approx(1.0)
+    assert out["large"].item() == pytest.approx(0.5)  # 96^2 is large (>=), IoU 8/16
+    assert out["medium"].item() == pytest.approx(1.0)
+    none = evaluate.miou_by_size(pred, true, torch.tensor([[100.0, 200.0, 300.0]]))
+    assert none["small"].item() == pytest.approx((1 + 0.5 + 1) / 3) and math.isnan(none["large"])
+
+
+def test_masks_to_labels_upsamples_then_argmax():
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 0, :, 0] = 1  # slot 0 owns the left column, slot 1 the right
+    masks[0, 1, :, 1] = 1
+    labels = evaluate.masks_to_labels(masks, (4, 4))
+    assert labels.shape == (1, 4, 4)
+    assert (labels[0, :, :2] == 0).all() and (labels[0, :, 2:] == 1).all()
+    video = torch.stack([masks, masks.flip(1)], 1)  # (1, 2 frames, 2 slots, 2, 2)
+    assert evaluate.masks_to_labels(video, (4, 4)).shape == (1, 2, 4, 4)
+
+
+def test_kmeans_separability_known_answer():
+    # three tight clusters at the corners of an equilateral triangle of side 10, radius 1 around each
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [5.0, 5.0 * 3 ** 0.5]])
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    ring = torch.stack([angles.cos(), angles.sin()], 1)  # 8 points at distance 1
+    points = torch.cat([c + ring for c in centres])
+    inter, intra = evaluate.separability(points, 3, seed=0)
+    assert inter == pytest.approx(10.0, abs=1e-4) and intra == pytest.approx(1.0, abs=1e-4)
+    centers, assign = evaluate.kmeans(points, 3, seed=5)
+    assert len(set(assign[:8].tolist())) == 1 and len(set(assign.tolist())) == 3
+
+
+def test_fig2_colours_are_stable_across_rows(tmp_path):
+    b, s, H = 3, 4, 8
+    images = torch.zeros(b, 3, H, H)
+    true = torch.zeros(b, H, H, dtype=torch.long)
+    pred = torch.randint(0, s, (b, H, H))
+    masks = torch.softmax(torch.randn(b, s, H, H), 1)
+    evaluate.fig2(tmp_path / "f.png", images, true, pred, masks, scale=1)
+    img = np.asarray(Image.open(tmp_path / "f.png"))
+    assert img.shape == ((H + 2) * b, (H + 2) * (3 + s), 3)
+    pal = evaluate.palette()
+    for row in range(b):
+        for slot in range(s):
+            x0 = (3 + slot) * (H + 2)
+            assert (img[row * (H + 2), x0] == pal[slot]).all()  # the slot's bar has the slot's colour in every row
+    assert len({tuple(c) for c in evaluate.palette(32)}) == 32
+
+
+def test_pca_colours_shared_across_maps():
+    a = torch.zeros(3, 2, 2)
+    a[:, 0, 0] = torch.tensor([1.0, 0, 0])
+    b = a.clone()
+    cols = evaluate.pca_colours([a, b])
+    assert (cols[0] == cols[1]).all()  # the same vector gets the same colour in both maps
+    assert not (cols[0][0, 0] == cols[0][1, 1]).all()
