@@ -50,19 +50,30 @@ COCO_SMALL, COCO_LARGE = 32 ** 2, 96 ** 2  # COCO's area thresholds (pixels of t
 def contingency(pred, true):
     """counts (b, Kt, Kp) float64: n_ij = number of non-ignored pixels with true label t_i and predicted label p_j.
 
-    pred, true: long (b, ...) of the same shape. Labels are compacted over the batch (torch.unique), so any
-    integer labels work. Returns counts and the true label values of the rows (Kt,); 255 has no row.
+    pred, true: long (b, ...) of the same shape. Small non-negative labels (slot indices, dataset ids < 1024) are
+    used as they are; any other labels are first compacted over the batch (torch.unique). Returns the counts and
+    the true label value of each row (Kt,); 255 has no row. Rows or columns of labels absent from a sample are 0.
     """
     assert pred.shape == true.shape, f"pred {tuple(pred.shape)} and true {tuple(true.shape)} differ"
     b = true.shape[0]
-    pred, true = pred.reshape(b, -1).long(), true.reshape(b, -1).long()  # (b, P): all frames of a video jointly
-    t_vals, t_idx = torch.unique(true, return_inverse=True)  # (Kt',), (b, P)
-    _, p_idx = torch.unique(pred, return_inverse=True)  # (b, P)
-    kt, kp = len(t_vals), int(p_idx.max()) + 1 if p_idx.numel() else 1
-    flat = (torch.arange(b, device=true.device)[:, None] * kt + t_idx) * kp + p_idx  # (b, P) cell of each pixel
-    valid = true != IGNORE  # (b, P)
-    counts = torch.bincount(flat[valid], minlength=b * kt * kp).view(b, kt, kp).double()  # (b, Kt', Kp)
-    keep = t_vals != IGNORE
+    pred, true = pred.reshape(b, -1), true.reshape(b, -1)  # (b, P): all frames of a video jointly
+    t_lo, t_hi = torch.aminmax(true) if true.numel() else (0, 0)
+    if t_lo < 0 or t_hi >= 1024:
+        t_vals, true = torch.unique(true, return_inverse=True)  # (Kt',), (b, P)
+    else:
+        t_vals = torch.arange(int(t_hi) + 1, device=true.device)  # labels used as row indices directly
+    p_lo, p_hi = torch.aminmax(pred) if pred.numel() else (0, 0)
+    if p_lo < 0 or p_hi >= 1024:
+        pred = torch.unique(pred, return_inverse=True)[1]
+        p_hi = pred.max() if pred.numel() else 0
+    kt, kp = len(t_vals), int(p_hi) + 1
+    # the cell of each pixel in a flattened (b, Kt, Kp) table, int32 to halve the memory traffic when it fits
+    dtype = torch.int32 if b * kt * kp < 2 ** 31 else torch.int64
+    offset = (torch.arange(b, device=true.device, dtype=dtype) * (kt * kp))[:, None]  # (b, 1)
+    flat = true.to(dtype) * kp + pred.to(dtype) + offset  # (b, P)
+    counts = torch.bincount(flat.flatten(), minlength=b * kt * kp).view(b, kt, kp).double()  # (b, Kt', Kp)
+    # ignored pixels all landed in the row of label 255: dropping that row removes them from every count
+    keep = (t_vals != IGNORE) & (counts.sum((0, 2)) > 0)
     return counts[:, keep], t_vals[keep]
 
 
@@ -96,11 +107,9 @@ def iou_from_counts(n):
     return n / union.clamp(min=1)
 
 
-def matched_ious(pred, true):
-    """Per true segment, the IoU of its Hungarian-matched predicted segment (0 if unmatched), (b, Kt) with NaN
-    for segments absent from the sample; also the true label values (Kt,). Matching: one-to-one, maximising the
-    summed IoU (scipy's linear_sum_assignment)."""
-    n, t_vals = contingency(pred, true)
+def matched_from_counts(n):
+    """Per true segment, the IoU of its Hungarian-matched predicted segment (0 if unmatched), (b, Kt), NaN for
+    segments absent from the sample. Matching: one-to-one, maximising the summed IoU (scipy)."""
     iou = iou_from_counts(n).cpu().numpy()  # (b, Kt, Kp)
     present = (n.sum(2) > 0).cpu().numpy()  # (b, Kt)
     out = np.full(present.shape, np.nan)
@@ -111,26 +120,43 @@ def matched_ious(pred, true):
         r, c = linear_sum_assignment(iou[i][rows], maximize=True)
         out[i, rows] = 0.0  # unmatched true segments (more segments than predictions) score 0
         out[i, rows[r]] = iou[i][rows[r], c]
-    return torch.from_numpy(out).float(), t_vals
+    return torch.from_numpy(out).float()
 
 
-def miou(pred, true):
-    """mIoU (b,): sum of Hungarian-matched IoUs / number of non-empty true segments (background included)."""
-    m, _ = matched_ious(pred, true)  # (b, Kt), NaN for absent segments
+def matched_ious(pred, true):
+    """matched_from_counts for label maps; also returns the true label value of each column (Kt,)."""
+    n, t_vals = contingency(pred, true)
+    return matched_from_counts(n), t_vals
+
+
+def _mean_present(m):
+    """Mean over the non-NaN entries of each row of m (b, K); NaN for a row without any."""
     present = ~torch.isnan(m)
     count = present.sum(1)
     out = torch.where(present, m, torch.zeros_like(m)).sum(1) / count.clamp(min=1)
     return torch.where(count == 0, torch.full_like(out, math.nan), out)
 
 
+def miou(pred, true):
+    """mIoU (b,): sum of Hungarian-matched IoUs / number of non-empty true segments (background included)."""
+    return _mean_present(matched_ious(pred, true)[0])
+
+
+def mbo_from_counts(n):
+    best = iou_from_counts(n).amax(2) if n.shape[2] else torch.zeros(n.shape[:2], dtype=n.dtype)  # (b, Kt)
+    return _mean_present(torch.where(n.sum(2) > 0, best, torch.full_like(best, math.nan))).float()
+
+
 def mbo(pred, true):
     """mBO (b,): for each non-empty true segment (background included) its best IoU over predicted segments, averaged."""
-    n, _ = contingency(pred, true)
-    best = iou_from_counts(n).amax(2) if n.shape[2] else torch.zeros(n.shape[:2], dtype=n.dtype)  # (b, Kt)
-    present = n.sum(2) > 0
-    count = present.sum(1)
-    out = (best * present).sum(1) / count.clamp(min=1)
-    return torch.where(count == 0, torch.full_like(out, math.nan), out).float()
+    return mbo_from_counts(contingency(pred, true)[0])
+
+
+def all_metrics(pred, true):
+    """ARI, ARIfg, mIoU and mBO (each (b,)) from one contingency table: what the evaluation loops call."""
+    n, t_vals = contingency(pred, true)
+    return {"ari": ari_from_counts(n), "ari_fg": ari_from_counts(n[:, t_vals != 0]),
+            "miou": _mean_present(matched_from_counts(n)), "mbo": mbo_from_counts(n)}
 
 
 def miou_by_size(pred, true, areas, thresholds=(COCO_SMALL, COCO_LARGE)):
