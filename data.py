@@ -47,14 +47,14 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 # Dataset presets: defaults that explicit flags override (paper A.4-A.5 for the real datasets).
 # vae_* feed train_vae.py, ocl_* feed train_ocl.py. `shapes` is sized for a 2-core CPU.
 PRESETS = {
-    #            resolution  slots (objects + background)  video  VAE steps/batch      OCL steps/batch
-    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=500, vae_batch=16, ocl_steps=2500, ocl_batch=32),
-    "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32),
-    "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32),
-    "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32),
-    "movi_c":   dict(resolution=128, num_slots=11, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8),
-    "movi_d":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8),
-    "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8),
+    #            resolution  slots (objects + background)  video  VAE steps/batch  OCL steps/batch/learning rate
+    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=500, vae_batch=16, ocl_steps=3000, ocl_batch=16, ocl_lr=1e-3),
+    "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
+    "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
+    "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
+    "movi_c":   dict(resolution=128, num_slots=11, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
+    "movi_d":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
+    "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
 }
 # How each real dataset is made from its official download (the converters: `python data.py <name> --src ...`).
 SOURCES = {
@@ -195,7 +195,8 @@ class LMDBDataset(Dataset):
         rec = self.record(i)
         image = torch.from_numpy(rec["image"].copy())  # (H, W, 3) or (T, H, W, 3) uint8
         image = image.movedim(-1, -3).float().sub_(127.5).div_(127.5)  # (3, H, W) or (T, 3, H, W) in [-1, 1]
-        out = {"image": image, "segment": torch.from_numpy(rec["segment"].astype(np.int64))}  # (H, W) / (T, H, W)
+        out = {"image": image, "segment": torch.from_numpy(rec["segment"].astype(np.int64)),  # (H, W) / (T, H, W)
+               "index": i}  # which sample: lets train_ocl.py cache per-image results
         if "bbox" in rec:
             out["bbox"] = torch.from_numpy(rec["bbox"].copy())  # (T, K, 4)
         return out
@@ -208,8 +209,8 @@ class LMDBDataset(Dataset):
 
 # -----------------------------------------------------------------------------
 # The built-in dataset `shapes`: 2-6 textured objects on a textured background, sizes spread 8x.
-# MSF exists for objects of different scales, so the side length of an object is drawn log-uniformly
-# from [3/32, 3/4] of the image side (6 to 48 px at 64x64): the largest is 8x the smallest.
+# MSF exists for objects of different scales, so the side length of an object spans [3/32, 3/4] of the image
+# side (6 to 48 px at 64x64): the largest is 8x the smallest.
 # Objects are drawn back to front, largest first, so small ones occlude large ones and stay visible.
 
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle", "diamond", "hexagon", "star")
@@ -289,12 +290,14 @@ def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objec
     g_angle = rng.uniform(0, 2 * np.pi)
     t = ((np.cos(g_angle) * xx + np.sin(g_angle) * yy) / res)[..., None]  # (res, res, 1)
     t = np.clip(t - t.min(), 0, 1)
-    waves = 12 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) / res)[..., None]
+    waves = 6 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) / res)[..., None]
     for _ in range(100):  # resample until every object keeps enough visible pixels
         image = bg_a * (1 - t) + bg_b * t + waves  # (res, res, 3) float
         segment = np.zeros((res, res), dtype=np.uint8)
         n = int(rng.integers(min_objects, max_objects + 1))
-        sizes = np.sort(np.exp(rng.uniform(np.log(res * 3 / 32), np.log(res * 3 / 4), size=n)))[::-1]
+        # side = smallest * 8^(u^0.6), u uniform: every size from 6 to 48 px occurs, skewed towards larger objects
+        # (median 23 px) so that objects, not the background, hold most of the pixels a slot must explain
+        sizes = np.sort(res * 3 / 32 * 8 ** (rng.uniform(size=n) ** 0.6))[::-1]
         objects, full_areas = [], []
         for k, size in enumerate(sizes, start=1):
             kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]

@@ -177,6 +177,15 @@ class MSFVAE(nn.Module):
         return vae.vae_forward(self, image_pyramid(image, self.num_scales), tau, alpha)
 
     @torch.no_grad()
+    def x_from_indices(self, idx, scale=1):
+        """X_n rebuilt from the indices (b, g, h, w) of scale n: Eq. 2 per codebook, then Eq. 5 (concat, W)."""
+        if not self.intra:
+            return self.codebooks[0].select(idx[:, 0])  # (b, c, h, w)
+        sv = self.codebooks[1 if self.sv_shared else scale]  # C^sv_n
+        q = torch.cat([self.codebooks[0].select(idx[:, 0]), sv.select(idx[:, 1])], 1)  # (b, 2c, h, w)
+        return vae.project(q, self.weight)  # (b, c, h, w)
+
+    @torch.no_grad()
     def guidance(self, image):
         """Frozen stage-2 guidance at every scale: indices N x (b, g, h_n, w_n), X N x (b, c, h_n, w_n)."""
         zs = [self.encoder(t) for t in image_pyramid(image, self.num_scales)]

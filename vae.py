@@ -301,6 +301,12 @@ class VQVAE(nn.Module):
         idxs, xs, _ = self.quantize([self.encoder(image)])
         return idxs, xs
 
+    @torch.no_grad()
+    def x_from_indices(self, idx, scale=1):
+        """X rebuilt from its code indices (b, g, h, w): codebook lookups (Eq. 2), concat and W (Eq. 5)."""
+        q = torch.cat([cb.select(idx[:, k]) for k, cb in enumerate(self.codebooks)], 1)  # (b, g*c, h, w)
+        return q if self.weight is None else project(q, self.weight)  # (b, c, h, w)
+
 
 def vae_forward(model, images, tau, alpha, zs=None):
     """Shared by VQVAE and msf.MSFVAE: encode every scale, quantize, decode every scale, add up the losses

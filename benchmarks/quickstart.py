@@ -1,0 +1,51 @@
+"""Runs the README's bare quick start (python train_vae.py && python train_ocl.py && python evaluate.py) from scratch
+in an empty folder, and records the wall time of every command and the final metrics.
+
+Target (issue "Stage 2"): the whole quick start within 20 minutes on a 2-core CPU, ARIfg >= 0.60 on shapes.
+
+Run: python benchmarks/quickstart.py [--workdir /tmp/msf-quickstart] [--keep]
+Writes <workdir>/quickstart.json and prints a table; the figures stay in <workdir>/runs/ with --keep.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=None, help="empty folder to run in (default: a new temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the folder (data, runs, figures) afterwards")
+    args = p.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="msf-quickstart-"))
+    work.mkdir(parents=True, exist_ok=True)
+    commands = [["train_vae.py"], ["train_ocl.py"], ["evaluate.py", "--viz", "8", "--json", str(work / "metrics.json")]]
+    times = {}
+    for cmd in commands:
+        start = time.time()
+        print(f"$ python {' '.join(cmd)}", flush=True)
+        subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=work, check=True)
+        times[cmd[0]] = time.time() - start
+    metrics = json.loads((work / "metrics.json").read_text())["metrics"]
+    result = {"seconds": times, "total_minutes": sum(times.values()) / 60,
+              "metrics_x100": {k: round(100 * v["mean"], 2) for k, v in metrics.items()}}
+    (work / "quickstart.json").write_text(json.dumps(result, indent=1))
+    print("\n| command | minutes |\n|---|---|")
+    for k, v in times.items():
+        print(f"| python {k} | {v / 60:.1f} |")
+    print(f"| total | {result['total_minutes']:.1f} |")
+    print("\n| ARI | ARIfg | mIoU | mBO |\n|---|---|---|---|")
+    print("| " + " | ".join(f"{result['metrics_x100'][k]:.2f}" for k in ("ari", "ari_fg", "miou", "mbo")) + " |")
+    print(f"\nfigures: {work / 'runs'}")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Slots back to the VAE guidance: the primary decoders phi_d: (X, S) -> X' of the three OCL families.
+
+Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 ("For transformer-based
+OCL, a transformer decoder with internal masking performs the reconstruction as classification. For diffusion-
+based OCL, a diffusion model, typically a conditional UNet, carries out the reconstruction as regression of the
+noise added to X"), A.3 (SLATE decoder on the 4x down-sampled VAE tokens, c = 256; SlotDiffusion UNet with c = 4;
+DINOSAUR as the foundation-based reference).
+
+Notation: X guidance (b, c, h, w); I indices (b, g, h, w) with g = 2 for grouped/MSF guidance, 1 otherwise;
+S slots (b, s, d_slot); t diffusion time step (b,). Letters: b batch, n = h*w tokens, s slots, m codes.
+
+Reading order: Attention, Block (shared by the transformer decoder and the UNet), TransformerDecoder (SLATE),
+noise_schedule / q_sample / timestep_embedding, UNet, DiffusionDecoder (SlotDiffusion), MLPDecoder (DINOSAUR).
+
+Sizes: the defaults are the paper's (official-spec sect. 5: 4 layers d = 256; UNet channels 128-256-384-512);
+train_ocl.py shrinks them for CPU runs (its `--size cpu`).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Attention and the transformer block
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x (b, n, d) to a context (b, m, d_ctx) (itself if None); causal=True lets token i
+    see tokens <= i only."""
+
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} not divisible by heads {heads}"
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, causal=False):
+        context = x if context is None else context
+        b, n, d = x.shape
+        m, h = context.shape[1], self.heads
+        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # (b, heads, n, d/h)
+        k, v = self.kv(context).view(b, m, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (b, heads, m, d/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (b, heads, n, d/h)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))  # (b, n, d)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention (causal or not), cross-attention to the slots, MLP."""
+
+    def __init__(self, dim, heads, context_dim, dropout=0.0):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, slots, causal=False):
+        x = x + self.self_attn(self.norm1(x), causal=causal)  # (b, n, d)
+        x = x + self.cross_attn(self.norm2(x), slots)  # every token reads the slots
+        return x + self.mlp(self.norm3(x))
+
+
+# -----------------------------------------------------------------------------
+# SLATE: autoregressive transformer decoder, reconstruction as classification of the VAE code indices
+
+
+class TransformerDecoder(nn.Module):
+    """Predicts the code indices of the guidance tokens one after the other (raster order), from the slots and
+    the previous tokens: logits_i = f(BOS, X_1 .. X_{i-1}; S). Teacher forcing during training.
+
+    Input embedding: the frozen VAE's code vectors X (c channels) through a linear layer (the code vector of a
+    token is its embedding), plus learned positions; a learned BOS starts the sequence. Output: one linear
+    classifier per index of the guidance, e.g. two for MSF's (scale-invariant, scale-variant) pair.
+    With several guide scales (Tab. 5 lower right) their tokens are concatenated into one sequence.
+    """
+
+    def __init__(self, code_dim, vocab, grids, slot_dim, dim=256, layers=4, heads=4, dropout=0.0):
+        super().__init__()
+        self.grids, self.vocab = [tuple(g) for g in grids], list(vocab)  # e.g. [(16, 16)], [64, 64]
+        n = sum(h * w for h, w in self.grids)
+        self.embed = nn.Linear(code_dim, dim)
+        self.bos = nn.Parameter(torch.randn(1, 1, dim) / math.sqrt(dim))
+        self.pos = nn.Parameter(torch.randn(1, n, dim) * 0.02)  # (1, n, d)
+        self.blocks = nn.ModuleList([Block(dim, heads, slot_dim, dropout) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleList([nn.ModuleList([nn.Linear(dim, m) for m in self.vocab]) for _ in self.grids])
+
+    def forward(self, xs, slots):
+        """xs: per guide scale (b, c, h, w); slots (b, s, d_slot) -> per scale, per index group (b, m, h, w) logits."""
+        tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in xs], dim=1)  # (b, n, c)
+        b = tokens.shape[0]
+        inp = torch.cat([self.bos.expand(b, -1, -1), self.embed(tokens[:, :-1])], dim=1) + self.pos  # (b, n, d)
+        for block in self.blocks:
+            inp = block(inp, slots, causal=True)
+        out = self.norm(inp)  # (b, n, d)
+        logits, start = [], 0
+        for (h, w), heads in zip(self.grids, self.heads):
+            part = out[:, start:start + h * w]  # (b, h*w, d)
+            logits.append([head(part).transpose(1, 2).reshape(b, -1, h, w) for head in heads])  # g x (b, m, h, w)
+            start += h * w
+        return logits
+
+    @staticmethod
+    def loss(logits, indices):
+        """Cross-entropy of every index group at every guide scale, summed over groups (Sect. 3.1: reconstruction
+        as classification); averaged over guide scales. indices: per scale (b, g, h, w)."""
+        per_scale = [sum(F.cross_entropy(lg, idx[:, k]) for k, lg in enumerate(lgs)) for lgs, idx in zip(logits, indices)]
+        return sum(per_scale) / len(per_scale)
+
+
+# -----------------------------------------------------------------------------
+# SlotDiffusion: DDPM noise schedule and a slot-conditioned UNet
+
+
+def noise_schedule(steps=1000, beta_start=0.0015, beta_end=0.0195):
+    """Stable Diffusion's "scaled_linear" betas (sqrt-spaced), as SlotDiffusion uses; returns betas and
+    alpha_bar_t = prod_{s<=t} (1 - beta_s), both (T,)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    return betas.float(), torch.cumprod(1 - betas, 0).float()
+
+
+def q_sample(x0, t, noise, alpha_bar):
+    """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), reparametrised with `noise`."""
+    a = alpha_bar[t].view(-1, *[1] * (x0.dim() - 1))  # (b, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer time steps (b,) -> (b, dim) (Transformer positions, as DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (b, half)
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+def _groups(ch):
+    return 32 if ch % 32 == 0 else 8
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add the time embedding, GroupNorm-SiLU-dropout-conv, plus a (1x1) skip."""
+
+    def __init__(self, in_ch, out_ch, time_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(in_ch), in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time = nn.Linear(time_dim, out_ch)
+        self.norm2, self.drop = nn.GroupNorm(_groups(out_ch), out_ch), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))  # (b, out, h, w)
+        h = h + self.time(temb)[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SpatialTransformer(nn.Module):
+    """Self-attention among the cells of a feature map and cross-attention to the slots (the conditioning)."""
+
+    def __init__(self, ch, slot_dim, heads):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch)
+        self.block = Block(ch, heads, slot_dim)
+
+    def forward(self, x, slots):
+        b, c, h, w = x.shape
+        t = self.norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
+        t = self.block(t, slots)
+        return x + t.transpose(1, 2).reshape(b, c, h, w)
+
+
+class UNet(nn.Module):
+    """Conditional UNet eps_theta(x_t, t, S) on the guidance grid (SlotDiffusion / latent diffusion).
+
+    Levels with channels base * mults; `layers` residual blocks per level; a SpatialTransformer after every
+    residual block of the levels in `attn_levels` and in the middle; skip connections from the down to the up path.
+    """
+
+    def __init__(self, in_ch, slot_dim, base=128, mults=(1, 2, 3, 4), layers=2, attn_levels=(1, 2, 3), heads=8,
+                 dropout=0.1):
+        super().__init__()
+        self.base, time_dim = base, 4 * base
+        self.time = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(in_ch, base, 3, padding=1)
+        self.down, chans, ch = nn.ModuleList(), [base], base
+        for level, mult in enumerate(mults):
+            for _ in range(layers):
+                self.down.append(nn.ModuleList([ResBlock(ch, base * mult, time_dim, dropout),
+                                                SpatialTransformer(base * mult, slot_dim, heads) if level in attn_levels else nn.Identity()]))
+                ch = base * mult
+                chans.append(ch)
+            if level < len(mults) - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # halve the grid
+                chans.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, time_dim, dropout), SpatialTransformer(ch, slot_dim, heads),
+                                  ResBlock(ch, ch, time_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for _ in range(layers + 1):
+                self.up.append(nn.ModuleList([ResBlock(ch + chans.pop(), base * mult, time_dim, dropout),
+                                              SpatialTransformer(base * mult, slot_dim, heads) if level in attn_levels else nn.Identity()]))
+                ch = base * mult
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
+
+    def forward(self, x, t, slots):
+        temb = self.time(timestep_embedding(t, self.base))  # (b, 4*base)
+        h = self.conv_in(x)  # (b, base, h, w)
+        skips = [h]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](h, temb), slots) if not isinstance(layer[1], nn.Identity) else layer[0](h, temb)
+            else:
+                h = layer(h)  # down-sampling
+            skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb), slots), temb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](torch.cat([h, skips.pop()], dim=1), temb)
+                h = layer[1](h, slots) if not isinstance(layer[1], nn.Identity) else h
+            else:
+                h = layer(h)  # up-sampling
+        return self.out(h)  # (b, in_ch, h, w): the predicted noise
+
+
+class DiffusionDecoder(nn.Module):
+    """SlotDiffusion's decoder: learns eps_theta(x_t, t, S) with loss ||eps - eps_theta(x_t, t, S)||^2 where
+    x_t = sqrt(alpha_bar_t) X + sqrt(1 - alpha_bar_t) eps, t ~ U{0..T-1} (DDPM, epsilon prediction).
+
+    X is multiplied by `scale` = 1 / std(X) measured on the first training batch (latent diffusion's latent
+    scaling: the noise schedule assumes unit-variance data); `sample` undoes it.
+    """
+
+    def __init__(self, code_dim, slot_dim, base=128, mults=(1, 2, 3, 4), layers=2, attn_levels=(1, 2, 3), heads=8,
+                 dropout=0.1, steps=1000, beta_start=0.0015, beta_end=0.0195):
+        super().__init__()
+        self.unet = UNet(code_dim, slot_dim, base, mults, layers, attn_levels, heads, dropout)
+        betas, alpha_bar = noise_schedule(steps, beta_start, beta_end)
+        self.register_buffer("betas", betas)
+        self.register_buffer("alpha_bar", alpha_bar)
+        self.register_buffer("scale", torch.tensor(0.0))  # 0 = not measured yet
+
+    def loss(self, x0, slots, t=None):
+        if self.training and self.scale == 0:
+            self.scale.fill_(1.0 / x0.float().std().clamp(min=1e-6).item())
+        x0 = x0 * self.scale  # (b, c, h, w), unit variance
+        if t is None:
+            t = torch.randint(0, len(self.betas), (x0.shape[0],), device=x0.device)  # (b,)
+        noise = torch.randn_like(x0)
+        pred = self.unet(q_sample(x0, t, noise, self.alpha_bar), t, slots)
+        return F.mse_loss(pred.float(), noise.float())
+
+    @torch.no_grad()
+    def sample(self, slots, shape, steps=50, generator=None):
+        """DDIM (eta = 0, deterministic given the start noise) with `steps` of the T training steps: X' (b, c, h, w)."""
+        x = torch.randn(shape, generator=generator, device=slots.device)
+        ts = torch.linspace(len(self.betas) - 1, 0, steps, device=slots.device).round().long()
+        for i, t in enumerate(ts):
+            a = self.alpha_bar[t]
+            a_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
+            eps = self.unet(x, t.expand(shape[0]), slots)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # predicted clean sample
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return x / self.scale.clamp(min=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# DINOSAUR: broadcast MLP decoder with per-slot alpha masks
+
+
+class MLPDecoder(nn.Module):
+    """Every slot is broadcast to the n token positions (plus a learned position embedding) and decoded by a shared
+    MLP into a target vector and an alpha logit; alphas are normalised over slots (softmax) and the reconstruction
+    is the alpha-weighted sum. The alphas are the masks DINOSAUR is evaluated on."""
+
+    def __init__(self, slot_dim, target_dim, num_tokens, hidden=2048, layers=3):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 1, num_tokens, slot_dim) * 0.02)  # (1, 1, n, d)
+        mlp = [nn.Linear(slot_dim, hidden), nn.GELU()]
+        for _ in range(layers - 1):
+            mlp += [nn.Linear(hidden, hidden), nn.GELU()]
+        self.mlp = nn.Sequential(*mlp, nn.Linear(hidden, target_dim + 1))
+
+    def forward(self, slots, grid):
+        b, s, _ = slots.shape
+        h, w = grid
+        out = self.mlp(slots[:, :, None, :] + self.pos)  # (b, s, n, D + 1)
+        recon, alpha = out[..., :-1], out[..., -1:].softmax(dim=1)  # (b, s, n, D), (b, s, n, 1): softmax over slots
+        recon = (alpha * recon).sum(dim=1)  # (b, n, D)
+        return recon, alpha[..., 0].view(b, s, h, w)  # masks (b, s, h, w)

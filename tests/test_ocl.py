@@ -1,0 +1,185 @@
+"""Stage 2: Slot Attention's invariants, the query init's gradients, the transformer decoder's causality, the noise
+schedule against its closed form, the MLP decoder's masks, and short real runs of every decoder that evaluate.py
+scores (with the frozen VAE proven unchanged and the guidance cache proven exact).
+
+Run: python -m pytest -q tests/test_ocl.py
+"""
+import json
+
+import pytest
+import torch
+
+import decoders
+import evaluate
+import train_ocl
+import train_vae
+from slot_attention import CNNEncoder, GaussianQueries, SlotAttention
+
+TINY_OCL = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--unet-base", "16",
+            "--mlp-hidden", "32", "--batch-size", "4", "--val-batches", "1", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vaes(tiny_root, tmp_path_factory):
+    """Two-step stage-1 runs: an MSF VAE with c = 256 and one with c = 4."""
+    out = tmp_path_factory.mktemp("vaes")
+    paths = {}
+    for c in (256, 4):
+        args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(out / f"c{c}"), "--code-dim", str(c),
+                                     "--channels", "16", "--batch-size", "8", "--steps", "2", "--val-batches", "1"])
+        paths[c] = train_vae.train(args) / "best.pt"
+    return paths
+
+
+def ocl_args(tiny_root, tiny_vaes, out, decoder="transformer", *extra):
+    vae = tiny_vaes[4 if decoder == "diffusion" else 256]
+    return train_ocl.parse_args(["--data-root", str(tiny_root), "--decoder", decoder, "--vae-ckpt", str(vae),
+                                 "--out", str(out), *TINY_OCL, *extra])
+
+
+# ----------------------------------------------------------------------------- slot attention
+
+def test_slot_attention_is_equivariant_to_query_permutation():
+    torch.manual_seed(0)
+    sa = SlotAttention(16, 8, iters=3).eval()
+    queries, inputs = torch.randn(2, 5, 16), torch.randn(2, 30, 8)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    slots, attn = sa(queries, inputs)
+    slots_p, attn_p = sa(queries[:, perm], inputs)
+    assert torch.allclose(slots_p, slots[:, perm], atol=1e-5)
+    assert torch.allclose(attn_p, attn[:, perm], atol=1e-6)
+    assert torch.allclose(attn.sum(1), torch.ones(2, 30), atol=1e-5)  # masks sum to 1 over slots
+
+
+def test_query_means_receive_gradients():
+    torch.manual_seed(0)
+    q, sa = GaussianQueries(4, 16), SlotAttention(16, 16, bilevel=True)
+    for sigma in (1.0, 0.0):
+        q.zero_grad()
+        slots, _ = sa(q(3, sigma), torch.randn(3, 10, 16))
+        slots.pow(2).sum().backward()
+        assert q.mu.grad is not None and q.mu.grad.abs().sum() > 0, sigma
+    assert torch.equal(q(2, 0.0), q.mu.expand(2, -1, -1))  # sigma = 0 (evaluation) is deterministic
+    torch.manual_seed(1)
+    noisy = q(20000, 1.0) - q.mu
+    assert abs(noisy.std().item() - 1.0) < 0.01  # sigma scales a unit Gaussian
+
+
+def test_cnn_encoder_grid_and_position_sensitivity():
+    enc = CNNEncoder(24, channels=8)
+    f, grid = enc(torch.zeros(2, 3, 64, 64))
+    assert f.shape == (2, 256, 24) and grid == (16, 16)
+    assert not torch.allclose(f[0, 0], f[0, 100])  # a constant image still tells positions apart
+
+
+# ----------------------------------------------------------------------------- decoders
+
+def test_transformer_decoder_is_causal():
+    torch.manual_seed(0)
+    dec = decoders.TransformerDecoder(code_dim=6, vocab=[5, 7], grids=[(4, 4)], slot_dim=8, dim=16, layers=2, heads=2).eval()
+    x, slots = torch.randn(2, 6, 4, 4), torch.randn(2, 3, 8)
+    logits = [torch.cat([lg.flatten(2) for lg in dec([x], slots)[0]], 1)]  # (b, 12, 16) tokens in raster order
+    for j in (0, 5, 15):
+        x2 = x.clone()
+        x2.view(2, 6, 16)[:, :, j] += 3.0  # change token j
+        after = torch.cat([lg.flatten(2) for lg in dec([x2], slots)[0]], 1)
+        assert torch.allclose(after[..., :j + 1], logits[0][..., :j + 1], atol=1e-5)  # tokens <= j see no change
+        if j < 15:
+            assert not torch.allclose(after[..., j + 1:], logits[0][..., j + 1:])
+    shapes = [tuple(lg.shape) for lg in dec([x], slots)[0]]
+    assert shapes == [(2, 5, 4, 4), (2, 7, 4, 4)]
+
+
+def test_transformer_loss_sums_groups():
+    logits = [[torch.zeros(1, 4, 2, 2), torch.zeros(1, 8, 2, 2)]]  # uniform predictions
+    idx = [torch.zeros(1, 2, 2, 2, dtype=torch.long)]
+    assert decoders.TransformerDecoder.loss(logits, idx).item() == pytest.approx(torch.log(torch.tensor(4.0 * 8.0)).item())
+
+
+def test_noise_schedule_matches_closed_form():
+    betas, alpha_bar = decoders.noise_schedule(1000, 0.0015, 0.0195)
+    assert betas[0].item() == pytest.approx(0.0015) and betas[-1].item() == pytest.approx(0.0195)
+    assert torch.allclose(betas[499], torch.tensor((0.0015 ** 0.5 + (0.0195 ** 0.5 - 0.0015 ** 0.5) * 499 / 999) ** 2))
+    expected = torch.tensor(1.0)
+    for t in range(300):
+        expected = expected * (1 - betas[t].double())
+    assert alpha_bar[299].item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.manual_seed(0)
+    x0 = torch.full((200000, 1, 1, 1), 0.7)
+    for t in (0, 500, 999):
+        xt = decoders.q_sample(x0, torch.full((200000,), t), torch.randn_like(x0), alpha_bar)
+        assert xt.mean().item() == pytest.approx(0.7 * alpha_bar[t].sqrt().item(), abs=0.01)  # mean sqrt(ab) x0
+        assert xt.var().item() == pytest.approx(1 - alpha_bar[t].item(), abs=0.01)  # variance 1 - ab
+
+
+def test_diffusion_loss_finite_at_both_ends_and_sampler_shape():
+    torch.manual_seed(0)
+    dec = decoders.DiffusionDecoder(4, 8, base=16, layers=1, heads=1).train()
+    x0, slots = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 8)
+    for t in (0, 999):
+        loss = dec.loss(x0, slots, t=torch.full((2,), t))
+        assert torch.isfinite(loss)
+    assert dec.scale.item() == pytest.approx(1 / x0.std().item(), rel=1e-4)
+    dec.eval()
+    a = dec.sample(slots, (2, 4, 16, 16), steps=3, generator=torch.Generator().manual_seed(1))
+    b = dec.sample(slots, (2, 4, 16, 16), steps=3, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 4, 16, 16) and torch.equal(a, b)
+
+
+def test_mlp_decoder_alpha_masks():
+    dec = decoders.MLPDecoder(8, 5, 16, hidden=16)
+    recon, masks = dec(torch.randn(2, 3, 8), (4, 4))
+    assert recon.shape == (2, 16, 5) and masks.shape == (2, 3, 4, 4)
+    assert torch.allclose(masks.sum(1), torch.ones(2, 4, 4), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- train_ocl.py
+
+@pytest.mark.parametrize("decoder", ["transformer", "diffusion", "mlp"])
+def test_each_decoder_trains_and_evaluate_scores_it(decoder, tiny_root, tiny_vaes, tmp_path):
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / decoder, decoder, "--steps", "3"))
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["kind"] == "ocl" and ckpt["args"]["decoder"] == decoder
+    # the VAE inside the checkpoint is the frozen stage-1 VAE, bit for bit
+    vae_state = torch.load(tiny_vaes[4 if decoder == "diffusion" else 256], weights_only=True)["model"]
+    assert all(torch.equal(ckpt["model"][f"vae.{k}"], v) for k, v in vae_state.items())
+    result = evaluate.main(["--ckpt", str(out / "best.pt"), "--viz", "2", "--json", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert set(metrics) == {"ari", "ari_fg", "miou", "mbo"} and metrics["ari"]["count"] == 16
+    assert 0 <= metrics["mbo"]["mean"] <= 1 and result["decoder"] == decoder
+    assert (out / "fig2.png").exists() and (out / "masks.png").exists()
+
+
+def test_guidance_cache_changes_nothing(tiny_root, tiny_vaes, tmp_path):
+    a = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "a", "transformer", "--steps", "14"))
+    b = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "b", "transformer", "--steps", "14", "--no-cache"))
+    la = [json.loads(line).get("loss") for line in open(a / "metrics.jsonl")]
+    lb = [json.loads(line).get("loss") for line in open(b / "metrics.jsonl")]
+    assert la == lb and len([v for v in la if v is not None]) == 14  # 14 steps of 4 > 48 images: cache hits happen
+
+
+def test_guide_scales_one_and_two(tiny_root, tiny_vaes, tmp_path):
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "g", "transformer", "--steps", "2",
+                                   "--guide-scales", "1,2"))
+    model, _ = train_ocl.load_ocl(out / "last.pt")
+    assert model.decoder.grids == [(16, 16), (8, 8)]
+
+
+def test_code_dim_mismatch_is_refused_naming_both(tiny_root, tiny_vaes, tmp_path):
+    args = ocl_args(tiny_root, tiny_vaes, tmp_path / "x", "diffusion")
+    args.vae_ckpt = str(tiny_vaes[256])
+    with pytest.raises(ValueError, match="diffusion decoder needs c = 4 guidance, but .* is a c = 256 VAE"):
+        train_ocl.train(args)
+    args = ocl_args(tiny_root, tiny_vaes, tmp_path / "y", "transformer")
+    args.vae_ckpt = str(tiny_vaes[4])
+    with pytest.raises(ValueError, match="transformer decoder needs c = 256 guidance, but .* is a c = 4 VAE"):
+        train_ocl.train(args)
+
+
+def test_missing_inputs_print_the_command(tmp_path, tiny_root):
+    with pytest.raises(SystemExit, match="python train_vae.py --dataset shapes --code-dim 4"):
+        train_ocl.main(["--data-root", str(tiny_root), "--decoder", "diffusion", "--vae-ckpt", str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit, match="python data.py coco --src"):
+        train_ocl.main(["--dataset", "coco", "--data-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        evaluate.main(["--ckpt", str(tmp_path / "none.pt")])
