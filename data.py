@@ -48,7 +48,7 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 # vae_* feed train_vae.py, ocl_* feed train_ocl.py. `shapes` is sized for a 2-core CPU.
 PRESETS = {
     #            resolution  slots (objects + background)  video  VAE steps/batch  OCL steps/batch/learning rate
-    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=500, vae_batch=16, ocl_steps=3000, ocl_batch=16, ocl_lr=1e-3),
+    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, ocl_steps=3600, ocl_batch=16, ocl_lr=2e-3),
     "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
     "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
     "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
@@ -285,8 +285,9 @@ def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objec
     inside no later shape: the image is painted with the same boolean masks, so the segment is exact.
     """
     yy, xx = np.mgrid[0:res, 0:res] + 0.5  # pixel centres, (res, res) each
-    # background: a smooth two-colour gradient with faint low-frequency waves
-    bg_a, bg_b = _random_colour(rng) * 0.5, _random_colour(rng) * 0.5
+    # background: one colour shaded by a smooth gradient, with faint low-frequency waves (the texture)
+    bg_a = _random_colour(rng) * 0.5
+    bg_b = bg_a * rng.uniform(0.55, 0.8)  # a darker shade of the same colour: shading, not a second region
     g_angle = rng.uniform(0, 2 * np.pi)
     t = ((np.cos(g_angle) * xx + np.sin(g_angle) * yy) / res)[..., None]  # (res, res, 1)
     t = np.clip(t - t.min(), 0, 1)

@@ -13,11 +13,13 @@ Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, SlotAtte
 
 Differences: the naive CNN of Kipf et al. runs four 5x5 convolutions at full resolution; here it works on 4x4
 patches (64x64 -> 16x16) so that a 2-core CPU can train it, which also makes the masks 16x16 (like the paper's
-VAE token grid, H/4). On the built-in dataset this cheaper, more local encoder also bound objects sooner than
-a strided 5x5 stack in our CPU runs. `bilevel=True` adds the truncated-gradient trick of BO-QSA that the authors' code uses:
-the last iteration starts from detached slots, with a straight-through path to the queries.
+VAE token grid, H/4). In our CPU runs on the built-in dataset this cheaper, more local encoder also bound
+objects sooner than a strided 5x5 stack.
+`bilevel=True` (train_ocl.py --bilevel) adds the truncated-gradient trick of BO-QSA that the authors' code uses:
+the last iteration starts from detached slots, with a straight-through path to the queries. It is off by default,
+as in Locatello et al.; in our CPU runs full backpropagation also scored better on every metric.
 The DINO big-little encoder of A.3 (frozen DINO + naive CNN, summed) belongs next to CNNEncoder; it is a later
-issue, and train_ocl.py's `--encoder` flag is where it will be chosen.
+issue, and the line of train_ocl.py's OCL class that builds the encoder is where it will be chosen.
 """
 import math
 
@@ -90,7 +92,7 @@ class SlotAttention(nn.Module):
     weighted MEAN of the values; a GRU merges the update into the slot; a residual MLP refines it.
     """
 
-    def __init__(self, dim, input_dim, iters=3, hidden=None, eps=1e-8, bilevel=True):
+    def __init__(self, dim, input_dim, iters=3, hidden=None, eps=1e-8, bilevel=False):
         super().__init__()
         self.dim, self.iters, self.eps, self.bilevel = dim, iters, eps, bilevel
         self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(input_dim), nn.LayerNorm(dim), nn.LayerNorm(dim)

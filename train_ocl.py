@@ -50,7 +50,7 @@ class OCL(nn.Module):
     """Frozen VAE guidance + primary encoder + Gaussian queries + Slot Attention + one primary decoder."""
 
     def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), slot_dim=128, enc_channels=64, iters=3,
-                 bilevel=True, dec_dim=128, dec_layers=2, dec_heads=4, unet_base=32, unet_layers=1, mlp_hidden=256):
+                 bilevel=False, dec_dim=128, dec_layers=2, dec_heads=4, unet_base=32, unet_layers=1, mlp_hidden=256):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
         self.decoder_kind, self.guide_scales = decoder, list(guide_scales)
@@ -161,11 +161,12 @@ def parse_args(argv=None):
                        ("unet-base", int), ("unet-layers", int), ("mlp-hidden", int)]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"override the --size value of {name.replace('-', '_')}")
     p.add_argument("--iters", type=int, default=3, help="Slot Attention iterations")
-    p.add_argument("--no-bilevel", action="store_true", help="backpropagate through every Slot Attention iteration")
+    p.add_argument("--bilevel", action="store_true",
+                   help="BO-QSA's truncated gradient (the authors' code): backpropagate through the last iteration only")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: dataset preset; paper 50000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: dataset preset (paper 32)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: dataset preset; paper 2e-4, shapes 1e-3 for its short CPU schedule)")
+                   help="Adam learning rate (default: dataset preset; paper 2e-4, shapes 2e-3 for its short CPU schedule)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (paper 1.0 for images)")
     p.add_argument("--sigma", type=float, default=1.0, help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
@@ -263,7 +264,7 @@ def train(args):
         raise ValueError(f"the VAE was trained at {resolution}px but the dataset holds {train_data.meta['resolution']}px images")
     model_args = dict(decoder=args.decoder, num_slots=args.slots, resolution=resolution,
                       guide_scales=[int(n) for n in args.guide_scales.split(",")], slot_dim=args.slot_dim,
-                      enc_channels=args.enc_channels, iters=args.iters, bilevel=not args.no_bilevel,
+                      enc_channels=args.enc_channels, iters=args.iters, bilevel=args.bilevel,
                       dec_dim=args.dec_dim, dec_layers=args.dec_layers, dec_heads=args.dec_heads,
                       unet_base=args.unet_base, unet_layers=args.unet_layers, mlp_hidden=args.mlp_hidden)
     model = build_ocl(vae_ckpt, model_args).to(device)

@@ -53,8 +53,9 @@ def test_slot_attention_is_equivariant_to_query_permutation():
 
 def test_query_means_receive_gradients():
     torch.manual_seed(0)
-    q, sa = GaussianQueries(4, 16), SlotAttention(16, 16, bilevel=True)
-    for sigma in (1.0, 0.0):
+    q = GaussianQueries(4, 16)
+    for sigma, bilevel in ((1.0, False), (0.0, False), (1.0, True)):
+        sa = SlotAttention(16, 16, bilevel=bilevel)
         q.zero_grad()
         slots, _ = sa(q(3, sigma), torch.randn(3, 10, 16))
         slots.pow(2).sum().backward()
@@ -155,7 +156,11 @@ def test_guidance_cache_changes_nothing(tiny_root, tiny_vaes, tmp_path):
     b = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "b", "transformer", "--steps", "14", "--no-cache"))
     la = [json.loads(line).get("loss") for line in open(a / "metrics.jsonl")]
     lb = [json.loads(line).get("loss") for line in open(b / "metrics.jsonl")]
-    assert la == lb and len([v for v in la if v is not None]) == 14  # 14 steps of 4 > 48 images: cache hits happen
+    assert len([v for v in la if v is not None]) == 14  # 14 steps of 4 > 48 images: cache hits happen
+    # Same codes, same losses up to float rounding: the cache encodes images in other batch compositions, and
+    # CPU kernels may round a last bit differently per batch size (seen: 2e-7 relative on one CI machine).
+    assert [v is None for v in la] == [v is None for v in lb]
+    assert [v for v in la if v is not None] == pytest.approx([v for v in lb if v is not None], rel=1e-5, abs=0)
 
 
 def test_guide_scales_one_and_two(tiny_root, tiny_vaes, tmp_path):
