@@ -170,12 +170,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (paper 1.0 for images)")
     p.add_argument("--sigma", type=float, default=1.0, help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--log-every", type=int, default=50, help="print and log every this many steps")
-    p.add_argument("--val-every", type=int, default=None, help="validate every this many steps (default steps/10)")
-    p.add_argument("--val-batches", type=int, default=8, help="validation batches per validation")
+    train_vae.add_run_args(p, val_default="steps/10")
     p.add_argument("--out", default=None, help="run folder (default runs/ocl_<dataset>_<decoder>_<vae kind>)")
     args = p.parse_args(argv)
     if args.dataset not in data.PRESETS:
@@ -186,6 +181,7 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or preset["ocl_batch"]
     args.lr = args.lr or preset["ocl_lr"]
     args.val_every = args.val_every or max(1, args.steps // 10)
+    train_vae.check_run_args(p, args)
     args.size = args.size or ("cpu" if args.dataset == "shapes" else "paper")
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
@@ -255,7 +251,15 @@ def summary(values):
 
 def train(args):
     train_vae.seed_everything(args.seed)
-    device = train_vae.pick_device(args.device)
+    d = train_vae.setup_distributed(args.device)  # one process, or this process of a torchrun group
+    try:
+        return _train(args, d)
+    finally:
+        train_vae.cleanup_distributed(d)
+
+
+def _train(args, d):
+    device = d.device
     train_data = data.load_dataset(args.dataset, "train", args.data_root)  # missing data is named before the VAE
     val_data = data.load_dataset(args.dataset, "val", args.data_root)
     vae_ckpt = load_frozen_vae(args)
@@ -269,62 +273,95 @@ def train(args):
                       unet_base=args.unet_base, unet_layers=args.unet_layers, mlp_hidden=args.mlp_hidden)
     model = build_ocl(vae_ckpt, model_args).to(device)
     model.train()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = train_vae.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main)
     params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
     optimizer = torch.optim.Adam(params, lr=args.lr)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    log = train_vae.Log(out, args.steps)
-    print(f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
-          f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size} on {device}")
+    train_vae.reseed_for_rank(args.seed, d)
+    start, best, metrics = 0, -float("inf"), {}
+    if args.resume:  # everything the next step depends on; the data order and schedules are functions of the step
+        ckpt = train_vae.load_for_resume(out, "ocl", args, model_args, extra={"vae": vae_ckpt["model_args"]})
+        ts = ckpt["train_state"]
+        model.load_state_dict(ckpt["model"])  # includes the VAE the run started with
+        optimizer.load_state_dict(ts["optimizer"])
+        scaler.load_state_dict(ts["scaler"])
+        train_vae.set_rng_state(ts["rng"], d)
+        start, best, metrics = ckpt["step"], ts["best"], ckpt["metrics"]
+    log = train_vae.Log(out, args.steps, start, enabled=d.main)
+    workers = train_vae.default_workers(device) if args.workers is None else args.workers
+    if d.main:
+        print(f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
+              f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size} on {device}"
+              + (f" | resumed at step {start}" if start else ""))
+    train_vae.print_batch_rule(d, args.batch_size, args.lr)
 
-    batches = train_vae.infinite_batches(train_data, args.batch_size, args.seed, args.workers, device.type == "cuda")
+    batches = train_vae.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world, workers,
+                                         device.type == "cuda")
+    ddp = train_vae.wrap_ddp(model, d)
     cache = None if args.no_cache or args.decoder == "mlp" else GuidanceCache()
-    best = -float("inf")
-    for step in range(args.steps):
-        lr = train_vae.lr_at(step, args.steps, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sigma = train_vae.cosine_decay(step, args.steps, args.sigma, 0.0)  # A.5: 1 -> 0 over training
-        batch = next(batches)
-        image = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W)
-        indices = cache(model, image, batch["index"]) if cache else None
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = model(image, sigma, indices)["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. "
-                                     f"Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, args.clip)
-        scaler.step(optimizer)
-        scaler.update()
+    stop = train_vae.StopSignal()
+    try:
+        for step in range(start, args.steps):
+            lr = train_vae.lr_at(step, args.steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sigma = train_vae.cosine_decay(step, args.steps, args.sigma, 0.0)  # A.5: 1 -> 0 over training
+            batch = next(batches)
+            image = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W), this process's share
+            indices = cache(model, image, batch["index"]) if cache else None
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = ddp(image, sigma, indices)["loss"]
+            bad, stopping = train_vae.step_flags(loss, stop, d)
+            if bad:
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. "
+                                         f"Try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # DDP averages the gradients of all processes here
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+            scaler.step(optimizer)
+            scaler.update()
 
-        if (step + 1) % args.log_every == 0 or step == 0:
-            log(step + 1, loss=loss.item(), lr=lr, sigma=sigma)
-            log.progress(step, 0, loss=loss.item(), sigma=sigma)
-        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
-            values, last = validate(model, val_data, device, args.batch_size, args.val_batches)
-            metrics = {k: m for k, (m, _) in summary(values).items()}
-            log(step + 1, **{f"val_{k}": round(v, 5) for k, v in metrics.items()})
-            print("  val | " + " | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()), flush=True)
-            ckpt = {"kind": "ocl", "format_version": train_vae.CKPT_VERSION, "args": vars(args), "model_args": model_args,
-                    "model": model.state_dict(), "step": step + 1, "metrics": metrics,
-                    "vae": {"model_args": vae_ckpt["model_args"], "args": vae_ckpt["args"]}}
-            train_vae.save_checkpoint(out / "last.pt", ckpt)
-            score = metrics["ari"] + metrics["ari_fg"]
-            if score > best or best == -float("inf"):
-                best = score
-                train_vae.save_checkpoint(out / "best.pt", ckpt)
-            image, segment, pred, masks = last
-            n = min(8, len(image))
-            up = F.interpolate(masks[:n].float(), size=segment.shape[-2:], mode="bilinear", align_corners=False)
-            evaluate.fig2(out / "masks.png", image[:n], segment[:n], pred[:n], up)
-    print(f"done: {out / 'best.pt'} (validation ARI + ARIfg {100 * best:.2f}); masks in {out / 'masks.png'}")
+            if (step + 1) % args.log_every == 0 or step == 0:
+                log(step + 1, loss=loss.item(), lr=lr, sigma=sigma)
+                log.progress(step, loss=loss.item(), sigma=sigma)
+            validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
+            if validating and d.main:
+                values, last = validate(model, val_data, device, args.batch_size, args.val_batches)
+                metrics = {k: m for k, (m, _) in summary(values).items()}
+                log(step + 1, **{f"val_{k}": round(v, 5) for k, v in metrics.items()})
+                print("  val | " + " | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()), flush=True)
+                score = metrics["ari"] + metrics["ari_fg"]
+                if score > best or best == -float("inf"):
+                    best = score
+                    train_vae.save_checkpoint(out / "best.pt", checkpoint(args, model_args, model, step, metrics, vae_ckpt))
+                image, segment, pred, masks = last
+                n = min(8, len(image))
+                up = F.interpolate(masks[:n].float(), size=segment.shape[-2:], mode="bilinear", align_corners=False)
+                evaluate.fig2(out / "masks.png", image[:n], segment[:n], pred[:n], up)
+            if validating or stopping or (step + 1) % args.ckpt_every == 0:  # last: after everything of this step
+                ckpt = checkpoint(args, model_args, model, step, metrics, vae_ckpt)
+                ckpt["train_state"] = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best": best,
+                                       "rng": train_vae.rng_state(d)}
+                if d.main:
+                    train_vae.save_train_checkpoint(out, ckpt, args.keep)
+            if stopping:
+                raise train_vae.TrainingStopped(f"stopped by {stop.received} after step {step + 1}; {out / 'last.pt'} "
+                                                f"holds it. Continue with the same command plus --resume")
+    finally:
+        stop.close()
+    if d.main:
+        print(f"done: {out / 'best.pt'} (validation ARI + ARIfg {100 * best:.2f}); masks in {out / 'masks.png'}")
     return out
+
+
+def checkpoint(args, model_args, model, step, metrics, vae_ckpt):
+    """What best.pt holds (it embeds the VAE: weights in "model", arguments in "vae"); last.pt adds "train_state"."""
+    return {"kind": "ocl", "format_version": train_vae.CKPT_VERSION, "args": vars(args), "model_args": model_args,
+            "model": model.state_dict(), "step": step + 1, "metrics": metrics,
+            "vae": {"model_args": vae_ckpt["model_args"], "args": vae_ckpt["args"]}}
 
 
 # -----------------------------------------------------------------------------
@@ -372,7 +409,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (data.DatasetMissing, FileNotFoundError, FloatingPointError, ValueError) as e:
+    except (data.DatasetMissing, FileNotFoundError, FloatingPointError, ValueError, train_vae.RunError,
+            train_vae.TrainingStopped) as e:
         sys.exit(str(e))
 
 

@@ -20,6 +20,7 @@ public code has none), see Codebook.replace_dead.
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -149,6 +150,10 @@ class Codebook(nn.Module):
         (drawn without replacement, plus a little noise), then restarts the counts.
     A dead code thus restarts where the data is, instead of being pushed there by an extra loss. Early in
     training the encoder moves fast and leaves codes behind; this is when most replacements happen.
+
+    Under DistributedDataParallel (torchrun) the data-dependent steps must leave every process with the same codes:
+    `init_from` starts on the combined first batch of all processes and `replace_dead` counts the hits of all
+    processes; process 0's result is then copied to the others (`_sync_from_rank0`).
     """
 
     def __init__(self, num_codes, dim, threshold=0.03):
@@ -172,10 +177,15 @@ class Codebook(nn.Module):
         """Data-dependent initialisation: the codes start on randomly chosen continuous vectors of the first
         batch, not at an arbitrary point where one code would win every match."""
         zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
+        if _distributed():  # the combined batch of all processes, in rank order: (world*b*h*w, c)
+            parts = [torch.empty_like(zf) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, zf)
+            zf = torch.cat(parts)
         m = self.weight.shape[0]
         pick = torch.randint(len(zf), (m,), device=zf.device) if len(zf) < m else torch.randperm(len(zf), device=zf.device)[:m]
         self.weight.copy_(zf[pick] + 0.01 * torch.randn_like(zf[pick]))
         self.initialised.fill_(True)
+        self._sync_from_rank0()
 
     @torch.no_grad()
     def observe(self, z, idx):
@@ -188,6 +198,15 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def replace_dead(self):
         """Re-seed the codes that (almost) no token chose since the last call; returns how many."""
+        if _distributed():
+            dist.all_reduce(self.hits)  # every process sees the hits of all processes
+            k = torch.tensor(float(self._replace_dead()), device=self.hits.device)
+            self._sync_from_rank0()
+            dist.broadcast(k, 0)
+            return int(k.item())
+        return self._replace_dead()
+
+    def _replace_dead(self):
         m, total = self.weight.shape[0], self.hits.sum()
         dead = (self.hits < self.threshold * total / m).nonzero().flatten()  # (k,)
         self.hits.zero_()
@@ -199,6 +218,14 @@ class Codebook(nn.Module):
         noise = 0.01 * self.recent.std() * torch.randn(k, self.weight.shape[1], device=dead.device)
         self.weight[dead] = (self.recent[pick] + noise).to(self.weight.dtype)
         return k
+
+    def _sync_from_rank0(self):
+        if _distributed():
+            dist.broadcast(self.weight.data, 0)
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""Training that scales out and survives: exact resume after SIGKILL/SIGTERM (real subprocesses), torchrun DDP
+equal to one process over the same combined batches (2 gloo processes on the CPU), the data order and worker
+seeds, and the loud failures (unwritable or full --out, another run's checkpoint, non-finite loss).
+
+Run: python -m pytest -q tests/test_run.py
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_ocl
+import train_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+VAE_TINY = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1"]
+OCL_TINY = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--batch-size", "4",
+            "--val-batches", "1", "--log-every", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}  # same threads in every run: same sums
+
+
+@pytest.fixture(scope="module")
+def vae256(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae") / "c256"
+    return train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(out), "--code-dim", "256",
+                                                 *VAE_TINY, "--steps", "2"])) / "best.pt"
+
+
+def command(script, tiny_root, out, *extra):
+    return [sys.executable, str(ROOT / script), "--data-root", str(tiny_root), "--out", str(out), *extra]
+
+
+def run(cmd, cwd):
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def interrupt(cmd, cwd, out, when, sig):
+    """Start cmd, wait for the numbered checkpoint of step `when`, send `sig`; returns (returncode, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / f"step_{when:07d}.pt").exists():
+        assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+
+def assert_same_weights(a, b, exact=True, max_step=None):
+    """Exact: every tensor bit-identical. Otherwise: all but 0.1% of the weights equal to 1e-4 (relative), and the
+    rest within `max_step`. Why the 0.1%: a bias right before a normalisation has a zero gradient up to rounding,
+    and Adam divides by the gradient's own size, turning different rounding into lr-sized steps. Without gradient
+    synchronisation most weights would differ, so the test still fails on a broken DDP."""
+    wa = torch.load(a / "last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "last.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    off, total = 0, 0
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        elif wa[k].is_floating_point() and not k.endswith(".hits"):  # hits: per-process counters of code use
+            close = torch.isclose(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+            off, total = off + int((~close).sum()), total + close.numel()
+            assert (wa[k] - wb[k]).abs().max() <= max_step, k
+    assert off <= 0.001 * total, f"{off} of {total} weights differ"
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("script,sig", [("train_vae.py", signal.SIGKILL), ("train_ocl.py", signal.SIGKILL),
+                                        ("train_ocl.py", signal.SIGTERM)])
+def test_killed_and_resumed_run_ends_bit_identical(script, sig, tiny_root, vae256, tmp_path):
+    """N steps uninterrupted vs. killed after a checkpoint (at a random point of a later step), then --resume to N.
+    The VAE run uses every stateful part: Gumbel noise, code replacing every 3 steps (the pools of recent vectors),
+    data-dependent codebook init; the OCL run the query noise (sigma > 0) and the guidance cache."""
+    if script == "train_vae.py":
+        extra = [*VAE_TINY, "--code-dim", "4", "--steps", "24", "--ckpt-every", "4", "--replace-every", "3",
+                 "--val-every", "12"]
+    else:
+        extra = [*OCL_TINY, "--vae-ckpt", str(vae256), "--steps", "24", "--ckpt-every", "4", "--val-every", "12"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(command(script, tiny_root, full, *extra), tmp_path)
+    code, err = interrupt(command(script, tiny_root, cut, *extra), tmp_path, cut, 8, sig)
+    stopped_at = torch.load(cut / "last.pt", weights_only=True)["step"]
+    assert 8 <= stopped_at < 24
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:  # SIGTERM: the step finishes, last.pt is written at that step, and the message says how to go on
+        assert code == 1 and f"stopped by SIGTERM after step {stopped_at}" in err and "--resume" in err
+        assert losses(cut)[-1][0] == stopped_at
+    run(command(script, tiny_root, cut, *extra, "--resume"), tmp_path)
+    assert_same_weights(full, cut, exact=True)
+    assert losses(full) == losses(cut) and len(losses(full)) == 24  # exact floats, one line per step
+    kept = sorted(p.name for p in cut.glob("step_*.pt"))  # the newest --keep 3 numbered copies
+    assert kept == sorted(p.name for p in full.glob("step_*.pt")) and len(kept) == 3 and kept[-1] == "step_0000024.pt"
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("script", ["train_vae.py", "train_ocl.py"])
+def test_two_gloo_processes_take_the_single_process_steps(script, tiny_root, vae256, tmp_path):
+    """torchrun with 2 CPU processes x batch 4 vs 1 process x batch 8 over the same global batches: the same
+    parameters after 4 steps (to float tolerance: the gradient sums are ordered differently). Noise is switched
+    off (--stabilisers off, --sigma 0) since each process draws its own; the codebooks' data init stays on (it
+    starts on the gathered batch of both processes). The VAE is GDR here: MSF's shared codebook starts on tokens
+    of all scales, gathered in another order by 2 processes, so it starts on other (equally random) tokens."""
+    if script == "train_vae.py":
+        extra = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1", "--code-dim", "4",
+                 "--vae", "gdr", "--stabilisers", "off", "--steps", "4", "--lr", "2e-4"]
+    else:
+        extra = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--batch-size", "8",
+                 "--val-batches", "1", "--log-every", "1", "--vae-ckpt", str(vae256), "--sigma", "0", "--steps", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(command(script, tiny_root, one, *extra), tmp_path)
+    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                *command(script, tiny_root, two, *extra)[1:]], tmp_path)
+    assert "2 processes x batch 4 = effective batch 8" in done.stdout
+    assert_same_weights(one, two, exact=False, max_step=2 * 4 * (2e-4 if script == "train_vae.py" else 2e-3))
+    la, lb = losses(one), losses(two)  # rank 0 logs alone: one line per step; its loss is its half's
+    assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- data order and workers
+
+
+class Probe(torch.utils.data.Dataset):
+    """Returns its index and a number from NumPy's global generator (what an augmentation would draw)."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return {"index": i, "draw": float(np.random.rand())}
+
+
+def test_global_batches_split_over_ranks_and_resume_mid_epoch():
+    ds = Probe()
+    single = [b["index"].tolist() for b, _ in zip(train_vae.infinite_batches(ds, 8, 3), range(7))]  # 3 batches/epoch
+    assert sorted(sum(single[:3], [])) == list(range(24))  # an epoch is a permutation
+    ranks = [[b["index"].tolist() for b, _ in zip(train_vae.infinite_batches(ds, 8, 3, 0, r, 2), range(7))]
+             for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == single  # rank 0 holds the first half of each global batch, rank 1 the rest
+    later = [b["index"].tolist() for b, _ in zip(train_vae.infinite_batches(ds, 8, 3, start_step=4), range(3))]
+    assert later == single[4:7]  # resuming at step 4 = skipping 4 batches, with no saved loader state
+
+
+def test_workers_draw_distinct_numbers_per_worker_and_epoch():
+    ds = Probe()
+    batches = train_vae.infinite_batches(ds, 4, 0, workers=2)
+    draws = torch.cat([next(batches)["draw"] for _ in range(12)])  # 2 epochs, 2 workers
+    assert len(set(draws.tolist())) == 48  # one seed per worker would repeat, and so would one per worker and not epoch
+    plain = [next(train_vae.infinite_batches(ds, 4, 0, start_step=s))["index"].tolist() for s in range(12)]
+    batches = train_vae.infinite_batches(ds, 4, 0, workers=2)
+    assert [next(batches)["index"].tolist() for _ in range(12)] == plain  # workers change nothing in the order
+
+
+# ----------------------------------------------------------------------------- loud failures
+
+
+def test_unwritable_or_full_out_fails_before_training(tiny_root, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(blocker / "run"), *VAE_TINY, "--steps", "3"])
+    with pytest.raises(train_vae.RunError, match="is not writable"):
+        train_vae.train(args)
+    monkeypatch.setattr(train_vae.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 2 ** 20})())
+    args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "full"), *VAE_TINY, "--steps", "3"])
+    with pytest.raises(train_vae.RunError, match=r"10 MiB free, but this run's checkpoints need about \d+ MiB"):
+        train_vae.train(args)
+    assert not (tmp_path / "full" / "metrics.jsonl").exists()  # no step was taken
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_root, vae256, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["--data-root", str(tiny_root), "--out", str(out), "--vae-ckpt", str(vae256), *OCL_TINY]
+    train_ocl.train(train_ocl.parse_args([*base, "--steps", "2"]))
+    with pytest.raises(train_vae.RunError, match="already holds a run.*--resume.*--overwrite"):
+        train_ocl.train(train_ocl.parse_args([*base, "--steps", "2"]))
+    with pytest.raises(train_vae.RunError, match=r"decoder: 'transformer' in the checkpoint, 'mlp' now; "
+                                                 r"steps: 2 in the checkpoint, 3 now"):
+        train_ocl.train(train_ocl.parse_args([*base, "--steps", "3", "--decoder", "mlp", "--resume"]))
+    with pytest.raises(ValueError, match="OCL checkpoint, but a VAE checkpoint"):  # a VAE run pointed at an OCL run
+        train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(out), *VAE_TINY, "--resume"]))
+    with pytest.raises(SystemExit):
+        train_ocl.parse_args([*base, "--resume", "--overwrite"])
+    assert "--resume continues the run in --out and --overwrite deletes it" in capsys.readouterr().err
+    good = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(good[: len(good) // 2])  # truncated, as by a full disk in another program
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        train_ocl.train(train_ocl.parse_args([*base, "--steps", "2", "--resume"]))
+    train_ocl.train(train_ocl.parse_args([*base, "--steps", "2", "--overwrite"]))  # starts over
+    assert len(losses(out)) == 2 and torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_ocl_non_finite_loss_keeps_the_last_good_checkpoint(tiny_root, vae256, tmp_path, monkeypatch):
+    forward, calls = train_ocl.OCL.forward, [0]
+
+    def poisoned(self, *a, **k):
+        out = forward(self, *a, **k)
+        calls[0] += self.training
+        if calls[0] == 3 and self.training:
+            out["loss"] = out["loss"] * float("inf")
+        return out
+    monkeypatch.setattr(train_ocl.OCL, "forward", poisoned)
+    out = tmp_path / "nan"
+    args = train_ocl.parse_args(["--data-root", str(tiny_root), "--out", str(out), "--vae-ckpt", str(vae256), *OCL_TINY,
+                                 "--steps", "5", "--ckpt-every", "1"])
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train_ocl.train(args)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in out.glob("step_*.pt")) == ["step_0000001.pt", "step_0000002.pt"]
