@@ -407,7 +407,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an OCL checkpoint (ARI, ARIfg, mIoU, mBO) or a VAE checkpoint "
                                             "(separability).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=default_ocl_ckpt(), help="best.pt or last.pt of train_ocl.py or train_vae.py")
-    p.add_argument("--split", default="val", help="dataset split to score")
+    p.add_argument("--split", default="val", help="dataset split to score (ClevrTex variants: outd, camo, ...)")
+    p.add_argument("--semantic", action="store_true",
+                   help="score against object classes instead of instances (VOC, COCO, Open Images conversions)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained with)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--limit", type=int, default=0, help="score only the first N samples (0 = all)")

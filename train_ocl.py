@@ -373,7 +373,8 @@ def evaluate_checkpoint(ckpt, args, device):
     """Score an OCL checkpoint on a split: the metrics table (x100, two decimals, as in the paper) and --viz figures."""
     model, ckpt = load_ocl(ckpt, device)
     a = ckpt["args"]
-    dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"])
+    dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"],
+                                semantic=getattr(args, "semantic", False))
     if args.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     values, _ = validate(model, dataset, device, args.batch_size)
