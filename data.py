@@ -496,6 +496,16 @@ def assemble(ids, objects, ignore_ids, stats, min_bbox, max_objects):
     return segment, [extra for _, extra in kept]
 
 
+def object_sample(image, res, assembled, class_dtype):
+    """The record of an image whose objects carry (class, original area): None if `assemble` dropped it."""
+    if assembled is None:
+        return None
+    segment, extra = assembled
+    return {"image": crop_resize_image(image, res), "segment": segment,
+            "classes": np.array([c for c, _ in extra], class_dtype).reshape(-1),
+            "areas": np.array([a for _, a in extra], np.float32).reshape(-1)}
+
+
 def _skip(stats, path, err):
     """Count an unreadable sample; name the first few so the user can look at them."""
     stats["samples_unreadable_skipped"] = stats.get("samples_unreadable_skipped", 0) + 1
@@ -554,14 +564,7 @@ def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
         things = [(s["id"], (s["category_id"], s["area"])) for s in ann["segments_info"]
                   if isthing[s["category_id"]] and not s.get("iscrowd", 0)]
         crowd = [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)]
-        out = assemble(ids, things, [0, *crowd], stats, min_bbox, max_objects)
-        if out is None:
-            yield None
-            continue
-        segment, extra = out
-        yield {"image": crop_resize_image(image, res), "segment": segment,
-               "classes": np.array([c for c, _ in extra], np.uint8).reshape(-1),
-               "areas": np.array([a for _, a in extra], np.float32).reshape(-1)}
+        yield object_sample(image, res, assemble(ids, things, [0, *crowd], stats, min_bbox, max_objects), np.uint8)
 
 
 def voc_root(src):
@@ -914,15 +917,9 @@ def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
         masks.sort(key=lambda t: -t[0])  # largest first; later (smaller) masks paint over
         for k, (_, m, _) in enumerate(masks, start=1):
             ids[m] = k
-        out = assemble(crop_resize_labels(ids, res), [(k, (c, a)) for k, (a, _, c) in enumerate(masks, 1)], [],
-                       stats, min_bbox, max_objects)
-        if out is None:
-            yield None
-            continue
-        segment, extra = out
-        yield {"image": crop_resize_image(image, res), "segment": segment,
-               "classes": np.array([c for c, _ in extra], np.int32).reshape(-1),
-               "areas": np.array([a for _, a in extra], np.float32).reshape(-1)}
+        objects = [(k, (c, a)) for k, (a, _, c) in enumerate(masks, 1)]
+        yield object_sample(image, res, assemble(crop_resize_labels(ids, res), objects, [], stats, min_bbox, max_objects),
+                            np.int32)
 
 
 # name -> (splits that may exist, samples function, which filters apply)

@@ -317,12 +317,7 @@ def _train(args, d):
             if bad:
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. "
                                          f"Try a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # DDP averages the gradients of all processes here
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.clip)
-            scaler.step(optimizer)
-            scaler.update()
+            train_vae.optimizer_step(loss, optimizer, scaler, params, args.clip)
 
             if (step + 1) % args.log_every == 0 or step == 0:
                 log(step + 1, loss=loss.item(), lr=lr, sigma=sigma)

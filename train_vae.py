@@ -338,6 +338,17 @@ def step_flags(loss, stop, d):
     return bool(flags[0]), bool(flags[1])
 
 
+def optimizer_step(loss, optimizer, scaler, params, clip):
+    """One AMP-aware update (A.5): backward (DDP averages the gradients of all processes here), unscale, clip the
+    gradient norm, step, and let the grad scaler adapt (a no-op scaler on the CPU)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 class StopSignal:
     """SIGTERM (cluster schedulers, `kill`, torchrun passing it on) or SIGINT (Ctrl-C) asks the run to stop: the
     current step finishes, last.pt is written, and the run can be resumed. A second signal acts at once."""
@@ -598,12 +609,7 @@ def _train(args, d):
             if bad:
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. "
                                          f"Try a lower --lr or --stabilisers on.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # DDP averages the gradients of all processes here
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip)
             # the code-replacing trick (A.3), stopped for the last 10% so the final codebook usage is honest
             replaced = 0
             if stabilise and args.replace_every and (step + 1) % args.replace_every == 0 and step < 0.9 * args.steps:
