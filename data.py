@@ -548,6 +548,7 @@ def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
         categories = json.loads((src / "annotations" / "panoptic_coco_categories.json").read_text())
     isthing = {c["id"]: bool(c["isthing"]) for c in categories}
     images = {im["id"]: im for im in js["images"]}
+    stats["_total"] = len(js["annotations"])  # for the progress bar's ETA (not stored)
     for ann in sorted(js["annotations"], key=lambda a: a["file_name"]):
         image_file = img_dir / images[ann["image_id"]]["file_name"]
         try:
@@ -582,6 +583,7 @@ def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):
     instances (the paper's wording for VOC). Ids without masks are skipped and counted."""
     root = voc_root(src)
     ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    stats["_total"] = len(ids)
     for name in ids:
         obj_file = root / "SegmentationObject" / f"{name}.png"
         if not obj_file.exists():
@@ -647,6 +649,7 @@ def clevrtex_samples(src, split, res, stats, variant="full"):
     scenes = clevrtex_scenes(src, variant)
     if variant == "full":
         scenes = clevrtex_split(scenes, split)
+    stats["_total"] = len(scenes)
     for _, image_file, mask_file in scenes:
         try:
             image = read_rgb(image_file)
@@ -721,6 +724,17 @@ def tfrecords(path):
             data = f.read(length)
             f.read(4)  # the data CRC: not checked (pure-Python CRC32C of megabytes would dominate the time)
             yield data
+
+
+def count_tfrecords(path):
+    """Number of records of a TFRecord file, by hopping from header to header (reads 12 bytes per record)."""
+    n, size = 0, Path(path).stat().st_size
+    with open(path, "rb") as f:
+        while f.tell() + 12 <= size:
+            (length,) = struct.unpack("<Q", f.read(8))
+            f.seek(4 + length + 4, 1)
+            n += 1
+    return n
 
 
 def _varint(buf, pos):
@@ -843,6 +857,7 @@ def movi_samples(src, split, res, stats):
     kept (up to 23 in D/E; the slot count is a model choice). From the TFDS shards, or from Kubric scene folders."""
     shards = movi_shards(src, split)
     if shards:
+        stats["_total"] = sum(count_tfrecords(s) for s in shards)
         for shard in shards:
             for record in tfrecords(shard):
                 try:
@@ -860,6 +875,7 @@ def movi_samples(src, split, res, stats):
                 yield movi_video(frames, segments, bbox, res)
         return
     scenes = sorted(p.parent for p in (Path(src) / split).glob("*/metadata.json"))
+    stats["_total"] = len(scenes)
     for scene in scenes:  # raw Kubric worker output
         try:
             meta = json.loads((scene / "metadata.json").read_text())
@@ -895,6 +911,7 @@ def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
     names = sorted({r["LabelName"] for rs in rows.values() for r in rs})
     class_index = {n: i for i, n in enumerate(names)}
     stats["class_names"] = names
+    stats["_total"] = len(rows)
     for image_id in sorted(rows):
         image_file = src / oi / f"{image_id}.jpg"
         if not image_file.exists():
@@ -989,6 +1006,9 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
                 bar.update(1)
                 if "class_names" in stats:  # openimages: the class vocabulary goes to the meta record
                     meta["class_names"] = stats.pop("class_names")
+                if "_total" in stats:  # the number of source samples, known once the stream started: ETA
+                    bar.total = stats.pop("_total")
+                    bar.refresh()
                 if s is None:
                     continue
                 max_k[0] = max(max_k[0], int(s["segment"][s["segment"] != IGNORE].max(initial=0)),

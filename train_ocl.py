@@ -222,8 +222,9 @@ def load_frozen_vae(args):
 
 
 @torch.no_grad()
-def validate(model, dataset, device, batch_size, max_batches=0):
-    """Per-sample metric values over the first max_batches batches (0 = all), and the last batch's outputs."""
+def validate(model, dataset, device, batch_size, max_batches=0, size_split=True):
+    """Per-sample metric values over the first max_batches batches (0 = all), and the last batch's outputs.
+    Datasets that store object areas (COCO, Open Images) add the size split of Tab. 7 (`size_split`)."""
     model.eval()
     values = {k: [] for k in ("ari", "ari_fg", "miou", "mbo")}
     loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)
@@ -236,6 +237,9 @@ def validate(model, dataset, device, batch_size, max_batches=0):
         pred = evaluate.masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (b, H, W)
         for k, v in evaluate.all_metrics(pred, segment).items():
             values[k].append(v)
+        if "areas" in batch and size_split:  # areas[:, k-1] = original area of object k
+            for k, v in evaluate.miou_by_size(pred, segment, batch["areas"]).items():
+                values.setdefault(f"miou_{k}", []).append(v)
         last = (image, segment, pred, out["masks"])
     model.train()
     return {k: torch.cat(v) for k, v in values.items()}, last
@@ -372,13 +376,18 @@ def evaluate_checkpoint(ckpt, args, device):
                                 semantic=getattr(args, "semantic", False))
     if args.limit:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-    values, _ = validate(model, dataset, device, args.batch_size)
+    values, _ = validate(model, dataset, device, args.batch_size, size_split=not getattr(args, "semantic", False))
     stats = summary(values)
     print(f"{args.ckpt}: {a['decoder']} + {ckpt['vae']['model_args']['kind']} VAE, step {ckpt['step']}, "
           f"{a['dataset']}/{args.split}")
     print(f"{'':>8} {'ARI':>7} {'ARIfg':>7} {'mIoU':>7} {'mBO':>7}")
     print(f"{'x100':>8} " + " ".join(f"{100 * stats[k][0]:7.2f}" for k in ("ari", "ari_fg", "miou", "mbo")))
     print(f"{'samples':>8} " + " ".join(f"{stats[k][1]:7d}" for k in ("ari", "ari_fg", "miou", "mbo")))
+    if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (COCO area thresholds)
+        sizes = ("miou_small", "miou_medium", "miou_large")
+        print(f"{'':>8} {'mIoU_S':>7} {'mIoU_M':>7} {'mIoU_L':>7}")
+        print(f"{'x100':>8} " + " ".join(f"{100 * stats[k][0]:7.2f}" for k in sizes))
+        print(f"{'samples':>8} " + " ".join(f"{stats[k][1]:7d}" for k in sizes))
     if args.viz:
         out_dir = Path(args.out or Path(args.ckpt).parent)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -363,3 +363,47 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     assert data.read_meta(out / "train")["resolution"] == 64
     data.main(["info", str(out)])
     assert '"converter_version": 1' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- end to end on a converted dataset
+
+
+@needs_samples
+def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
+    """The real COCO sample replicated under 12 names (8 train, 4 val) -> data.py -> train_vae.py and
+    train_ocl.py at 128 px for 2 steps each -> evaluate.py prints ARI..mBO, the Tab. 7 size split, and --semantic."""
+    import evaluate
+    import train_ocl
+    import train_vae
+    src = tmp_path / "coco"
+    js = json.loads((SHARED_DATA / "coco" / "annotations" / "panoptic_val2017.json").read_text())
+    ann0, img0 = js["annotations"][0], js["images"][0]
+    for split, ids in (("train", range(8)), ("val", range(8, 12))):
+        (src / f"{split}2017").mkdir(parents=True)
+        (src / "annotations" / f"panoptic_{split}2017").mkdir(parents=True)
+        images, anns = [], []
+        for i in ids:
+            name = f"{i:012d}"
+            shutil.copyfile(SHARED_DATA / "coco" / "val2017" / img0["file_name"], src / f"{split}2017" / f"{name}.jpg")
+            shutil.copyfile(SHARED_DATA / "coco" / "annotations" / "panoptic_val2017" / ann0["file_name"],
+                            src / "annotations" / f"panoptic_{split}2017" / f"{name}.png")
+            images.append(dict(img0, id=i, file_name=f"{name}.jpg"))
+            anns.append(dict(ann0, image_id=i, file_name=f"{name}.png"))
+        (src / "annotations" / f"panoptic_{split}2017.json").write_text(
+            json.dumps(dict(js, images=images, annotations=anns)))
+    root = tmp_path / "data"
+    data.main(["coco", "--src", str(src), "--out", str(root / "coco"), "--max-objects", "40"])
+    vae_out, ocl_out = tmp_path / "vae", tmp_path / "ocl"
+    train_vae.main(["--dataset", "coco", "--data-root", str(root), "--out", str(vae_out), "--channels", "16",
+                    "--steps", "2", "--batch-size", "4", "--val-batches", "1"])
+    train_ocl.main(["--dataset", "coco", "--data-root", str(root), "--vae-ckpt", str(vae_out / "best.pt"),
+                    "--out", str(ocl_out), "--size", "cpu", "--slot-dim", "32", "--dec-dim", "32", "--dec-layers", "1",
+                    "--steps", "2", "--batch-size", "4", "--val-batches", "1"])
+    evaluate.main(["--ckpt", str(ocl_out / "best.pt"), "--json", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert metrics["ari"]["count"] == 4 and -1 <= metrics["ari"]["mean"] <= 1
+    assert {"miou_small", "miou_medium", "miou_large"} <= metrics.keys()  # Tab. 7 from the stored areas
+    assert metrics["miou_small"]["count"] == 4  # this image has small, medium and large things
+    evaluate.main(["--ckpt", str(ocl_out / "best.pt"), "--semantic", "--json", str(tmp_path / "s.json")])
+    semantic = json.loads((tmp_path / "s.json").read_text())["metrics"]
+    assert "miou_small" not in semantic and semantic["miou"]["mean"] != metrics["miou"]["mean"]
