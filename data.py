@@ -973,6 +973,19 @@ def available_splits(name, src, variant="full"):
     return found
 
 
+def source_split_name(name, split, variant="full"):
+    """Where our split comes from in the official download (recorded in the meta record)."""
+    if name == "coco":
+        return f"{split}2017 + annotations/panoptic_{split}2017.json"
+    if name == "voc":
+        return f"ImageSets/Segmentation/{split}.txt"
+    if name == "clevrtex":
+        if variant != "full":
+            return f"clevrtex_{variant}, all scenes"
+        return f"clevrtex_full, the {dict(test='first 10%', val='next 10%', train='last 80%')[split]} of the sorted indices"
+    return (OPENIMAGES_SPLITS if name == "openimages" else MOVI_SPLITS)[split]
+
+
 def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=False, min_bbox=16, max_objects=10,
             variant="full", quiet=False):
     """Convert every split of an official download (or `splits`) into out/<split>; returns {split: count}."""
@@ -991,15 +1004,14 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
         kwargs = dict(min_bbox=min_bbox, max_objects=max_objects) if filters else {}
         if name == "clevrtex":
             kwargs["variant"] = variant
-        source_split = "full" if name == "clevrtex" and variant != "full" else split
         stream = samples_fn(src, split if name != "clevrtex" or variant == "full" else "test", resolution, stats, **kwargs)
-        meta = dict(name=name, split=split, resolution=resolution, source=str(Path(src).resolve()), source_split=source_split,
+        meta = dict(name=name, split=split, resolution=resolution, source=str(Path(src).resolve()),
+                    source_split=source_split_name(name, split, variant),
                     converter_version=CONVERTER_VERSION, filtered=stats,
                     settings=dict(kwargs, limit=limit, crop="centre square", image_resize="bilinear+antialias",
                                   mask_resize="nearest-exact"))
-        max_k = [0]
 
-        def kept():
+        def kept():  # the stream without skipped/dropped samples, with a progress bar, the max objects, --limit
             bar = tqdm(desc=f"{name}/{split}", unit="sample", disable=quiet, mininterval=1.0)
             n = 0
             for s in stream:
@@ -1011,9 +1023,9 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
                     bar.refresh()
                 if s is None:
                     continue
-                max_k[0] = max(max_k[0], int(s["segment"][s["segment"] != IGNORE].max(initial=0)),
-                               s["bbox"].shape[1] if "bbox" in s else 0)
-                meta["max_objects"] = max_k[0]
+                labels = int(s["segment"][s["segment"] != IGNORE].max(initial=0))  # highest object label
+                tracked = s["bbox"].shape[1] if "bbox" in s else 0  # videos: instances, visible or not
+                meta["max_objects"] = max(meta["max_objects"], labels, tracked)
                 yield s
                 n += 1
                 if limit and n >= limit:

@@ -10,6 +10,8 @@ Run:  python train_ocl.py                                    # shapes, SLATE + M
       python train_ocl.py --decoder diffusion                # SlotDiffusion + MSF (needs a c = 4 VAE)
       python train_ocl.py --decoder mlp                      # DINOSAUR-style reference
       python train_ocl.py --dataset coco --decoder diffusion --device cuda   # paper recipe (preset)
+      torchrun --nproc_per_node 4 train_ocl.py --dataset coco --decoder diffusion   # 4 GPUs, same global batch
+      python train_ocl.py --dataset coco --decoder diffusion --resume        # continue a killed run exactly
 
 Reads the VAE written by train_vae.py (runs/vae_<dataset>_msf_c256/best.pt for the transformer and mlp decoders,
 ..._c4 for diffusion, or --vae-ckpt). Writes runs/ocl_<dataset>_<decoder>_<vae kind>/: best.pt (by validation

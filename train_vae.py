@@ -4,14 +4,18 @@ Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), 
 ("Pretraining VAE": Adam, lr 2e-3, linear warmup over the first 1/20 of the steps then cosine annealing,
 automatic mixed precision, gradient clipping at norm 1.0, 30,000 steps at batch 64).
 
-Run:  python train_vae.py                                   # shapes, MSF, c = 256; ~5 min on a 2-core CPU
+Run:  python train_vae.py                                   # shapes, MSF, c = 256; ~4 min on a 2-core CPU
       python train_vae.py --code-dim 4                      # the guidance of the diffusion decoder
       python train_vae.py --vae vqvae                       # the single-scale baseline (4096 codes)
       python train_vae.py --dataset clevrtex --device cuda  # paper recipe from the dataset preset
+      torchrun --nproc_per_node 4 train_vae.py --dataset coco   # 4 GPUs, --batch-size stays the global batch
+      python train_vae.py --dataset coco --resume           # continue a killed run exactly (same flags)
 
 Writes runs/vae_<dataset>_<vae>_c<code_dim>/: best.pt and last.pt (see `checkpoint`), metrics.jsonl (one JSON
 object per log line and per validation) and recon.png (inputs and reconstructions at every scale).
-train_ocl.py reads best.pt. The helpers at the top (schedules, checkpoints, logging) serve train_ocl.py too.
+train_ocl.py reads best.pt. The helpers at the top (schedules, data order, DDP, checkpoints and resume, stop
+signals, logging) serve train_ocl.py too; reading order: schedules, infinite_batches, the distributed helpers,
+checkpoints/resume, Log, then this script's arguments, validation and training loop.
 """
 import argparse
 import functools
