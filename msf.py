@@ -86,7 +86,8 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
         sources = range(N) if inter else [n]
         cands = torch.stack([resample(zsi[j], j, n) for j in sources])  # (N', b, c, h, w)
         # Step 2: match every candidate with the shared codebook C^si (Eq. 1); one batched match for all N'
-        probs, idx = vae.cb_match(codebook_si, cands.flatten(0, 1), tau)  # (N'*b, m, h, w), (N'*b, h, w)
+        # (groups: the N' stacked batches, which the codebook's data init needs to know under DDP)
+        probs, idx = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources))  # (N'*b, m, h, w), ...
         conf = probs.gather(1, idx[:, None])[:, 0].unflatten(0, (len(sources), b))  # (N', b, h, w): P of the chosen code
         idx = idx.unflatten(0, (len(sources), b))  # (N', b, h, w)
         # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel

@@ -568,6 +568,9 @@ def _train(args, d):
     model = msf.build_vae(**model_args).to(device)
     out = prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main)
     stabilise = args.stabilisers == "on" or (args.stabilisers == "auto" and args.vae != "vqvae")
+    if not (stabilise and args.replace_every):
+        for cb in model.codebooks:
+            cb.pool = 0  # no code replacing: no pool of recent vectors to keep (and no random draws for it)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -160,27 +160,30 @@ class Codebook(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_codes, dim) * 0.1)  # (m, c)
         self.threshold = threshold
+        self.pool = 1024  # size of `recent`; train_vae.py sets 0 when code replacing is off (no random draws then)
         self.register_buffer("hits", torch.zeros(num_codes))  # (m,) tokens that chose each code since last check
         self.register_buffer("recent", torch.zeros(0, dim), persistent=False)  # (<=1024, c)
         self.register_buffer("initialised", torch.tensor(False))
 
-    def match(self, z, tau=0.0):
+    def match(self, z, tau=0.0, groups=1):
         if self.training and not self.initialised:
-            self.init_from(z)
+            self.init_from(z, groups)
         return match(z, self.weight, tau)  # (b, m, h, w), (b, h, w)
 
     def select(self, idx):
         return select(self.weight, idx)  # (b, c, h, w)
 
     @torch.no_grad()
-    def init_from(self, z):
+    def init_from(self, z, groups=1):
         """Data-dependent initialisation: the codes start on randomly chosen continuous vectors of the first
-        batch, not at an arbitrary point where one code would win every match."""
-        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
-        if _distributed():  # the combined batch of all processes, in rank order: (world*b*h*w, c)
-            parts = [torch.empty_like(zf) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, zf)
-            zf = torch.cat(parts)
+        batch, not at an arbitrary point where one code would win every match. z (groups*b, c, h, w) may stack
+        `groups` batches (MSF matches all scales at once); under DDP the batches of all processes are gathered
+        and put in the order one process would see: the same codes as a single-process run."""
+        if _distributed():  # (groups, b, ...) of every process -> (groups, world*b, ...)
+            parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, z.detach().contiguous())
+            z = torch.cat([q.unflatten(0, (groups, -1)) for q in parts], dim=1).flatten(0, 1)
+        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (groups*b*h*w, c)
         m = self.weight.shape[0]
         pick = torch.randint(len(zf), (m,), device=zf.device) if len(zf) < m else torch.randperm(len(zf), device=zf.device)[:m]
         self.weight.copy_(zf[pick] + 0.01 * torch.randn_like(zf[pick]))
@@ -191,9 +194,10 @@ class Codebook(nn.Module):
     def observe(self, z, idx):
         """Record that the continuous vectors z (b, c, h, w) were quantized to the codes idx (b, h, w)."""
         self.hits += torch.bincount(idx.flatten(), minlength=self.weight.shape[0]).float()
-        zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
-        pool = torch.cat([self.recent, zf])  # a scale's call adds to the previous scales' vectors
-        self.recent = pool[torch.randperm(len(pool), device=pool.device)[:1024]]  # (<=1024, c)
+        if self.pool:
+            zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
+            pool = torch.cat([self.recent, zf])  # a scale's call adds to the previous scales' vectors
+            self.recent = pool[torch.randperm(len(pool), device=pool.device)[:self.pool]]  # (<=pool, c)
 
     @torch.no_grad()
     def replace_dead(self):
@@ -273,9 +277,10 @@ def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0):
     return torch.stack(idxs, 1), x, {"z": list(zs), "q": qs}  # (b, g, h, w), (b, c, h, w)
 
 
-def cb_match(codebook, z, tau):
-    """Match against a Codebook module (tracks usage) or a plain (m, c) tensor."""
-    return codebook.match(z, tau) if isinstance(codebook, Codebook) else match(z, codebook, tau)
+def cb_match(codebook, z, tau, groups=1):
+    """Match against a Codebook module (tracks usage) or a plain (m, c) tensor. `groups`: z stacks that many
+    batches along its first dim (MSF's scales), which Codebook.init_from needs to know under DDP."""
+    return codebook.match(z, tau, groups) if isinstance(codebook, Codebook) else match(z, codebook, tau)
 
 
 def cb_select(codebook, idx, z=None):

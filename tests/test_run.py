@@ -118,11 +118,10 @@ def test_two_gloo_processes_take_the_single_process_steps(script, tiny_root, vae
     """torchrun with 2 CPU processes x batch 4 vs 1 process x batch 8 over the same global batches: the same
     parameters after 4 steps (to float tolerance: the gradient sums are ordered differently). Noise is switched
     off (--stabilisers off, --sigma 0) since each process draws its own; the codebooks' data init stays on (it
-    starts on the gathered batch of both processes). The VAE is GDR here: MSF's shared codebook starts on tokens
-    of all scales, gathered in another order by 2 processes, so it starts on other (equally random) tokens."""
+    starts on the gathered batch of both processes, put in single-process order, MSF's stacked scales included)."""
     if script == "train_vae.py":
         extra = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1", "--code-dim", "4",
-                 "--vae", "gdr", "--stabilisers", "off", "--steps", "4", "--lr", "2e-4"]
+                 "--stabilisers", "off", "--steps", "4", "--lr", "2e-4"]
     else:
         extra = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--batch-size", "8",
                  "--val-batches", "1", "--log-every", "1", "--vae-ckpt", str(vae256), "--sigma", "0", "--steps", "4"]
