@@ -175,15 +175,9 @@ def parse_args(argv=None):
     train_vae.add_run_args(p, val_default="steps/10")
     p.add_argument("--out", default=None, help="run folder (default runs/ocl_<dataset>_<decoder>_<vae kind>)")
     args = p.parse_args(argv)
-    if args.dataset not in data.PRESETS:
-        p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
-    preset = data.PRESETS[args.dataset]
+    preset = train_vae.apply_preset(p, args, "ocl", val_parts=10)
     args.slots = args.slots or preset["num_slots"]
-    args.steps = args.steps or preset["ocl_steps"]
-    args.batch_size = args.batch_size or preset["ocl_batch"]
     args.lr = args.lr or preset["ocl_lr"]
-    args.val_every = args.val_every or max(1, args.steps // 10)
-    train_vae.check_run_args(p, args)
     args.size = args.size or ("cpu" if args.dataset == "shapes" else "paper")
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:

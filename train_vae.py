@@ -459,14 +459,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="run folder (default runs/vae_<dataset>_<vae>_c<code-dim>)")
     args = p.parse_args(argv)
 
-    if args.dataset not in data.PRESETS:
-        p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
-    preset = data.PRESETS[args.dataset]
+    preset = apply_preset(p, args, "vae", val_parts=4)
     args.resolution = args.resolution or preset["resolution"]
-    args.steps = args.steps or preset["vae_steps"]
-    args.batch_size = args.batch_size or preset["vae_batch"]
-    args.val_every = args.val_every or max(1, args.steps // 4)
-    check_run_args(p, args)
     if args.vae in ("vqvae", "gdr"):
         args.scales = 1
     if args.scales < 1:
@@ -496,6 +490,19 @@ def add_run_args(p, val_default):
     p.add_argument("--keep", type=int, default=3, help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
+
+
+def apply_preset(p, args, stage, val_parts):
+    """The dataset's preset (data.PRESETS) for stage "vae" or "ocl": its steps and batch size where no flag gave
+    them, validation every steps/val_parts, then the checks of the shared flags. Returns the preset."""
+    if args.dataset not in data.PRESETS:
+        p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
+    preset = data.PRESETS[args.dataset]
+    args.steps = args.steps or preset[f"{stage}_steps"]
+    args.batch_size = args.batch_size or preset[f"{stage}_batch"]
+    args.val_every = args.val_every or max(1, args.steps // val_parts)
+    check_run_args(p, args)
+    return preset
 
 
 def check_run_args(p, args):
