@@ -56,7 +56,7 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 # vae_* feed train_vae.py, ocl_* feed train_ocl.py. `shapes` is sized for a 2-core CPU.
 PRESETS = {
     #            resolution  slots (objects + background)  video  VAE steps/batch  OCL steps/batch/learning rate
-    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, ocl_steps=3600, ocl_batch=16, ocl_lr=2e-3),
+    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, ocl_steps=3200, ocl_batch=16, ocl_lr=2e-3),
     "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
     "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
     "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),

@@ -71,6 +71,11 @@ def test_cnn_encoder_grid_and_position_sensitivity():
     f, grid = enc(torch.zeros(2, 3, 64, 64))
     assert f.shape == (2, 256, 24) and grid == (16, 16)
     assert not torch.allclose(f[0, 0], f[0, 100])  # a constant image still tells positions apart
+    f, grid = CNNEncoder(24, channels=8, stride=2)(torch.zeros(2, 3, 64, 64))
+    assert f.shape == (2, 1024, 24) and grid == (32, 32)  # stride 2: masks at H/2
+    assert CNNEncoder(24, channels=8, stride=1)(torch.zeros(1, 3, 20, 20))[1] == (20, 20)  # full resolution
+    with pytest.raises(ValueError, match="choose 4"):
+        CNNEncoder(24, stride=3)
 
 
 # ----------------------------------------------------------------------------- decoders
