@@ -364,7 +364,7 @@ def evaluate_vae(ckpt, args, device):
     inter, intra, recon, count = [], [], {}, 0
     out_dir = Path(args.out or Path(args.ckpt).parent)
     for batch in _batches(dataset, args.batch_size, args.limit):
-        image = batch["image"].to(device)  # (b, 3, H, W)
+        image = train_vae.video_frames(batch["image"]).to(device)  # (b, 3, H, W); videos: every frame of b clips
         out = model(image)
         for name, v in out["logs"].items():
             if name.startswith("recon"):

@@ -125,6 +125,21 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, rank=0, world=1, w
 # Distributed data parallel: `torchrun --nproc_per_node N train_vae.py ...` (same for train_ocl.py)
 
 
+def video_frames(image, clip=0, generator=None):
+    """The VAE is a per-frame model (Sect. 3.1: "an input image or video frame"). Images (b, 3, H, W) pass through;
+    video clips (b, T, 3, H, W) become frames (b * clip, 3, H, W): `clip` consecutive frames per clip from a random
+    start (the authors' MOVi VAE recipe: a 6-frame slice, any start frame), flattened into the batch. clip = 0 (or
+    >= T) keeps all T frames, for validation."""
+    if image.dim() == 4:
+        return image
+    b, t = image.shape[:2]
+    if 0 < clip < t:
+        start = torch.randint(0, t - clip + 1, (b,), generator=generator)  # (b,) first frame of each slice
+        frames = start[:, None] + torch.arange(clip)  # (b, clip) frame indices
+        image = image[torch.arange(b)[:, None], frames]  # (b, clip, 3, H, W)
+    return image.flatten(0, 1)  # (b * clip, 3, H, W)
+
+
 class Dist(NamedTuple):
     rank: int  # this process, 0..world-1; rank 0 alone logs, validates, writes checkpoints and figures
     world: int  # number of processes (1 for a plain `python train_*.py`)
@@ -452,6 +467,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: dataset preset (paper 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (paper 2e-3)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (paper 1.0)")
+    p.add_argument("--clip-frames", type=int, default=6,
+                   help="video datasets: consecutive frames taken from each clip per step (authors: 6); a batch is "
+                        "--batch-size clips x this many frames")
     p.add_argument("--stabilisers", default="auto", choices=["auto", "on", "off"],
                    help="GDR's annealed residual + Gumbel matching + code replacing; auto = on for gdr/msf/multiscale")
     p.add_argument("--replace-every", type=int, default=20, help="code-replacing trick period in steps (0 = never)")
@@ -469,8 +487,8 @@ def parse_args(argv=None):
     if args.resolution % factor:
         p.error(f"--resolution {args.resolution} is not divisible by 4 * 2^(N-1) = {factor} for --scales {args.scales}; "
                 f"use a multiple of {factor} or fewer scales")
-    if args.code_dim < 1 or args.steps < 1 or args.batch_size < 1:
-        p.error("--code-dim, --steps and --batch-size must be positive")
+    if args.code_dim < 1 or args.steps < 1 or args.batch_size < 1 or args.clip_frames < 1:
+        p.error("--code-dim, --steps, --batch-size and --clip-frames must be positive")
     if args.out is None:
         args.out = default_vae_dir(args.dataset, args.vae, args.code_dim)
     return args
@@ -533,7 +551,7 @@ def validate(model, val_data, device, batches, batch_size):
     for i, batch in enumerate(loader):
         if i == batches:
             break
-        image = batch["image"].to(device)
+        image = video_frames(batch["image"]).to(device)  # (b, 3, H, W); videos: every frame of b clips
         out = model(image)
         for k, v in out["logs"].items():
             if k.startswith("recon"):
@@ -599,13 +617,15 @@ def _train(args, d):
     if d.main:
         print(f"VAE {args.vae} c={args.code_dim} N={getattr(model, 'num_scales', 1)} | {n_params / 1e6:.2f}M parameters, "
               f"{vae.count_codebook_params(model):,} codebook-related | {args.dataset} {args.resolution}px, "
-              f"{len(train_data)} train samples | {args.steps} steps x batch {args.batch_size} on {device}"
+              f"{len(train_data)} train samples | {args.steps} steps x batch {args.batch_size}"
+              + (f" clips x {args.clip_frames} frames" if train_data[0]["image"].dim() == 4 else "") + f" on {device}"
               + (f" | resumed at step {start}" if start else ""))
     print_batch_rule(d, args.batch_size, args.lr)
 
     batches = infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world, workers, device.type == "cuda")
     ddp = wrap_ddp(model, d)
-    fixed = next(iter(DataLoader(val_data, 8, generator=torch.Generator())))["image"].to(device)  # recon.png, (8, 3, H, W)
+    fixed = next(iter(DataLoader(val_data, 8, generator=torch.Generator())))["image"]  # recon.png, (8, 3, H, W)
+    fixed = (fixed[:, 0] if fixed.dim() == 5 else fixed).to(device)  # videos: the first frame of 8 clips
     stop = StopSignal()
     model.train()
     try:
@@ -615,7 +635,9 @@ def _train(args, d):
                 group["lr"] = lr
             # GDR's stabilisers (A.3): residual alpha and Gumbel temperature tau go 1 -> 0 over the first half
             anneal = cosine_decay(step, args.steps // 2) if stabilise else 0.0
-            image = next(batches)["image"].to(device, non_blocking=True)  # (b, 3, H, W), this process's share
+            slices = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + d.rank)  # a function of the step
+            image = video_frames(next(batches)["image"], args.clip_frames, slices)  # (b, 3, H, W), this process's share
+            image = image.to(device, non_blocking=True)  # (videos: b clips x --clip-frames frames)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 out_ = ddp(image, tau=anneal, alpha=anneal)
             loss = out_["loss"]

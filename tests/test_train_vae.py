@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_train_vae.py
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,48 @@ def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
     torch.save({"kind": "vae", "format_version": 99}, path)
     with pytest.raises(ValueError, match="newer than this code"):
         train_vae.load_checkpoint(path, "vae")
+
+
+# ----------------------------------------------------------------------------- video datasets (MOVi) in stage 1
+
+def test_video_frames_slices_consecutive_frames_per_clip():
+    video = torch.arange(2 * 8, dtype=torch.float32).view(2, 8, 1, 1, 1).expand(2, 8, 3, 4, 4)  # pixel = clip*8 + frame
+    image = torch.randn(5, 3, 4, 4)
+    assert train_vae.video_frames(image, 3) is image  # images pass through
+    assert torch.equal(train_vae.video_frames(video)[:, 0, 0, 0], torch.arange(16.0))  # clip = 0: every frame, in order
+    frames = train_vae.video_frames(video, 3, torch.Generator().manual_seed(0))
+    assert frames.shape == (6, 3, 4, 4)
+    v = frames[:, 0, 0, 0].view(2, 3)  # (clip, frame) values
+    for c in range(2):
+        start = v[c, 0] - 8 * c
+        assert 0 <= start <= 5 and torch.equal(v[c], 8 * c + start + torch.arange(3.0))  # 3 consecutive frames of clip c
+    starts = {tuple(train_vae.video_frames(video, 3, torch.Generator().manual_seed(s))[::3, 0, 0, 0].tolist())
+              for s in range(20)}
+    assert len(starts) > 5  # the start frame is random ...
+    assert torch.equal(frames, train_vae.video_frames(video, 3, torch.Generator().manual_seed(0)))  # ... and seeded
+
+
+def write_tiny_movi(root, t=5, res=32):
+    """movi_c/{train,val} with 4 and 2 clips of t frames (what `python data.py movi_c` writes, in small)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        samples = [{"image": rng.integers(0, 256, (t, res, res, 3), dtype=np.uint8),
+                    "segment": rng.integers(0, 3, (t, res, res), dtype=np.uint8),
+                    "bbox": np.zeros((t, 2, 4), np.float32)} for _ in range(n)]
+        data.write_lmdb(root / "movi_c" / split, samples, dict(name="movi_c", split=split, resolution=res, max_objects=2))
+
+
+def test_movi_trains_the_vae_on_frames_and_ocl_names_what_is_missing(tmp_path, capsys):
+    import evaluate
+    import train_ocl
+    write_tiny_movi(tmp_path / "data")
+    out = train_vae.train(train_vae.parse_args(
+        ["--dataset", "movi_c", "--data-root", str(tmp_path / "data"), "--resolution", "32", "--out", str(tmp_path / "v"),
+         "--channels", "16", "--steps", "3", "--batch-size", "2", "--clip-frames", "2", "--workers", "0"]))
+    assert "3 steps x batch 2 clips x 2 frames" in capsys.readouterr().out
+    result = evaluate.main(["--ckpt", str(out / "best.pt"), "--batch-size", "1"])
+    assert result["samples"] == 2 * 5  # the VAE is scored on every frame of the 2 validation clips
+    with pytest.raises(SystemExit):
+        train_ocl.parse_args(["--dataset", "movi_c", "--data-root", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert "video OCL (STEVE" in err and "python train_vae.py --dataset movi_c" in err
