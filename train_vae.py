@@ -121,10 +121,6 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, rank=0, world=1, w
         epoch, first = epoch + 1, 0
 
 
-# -----------------------------------------------------------------------------
-# Distributed data parallel: `torchrun --nproc_per_node N train_vae.py ...` (same for train_ocl.py)
-
-
 def video_frames(image, clip=0, generator=None):
     """The VAE is a per-frame model (Sect. 3.1: "an input image or video frame"). Images (b, 3, H, W) pass through;
     video clips (b, T, 3, H, W) become frames (b * clip, 3, H, W): `clip` consecutive frames per clip from a random
@@ -138,6 +134,10 @@ def video_frames(image, clip=0, generator=None):
         frames = start[:, None] + torch.arange(clip)  # (b, clip) frame indices
         image = image[torch.arange(b)[:, None], frames]  # (b, clip, 3, H, W)
     return image.flatten(0, 1)  # (b * clip, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Distributed data parallel: `torchrun --nproc_per_node N train_vae.py ...` (same for train_ocl.py)
 
 
 class Dist(NamedTuple):
