@@ -53,8 +53,9 @@ CODE_DIM = {"transformer": 256, "diffusion": 4}  # the guidance each decoder is 
 class OCL(nn.Module):
     """Frozen VAE guidance + primary encoder + Gaussian queries + Slot Attention + one primary decoder."""
 
-    def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), slot_dim=128, enc_channels=64, enc_stride=4, iters=3,
-                 bilevel=False, dec_dim=128, dec_layers=2, dec_heads=4, unet_base=32, unet_layers=1, mlp_hidden=256):
+    def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), slot_dim=128, enc_channels=64,
+                 enc_stride=4, iters=3, bilevel=False, dec_dim=128, dec_layers=2, dec_heads=4, unet_base=32, unet_layers=1,
+                 mlp_hidden=256):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
         self.decoder_kind, self.guide_scales = decoder, list(guide_scales)
@@ -161,8 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--slots", type=int, default=None, help="number of slots (default: dataset preset)")
     p.add_argument("--guide-scales", default="1", choices=["1", "1,2", "2"], help="VAE scales used as guidance (Tab. 5)")
     p.add_argument("--size", default=None, choices=list(SIZES), help="model widths (default: cpu for shapes, paper otherwise)")
-    for name, kind in [("slot-dim", int), ("enc-channels", int), ("enc-stride", int), ("dec-dim", int), ("dec-layers", int), ("dec-heads", int),
-                       ("unet-base", int), ("unet-layers", int), ("mlp-hidden", int)]:
+    for name, kind in [("slot-dim", int), ("enc-channels", int), ("enc-stride", int), ("dec-dim", int),
+                       ("dec-layers", int), ("dec-heads", int), ("unet-base", int), ("unet-layers", int), ("mlp-hidden", int)]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"override the --size value of {name.replace('-', '_')}")
     p.add_argument("--iters", type=int, default=3, help="Slot Attention iterations")
     p.add_argument("--bilevel", action="store_true",
