@@ -1,5 +1,5 @@
-"""Datasets for MSF object-centric learning: the LMDB sample format, the built-in `shapes` dataset,
-dataset presets, and the torch `Dataset` that every script reads through `load_dataset`.
+"""Datasets for MSF object-centric learning: the LMDB sample format, dataset presets, the built-in `shapes`
+dataset, and the torch `Dataset` that every script reads through `load_dataset`.
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Appendix A.4
 ("converting all datasets into the LMDB database format ... center-cropped and resized to 128x128 ...
@@ -8,8 +8,8 @@ stored in the uint8 data type"; inputs normalised by "subtracting 127.5 and divi
 Run:  python data.py shapes                  # writes data/shapes/{train,val} (64x64) in seconds
       python data.py shapes --resolution 128 # the paper's resolution, written to data/shapes-128/
       python data.py info data/shapes        # prints the meta record of every split
-      python data.py coco --src /data/coco   # converts an official download (also voc, clevrtex, movi_c/d/e,
-                                             # openimages); the README's protocol cards say how
+The real datasets (ClevrTex, COCO, VOC, MOVi-C/D/E, Open Images) are made from their official downloads by
+convert.py (`python convert.py coco --src /data/coco`), which writes this same format.
 
 On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   key b"00000000", b"00000001", ...  one sample each, encoded by `encode_record`:
@@ -22,17 +22,13 @@ On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   A split is written to a hidden temporary folder and renamed when complete, so a half-written dataset is
   never mistaken for a complete one.
 
-Reading order: PRESETS, encode_record/decode_record, write_lmdb, LMDBDataset, render_shapes_sample,
-write_shapes, the converters (shared crop/resize and `assemble`, then one `<name>_samples` per dataset, `convert`),
-load_dataset, the CLI.
+Reading order: PRESETS, encode_record/decode_record, write_lmdb, LMDBDataset, video_frames, render_shapes_sample,
+write_shapes, load_dataset (the one entry point of the scripts), the CLI. Imports nothing of the project.
 """
 import argparse
-import csv
-import io
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
@@ -42,7 +38,6 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 FORMAT_VERSION = 1
@@ -65,7 +60,7 @@ PRESETS = {
     "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
     "openimages": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
 }
-# How each real dataset is made from its official download (the converters: `python data.py <name> --src ...`).
+# What --src of each converter is (`python convert.py <name> --src ...`), for the messages of both files.
 SOURCES = {
     "clevrtex": "the ClevrTex download folder holding clevrtex_full/",
     "coco": "the COCO 2017 folder holding train2017/, val2017/ and annotations/panoptic_*2017.json",
@@ -251,6 +246,21 @@ class LMDBDataset(Dataset):
         return out
 
 
+def video_frames(image, clip=0, generator=None):
+    """The VAE is a per-frame model (Sect. 3.1: "an input image or video frame"). Images (b, 3, H, W) pass through;
+    video clips (b, T, 3, H, W) become frames (b * clip, 3, H, W): `clip` consecutive frames per clip from a random
+    start (the authors' MOVi VAE recipe: a 6-frame slice, any start frame), flattened into the batch. clip = 0 (or
+    >= T) keeps all T frames, for validation."""
+    if image.dim() == 4:
+        return image
+    b, t = image.shape[:2]
+    if 0 < clip < t:
+        start = torch.randint(0, t - clip + 1, (b,), generator=generator)  # (b,) first frame of each slice
+        frames = start[:, None] + torch.arange(clip)  # (b, clip) frame indices
+        image = image[torch.arange(b)[:, None], frames]  # (b, clip, 3, H, W)
+    return image.flatten(0, 1)  # (b * clip, 3, H, W)
+
+
 # -----------------------------------------------------------------------------
 # The built-in dataset `shapes`: 2-6 textured objects on a textured background, sizes spread 8x.
 # MSF exists for objects of different scales, so the side length of an object spans [3/32, 3/4] of the image
@@ -402,643 +412,6 @@ def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=Fals
 
 
 # -----------------------------------------------------------------------------
-# Converters: official downloads -> LMDB (paper A.4). `python data.py <name> --src <download> [--out data/<name>]`.
-# Shared rules: centre-crop to the largest square, resize to --resolution (128): images bilinear with antialias,
-# label maps NEAREST-EXACT; uint8; segment 0 = background, 1..K = objects, 255 = ignored. Every split found under
-# --src is converted (--split picks one), streamed (memory does not grow with the dataset), written to a hidden
-# folder and renamed when complete. A sample that cannot be read is skipped and counted, never fatal; what was
-# filtered and why is counted in the meta record. The protocol card of each dataset is in the README.
-
-CONVERTER_VERSION = 1
-
-
-class ConversionError(ValueError):
-    """A --src that is not the expected official layout (the message shows the layout), or a broken shard."""
-
-
-def nearest_exact_index(n_in, n_out):
-    """Source index of every output pixel for NEAREST-EXACT resizing: floor((i + 0.5) * n_in / n_out)."""
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
-
-
-def centre_square(h, w):
-    """(top, left, side) of the largest centred square (integer offsets, as the authors' CenterCrop)."""
-    side = min(h, w)
-    return (h - side) // 2, (w - side) // 2, side
-
-
-def crop_resize_image(image, res):
-    """(H, W, 3) uint8 -> (res, res, 3) uint8: centre square, bilinear resize with antialias."""
-    top, left, side = centre_square(*image.shape[:2])
-    x = torch.from_numpy(np.ascontiguousarray(image[top:top + side, left:left + side, :3]))
-    x = x.permute(2, 0, 1)[None].float()  # (1, 3, s, s)
-    if side != res:
-        x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # (res, res, 3)
-
-
-def crop_resize_labels(labels, res):
-    """(H, W) label map of any integer dtype -> (res, res), same dtype: centre square, NEAREST-EXACT (no new values)."""
-    top, left, side = centre_square(*labels.shape[:2])
-    idx = nearest_exact_index(side, res)
-    return labels[top:top + side, left:left + side][idx][:, idx]
-
-
-def read_rgb(path):
-    """An image file as (H, W, 3) uint8 (RGBA and greyscale are converted; palette images too)."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
-
-
-def read_indices(path):
-    """A label PNG as its stored values (H, W): palette ('P') PNGs give their indices, never their colours."""
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L", "I", "I;16", "1"):
-            raise ValueError(f"{path} is a {im.mode} image, not an index map")
-        return np.array(im)
-
-
-def bbox_area(mask):
-    """Area in pixels of the bounding box of a boolean mask (0 if empty)."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if len(rows) == 0:
-        return 0
-    return int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
-
-
-def assemble(ids, objects, ignore_ids, stats, min_bbox, max_objects):
-    """Shared last step of the image converters, after cropping and resizing the id map `ids` (res, res):
-    objects (list of (id, extra dict)) become labels 1..K in order; ignore_ids become 255; everything else is 0.
-    The paper's filters (A.4), counted after the crop and resize: an object whose bounding box covers fewer
-    than `min_bbox` pixels is not an object and is IGNORED (255: neither background nor a target, so no metric
-    rewards or punishes what a model does there); then a sample with more than `max_objects` objects is dropped
-    (returns None). An object the crop removed entirely is counted and left out."""
-    segment = np.zeros(ids.shape, np.uint8)
-    for i in ignore_ids:
-        segment[ids == i] = IGNORE
-    kept = []
-    for oid, extra in objects:
-        mask = ids == oid
-        if not mask.any():
-            stats["objects_cropped_away"] = stats.get("objects_cropped_away", 0) + 1
-        elif min_bbox and bbox_area(mask) < min_bbox:
-            segment[mask] = IGNORE
-            stats["objects_below_min_bbox_ignored"] = stats.get("objects_below_min_bbox_ignored", 0) + 1
-        else:
-            kept.append((mask, extra))
-    if max_objects and len(kept) > max_objects:
-        stats["samples_over_max_objects_dropped"] = stats.get("samples_over_max_objects_dropped", 0) + 1
-        return None
-    if len(kept) > 254:
-        raise ValueError("more than 254 objects do not fit the uint8 segment")
-    for k, (mask, _) in enumerate(kept, start=1):
-        segment[mask] = k
-    return segment, [extra for _, extra in kept]
-
-
-def object_sample(image, res, assembled, class_dtype):
-    """The record of an image whose objects carry (class, original area): None if `assemble` dropped it."""
-    if assembled is None:
-        return None
-    segment, extra = assembled
-    return {"image": crop_resize_image(image, res), "segment": segment,
-            "classes": np.array([c for c, _ in extra], class_dtype).reshape(-1),
-            "areas": np.array([a for _, a in extra], np.float32).reshape(-1)}
-
-
-def _skip(stats, path, err):
-    """Count an unreadable sample; name the first few so the user can look at them."""
-    stats["samples_unreadable_skipped"] = stats.get("samples_unreadable_skipped", 0) + 1
-    if stats["samples_unreadable_skipped"] <= 5:
-        print(f"  skipped {path}: {type(err).__name__}: {str(err)[:160]}", flush=True)
-
-
-def _layout_error(name, src, what):
-    raise ConversionError(f"{src} does not look like the official {name} download ({what}).\n"
-                          f"Expected layout:\n{LAYOUTS[name]}")
-
-
-LAYOUTS = {
-    "coco": "  <src>/train2017/*.jpg, <src>/val2017/*.jpg\n"
-            "  <src>/annotations/panoptic_{train,val}2017.json\n"
-            "  <src>/annotations/panoptic_{train,val}2017/*.png   (unzipped panoptic_{train,val}2017.zip)",
-    "voc": "  <src>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt\n"
-           "  <src>/VOCdevkit/VOC2012/{JPEGImages,SegmentationObject,SegmentationClass}/",
-    "clevrtex": "  <src>/clevrtex_full/<chunk>/CLEVRTEX_full_<idx:06d>.png and ..._flat.png  (chunk = idx // 1000)\n"
-                "  (variants: <src>/clevrtex_outd/, clevrtex_camo/, ... with --variant)",
-    "movi": "  <src>/movi_x-{train,validation,test}.tfrecord-NNNNN-of-MMMMM  (TFDS movi_x/<res>/1.0.0)\n"
-            "  or Kubric scene folders <src>/{train,val}/<scene>/{rgba_00000.png, segmentation_00000.png, metadata.json}",
-    "openimages": "  <src>/{train,validation,test}-annotations-object-segmentation.csv\n"
-                  "  <src>/{train,validation,test}/<ImageID>.jpg\n"
-                  "  <src>/{train,validation,test}-masks/**/<MaskPath>.png  (unzipped {split}-masks-{0..f}.zip)",
-}
-
-
-def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
-    """COCO 2017 panoptic (paper: "we use panoptic segmentation annotations"). Things (isthing = 1, iscrowd = 0)
-    are the objects, numbered in segments_info order; all stuff is merged into the background (0): "10 objects
-    plus stuff", 11 slots; crowd regions and unlabeled pixels (id 0) are ignored (255). Stores `classes` (K,)
-    category ids and `areas` (K,) original areas in pixels (for the size split of Tab. 7)."""
-    src = Path(src)
-    ann_path = src / "annotations" / f"panoptic_{split}2017.json"
-    png_dir, img_dir = src / "annotations" / f"panoptic_{split}2017", src / f"{split}2017"
-    js = json.loads(ann_path.read_text())
-    categories = js.get("categories")
-    if not categories:  # the cut-down JSONs some people share lack them; the official categories file has them
-        categories = json.loads((src / "annotations" / "panoptic_coco_categories.json").read_text())
-    isthing = {c["id"]: bool(c["isthing"]) for c in categories}
-    images = {im["id"]: im for im in js["images"]}
-    stats["_total"] = len(js["annotations"])  # for the progress bar's ETA (not stored)
-    for ann in sorted(js["annotations"], key=lambda a: a["file_name"]):
-        image_file = img_dir / images[ann["image_id"]]["file_name"]
-        try:
-            image = read_rgb(image_file)
-            pan = np.array(Image.open(png_dir / ann["file_name"]).convert("RGB")).astype(np.int64)  # (H, W, 3)
-            if pan.shape[:2] != image.shape[:2]:
-                raise ValueError(f"panoptic PNG {pan.shape[:2]} and image {image.shape[:2]} differ in size")
-        except (OSError, ValueError, SyntaxError) as e:
-            _skip(stats, image_file, e)
-            yield None
-            continue
-        ids = pan[..., 0] + 256 * pan[..., 1] + 256 ** 2 * pan[..., 2]  # segment id = R + 256 G + 256^2 B
-        ids = crop_resize_labels(ids, res)
-        things = [(s["id"], (s["category_id"], s["area"])) for s in ann["segments_info"]
-                  if isthing[s["category_id"]] and not s.get("iscrowd", 0)]
-        crowd = [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)]
-        yield object_sample(image, res, assemble(ids, things, [0, *crowd], stats, min_bbox, max_objects), np.uint8)
-
-
-def voc_root(src):
-    src = Path(src)
-    for root in (src / "VOCdevkit" / "VOC2012", src / "VOC2012", src):
-        if (root / "ImageSets" / "Segmentation").is_dir():
-            return root
-    _layout_error("voc", src, "no ImageSets/Segmentation/")
-
-
-def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):
-    """Pascal VOC 2012 segmentation: instances from SegmentationObject (palette indices: 0 background, k = k-th
-    <object> of the XML, 255 void = ignored), and each instance's class from SegmentationClass (the majority class
-    of its pixels), stored as `classes` (K,): `load_dataset(..., semantic=True)` scores classes instead of
-    instances (the paper's wording for VOC). Ids without masks are skipped and counted."""
-    root = voc_root(src)
-    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-    stats["_total"] = len(ids)
-    for name in ids:
-        obj_file = root / "SegmentationObject" / f"{name}.png"
-        if not obj_file.exists():
-            stats["images_without_masks_skipped"] = stats.get("images_without_masks_skipped", 0) + 1
-            yield None
-            continue
-        try:
-            image = read_rgb(root / "JPEGImages" / f"{name}.jpg")
-            obj, cls = read_indices(obj_file), read_indices(root / "SegmentationClass" / f"{name}.png")
-            if not obj.shape == cls.shape == image.shape[:2]:
-                raise ValueError(f"image {image.shape[:2]}, object mask {obj.shape}, class mask {cls.shape} differ")
-        except (OSError, ValueError, SyntaxError) as e:
-            _skip(stats, obj_file, e)
-            yield None
-            continue
-        obj, cls = crop_resize_labels(obj, res), crop_resize_labels(cls, res)
-        objects = []
-        for k in sorted(set(np.unique(obj).tolist()) - {0, IGNORE}):
-            votes = np.bincount(cls[(obj == k) & (cls != IGNORE)], minlength=256)
-            objects.append((k, int(votes.argmax())))
-        out = assemble(obj, objects, [IGNORE], stats, min_bbox, max_objects)
-        if out is None:
-            yield None
-            continue
-        segment, classes = out
-        yield {"image": crop_resize_image(image, res), "segment": segment, "classes": np.array(classes, np.uint8)}
-
-
-CLEVRTEX_CMAP = [(0, 0, 0), (255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 0), (141, 211, 199), (255, 255, 179),
-                 (190, 186, 218), (251, 128, 114), (128, 177, 211), (253, 180, 98), (179, 222, 105), (252, 205, 229),
-                 (217, 217, 217)]  # the palette of `_flat.png` masks (clevrtex-generation img_utils)
-
-
-def clevrtex_scenes(src, variant):
-    """Sorted (index, image path, mask path) of one ClevrTex variant."""
-    src = Path(src)
-    folder = src if src.name == f"clevrtex_{variant}" else src / f"clevrtex_{variant}"
-    if not folder.is_dir():
-        _layout_error("clevrtex", src, f"no clevrtex_{variant}/ folder")
-    pattern = re.compile(rf"CLEVRTEX_{variant}_(\d{{6}})\.png$", re.IGNORECASE)
-    scenes = []
-    for p in folder.glob("*/*.png"):
-        m = pattern.search(p.name)
-        if m:
-            scenes.append((int(m.group(1)), p, p.with_name(p.name[:-4] + "_flat.png")))
-    if not scenes:
-        _layout_error("clevrtex", src, f"no CLEVRTEX_{variant}_<idx>.png under {folder}/<chunk>/")
-    return sorted(scenes)
-
-
-def clevrtex_split(scenes, split):
-    """The dataset's own convention (clevrtex_eval.py): sorted by index, test = first 10%, val = next 10%,
-    train = the rest, with bounds int(fraction * N). Variants (outd, camo, ...) are evaluation sets: all of it."""
-    n = len(scenes)
-    bounds = {"test": (0, int(0.1 * n)), "val": (int(0.1 * n), int(0.2 * n)), "train": (int(0.2 * n), n)}
-    lo, hi = bounds[split]
-    return scenes[lo:hi]
-
-
-def clevrtex_samples(src, split, res, stats, variant="full"):
-    """ClevrTex: RGBA 320x240 renders (alpha dropped) and `_flat.png` palette masks (0 background, 1..10 objects;
-    a mask re-saved as RGB is mapped back through the palette). No filter: every object is visible by design."""
-    scenes = clevrtex_scenes(src, variant)
-    if variant == "full":
-        scenes = clevrtex_split(scenes, split)
-    stats["_total"] = len(scenes)
-    for _, image_file, mask_file in scenes:
-        try:
-            image = read_rgb(image_file)
-            with Image.open(mask_file) as im:
-                if im.mode in ("P", "L"):
-                    mask = np.array(im)
-                else:  # colours -> palette indices
-                    rgb = np.array(im.convert("RGB")).astype(np.int64)
-                    code = rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]
-                    lut = {r * 65536 + g * 256 + b: i for i, (r, g, b) in enumerate(CLEVRTEX_CMAP)}
-                    mask = np.vectorize(lambda c: lut.get(c, IGNORE), otypes=[np.uint8])(code)
-            if mask.shape != image.shape[:2]:
-                raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
-        except (OSError, ValueError, SyntaxError) as e:
-            _skip(stats, image_file, e)
-            yield None
-            continue
-        yield {"image": crop_resize_image(image, res), "segment": crop_resize_labels(mask.astype(np.uint8), res)}
-
-
-# --- MOVi without TensorFlow: TFRecord framing and the tf.train.Example protobuf, parsed by hand.
-# TFRecord: records of  uint64 length | uint32 masked CRC32C of the length | data | uint32 masked CRC32C of data.
-# tf.train.Example = {1: Features}; Features = {1: map entry {1: key string, 2: Feature}} (repeated);
-# Feature = oneof {1: BytesList, 2: FloatList, 3: Int64List}, each {1: repeated value} (numbers usually packed).
-# Protobuf wire format: a key varint (field << 3 | wire type); types 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
-
-def _crc32c_table():
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data):
-    """CRC-32C (Castagnoli), the checksum of TFRecord; pure Python, used on the 8-byte length headers."""
-    c = 0xFFFFFFFF
-    for byte in data:
-        c = _CRC32C[(c ^ byte) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
-
-
-def masked_crc(data):
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecords(path):
-    """Yield the records of one TFRecord file. Each length header's CRC is checked (a cheap guard against reading
-    garbage as a length); a file that ends inside a record raises ConversionError naming the file and offset."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        while True:
-            offset = f.tell()
-            head = f.read(12)
-            if not head:
-                return
-            if len(head) < 12:
-                raise ConversionError(f"{path}: truncated TFRecord header at byte offset {offset} (file size {size})")
-            length, crc = struct.unpack("<QI", head)
-            if masked_crc(head[:8]) != crc:
-                raise ConversionError(f"{path}: corrupt TFRecord length at byte offset {offset} (CRC mismatch)")
-            if offset + 12 + length + 4 > size:
-                raise ConversionError(f"{path}: truncated TFRecord: the record at byte offset {offset} needs "
-                                      f"{length + 16} bytes, the file ends after {size - offset}")
-            data = f.read(length)
-            f.read(4)  # the data CRC: not checked (pure-Python CRC32C of megabytes would dominate the time)
-            yield data
-
-
-def count_tfrecords(path):
-    """Number of records of a TFRecord file, by hopping from header to header (reads 12 bytes per record)."""
-    n, size = 0, Path(path).stat().st_size
-    with open(path, "rb") as f:
-        while f.tell() + 12 <= size:
-            (length,) = struct.unpack("<Q", f.read(8))
-            f.seek(4 + length + 4, 1)
-            n += 1
-    return n
-
-
-def _varint(buf, pos):
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf):
-    """(field number, wire type, value) of a protobuf message; value: int, or bytes for length-delimited."""
-    pos, n = 0, len(buf)
-    while pos < n:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, value
-
-
-def parse_example(buf):
-    """A serialized tf.train.Example -> {key: list of bytes | np.float32 array | np.int64 array}."""
-    out = {}
-    for f, _, features in _fields(buf):
-        if f != 1:
-            continue
-        for f2, _, entry in _fields(features):
-            if f2 != 1:
-                continue
-            key, feature = None, b""
-            for f3, _, v in _fields(entry):
-                if f3 == 1:
-                    key = bytes(v).decode()
-                elif f3 == 2:
-                    feature = v
-            out[key] = _parse_feature(feature)
-    return out
-
-
-def _parse_feature(buf):
-    for kind, _, lst in _fields(buf):
-        if kind == 1:  # BytesList
-            return [bytes(v) for f, _, v in _fields(lst) if f == 1]
-        if kind == 2:  # FloatList: packed (one length-delimited run) or one fixed32 per value
-            parts = [np.frombuffer(v, "<f4") for f, _, v in _fields(lst) if f == 1]
-            return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-        if kind == 3:  # Int64List: packed varints or one varint per value; two's complement for negatives
-            vals = []
-            for f, wire, v in _fields(lst):
-                if f != 1:
-                    continue
-                if wire == 2:
-                    pos = 0
-                    while pos < len(v):
-                        x, pos = _varint(v, pos)
-                        vals.append(x)
-                else:
-                    vals.append(v)
-            return np.array([x - (1 << 64) if x >= 1 << 63 else x for x in vals], np.int64)
-    return []
-
-
-def _decode_png(data):
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im)
-
-
-def dense_bboxes(bboxes, bbox_frames, row_lengths, frames):
-    """Sparse per-instance boxes (TFDS BBoxFeature: normalised [ymin, xmin, ymax, xmax], only for the frames listed
-    in bbox_frames) -> dense (T, K, 4) float32 in our (x0, y0, x1, y1) order, zeros where an instance is not
-    visible (the authors' convention)."""
-    k = len(row_lengths)
-    out = np.zeros((frames, k, 4), np.float32)
-    boxes = np.asarray(bboxes, np.float32).reshape(-1, 4)
-    start = 0
-    for i, n in enumerate(row_lengths):
-        for j in range(int(n)):
-            out[int(bbox_frames[start + j]), i] = boxes[start + j][[1, 0, 3, 2]]
-        start += int(n)
-    return out
-
-
-def movi_video(frames, segments, bbox, res):
-    """(T, H, W, 3) uint8, (T, H, W), (T, K, 4) -> cropped and resized, boxes moved into the crop (clipped)."""
-    h, w = frames.shape[1:3]
-    top, left, side = centre_square(h, w)
-    image = np.stack([crop_resize_image(f, res) for f in frames])
-    segment = np.stack([crop_resize_labels(s, res) for s in segments]).astype(np.uint8)
-    if (h, w) != (side, side):
-        scale = np.array([w, h, w, h], np.float32) / side
-        shift = np.array([left, top, left, top], np.float32) / side
-        visible = bbox.any(-1, keepdims=True)
-        bbox = np.where(visible, np.clip(bbox * scale - shift, 0, 1), 0).astype(np.float32)
-    return {"image": image, "segment": segment, "bbox": bbox.astype(np.float32)}
-
-
-MOVI_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> TFDS
-
-
-def movi_shards(src, split):
-    src = Path(src)
-    return sorted(p for p in src.glob(f"*-{MOVI_SPLITS[split]}.tfrecord-*") if p.is_file())
-
-
-def movi_samples(src, split, res, stats):
-    """MOVi-C/D/E: 24 frames, segmentation 0 = background and k = k-th instance (sorted by visibility), all instances
-    kept (up to 23 in D/E; the slot count is a model choice). From the TFDS shards, or from Kubric scene folders."""
-    shards = movi_shards(src, split)
-    if shards:
-        stats["_total"] = sum(count_tfrecords(s) for s in shards)
-        for shard in shards:
-            for record in tfrecords(shard):
-                try:
-                    ex = parse_example(record)
-                    frames = np.stack([_decode_png(b) for b in ex["video"]])  # (T, H, W, 3)
-                    segments = np.stack([_decode_png(b) for b in ex["segmentations"]])  # (T, H, W[, 1])
-                    segments = segments.reshape(segments.shape[:3])
-                    bbox = dense_bboxes(ex["instances/bboxes/ragged_flat_values"],
-                                        ex["instances/bbox_frames/ragged_flat_values"],
-                                        ex["instances/bboxes/ragged_row_lengths_0"], len(frames))
-                except (KeyError, ValueError, OSError, IndexError, SyntaxError) as e:
-                    _skip(stats, shard, e)
-                    yield None
-                    continue
-                yield movi_video(frames, segments, bbox, res)
-        return
-    scenes = sorted(p.parent for p in (Path(src) / split).glob("*/metadata.json"))
-    stats["_total"] = len(scenes)
-    for scene in scenes:  # raw Kubric worker output
-        try:
-            meta = json.loads((scene / "metadata.json").read_text())
-            n = meta["metadata"]["num_frames"]
-            frames = np.stack([read_rgb(scene / f"rgba_{t:05d}.png") for t in range(n)])
-            segments = np.stack([read_indices(scene / f"segmentation_{t:05d}.png") for t in range(n)])
-            inst = meta["instances"]
-            bbox = dense_bboxes([b for i in inst for b in i["bboxes"]], [f for i in inst for f in i["bbox_frames"]],
-                                [len(i["bbox_frames"]) for i in inst], n)
-        except (KeyError, ValueError, OSError, SyntaxError) as e:
-            _skip(stats, scene, e)
-            yield None
-            continue
-        yield movi_video(frames, segments, bbox, res)
-
-
-OPENIMAGES_SPLITS = {"train": "train", "val": "validation", "test": "test"}
-
-
-def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
-    """Open Images V5+ segmentation (the A.2 subset: the images of --src/<split>/ that have masks). One binary mask
-    PNG per object, possibly at another resolution than the image: resized to the image with nearest, then > 127.
-    Overlaps: objects are painted largest first, so a smaller object lying on a larger one stays visible (the rule
-    of our shapes data). Pixels no mask covers are background (the annotation is not exhaustive: say so when
-    reporting). Stores `classes` as indices into the meta record's `class_names` (Freebase MIDs)."""
-    src, oi = Path(src), OPENIMAGES_SPLITS[split]
-    csv_path = src / f"{oi}-annotations-object-segmentation.csv"
-    mask_files = {p.name: p for p in src.glob(f"{oi}-masks*/**/*.png")}
-    rows = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.setdefault(row["ImageID"], []).append(row)
-    names = sorted({r["LabelName"] for rs in rows.values() for r in rs})
-    class_index = {n: i for i, n in enumerate(names)}
-    stats["class_names"] = names
-    stats["_total"] = len(rows)
-    for image_id in sorted(rows):
-        image_file = src / oi / f"{image_id}.jpg"
-        if not image_file.exists():
-            stats["images_not_downloaded_skipped"] = stats.get("images_not_downloaded_skipped", 0) + 1
-            yield None
-            continue
-        try:
-            image = read_rgb(image_file)
-            h, w = image.shape[:2]
-            masks = []
-            for r in rows[image_id]:
-                with Image.open(mask_files[r["MaskPath"]]) as im:
-                    m = np.array(im.convert("L").resize((w, h), Image.NEAREST)) > 127
-                masks.append((int(m.sum()), m, class_index[r["LabelName"]]))
-        except (OSError, ValueError, SyntaxError, KeyError) as e:
-            _skip(stats, image_file, e if not isinstance(e, KeyError) else FileNotFoundError(f"mask {e} not found"))
-            yield None
-            continue
-        ids = np.zeros((h, w), np.int64)
-        masks.sort(key=lambda t: -t[0])  # largest first; later (smaller) masks paint over
-        for k, (_, m, _) in enumerate(masks, start=1):
-            ids[m] = k
-        objects = [(k, (c, a)) for k, (a, _, c) in enumerate(masks, 1)]
-        yield object_sample(image, res, assemble(crop_resize_labels(ids, res), objects, [], stats, min_bbox, max_objects),
-                            np.int32)
-
-
-# name -> (splits that may exist, samples function, which filters apply)
-CONVERTERS = {
-    "coco": (("train", "val"), coco_samples, True),
-    "voc": (("train", "val"), voc_samples, True),
-    "clevrtex": (("train", "val", "test"), clevrtex_samples, False),
-    "movi_c": (("train", "val", "test"), movi_samples, False),
-    "movi_d": (("train", "val", "test"), movi_samples, False),
-    "movi_e": (("train", "val", "test"), movi_samples, False),
-    "openimages": (("train", "val", "test"), openimages_samples, True),
-}
-
-
-def available_splits(name, src, variant="full"):
-    """The splits of `name` present under `src` (a wrong --src gets the expected layout)."""
-    src = Path(src)
-    if not src.is_dir():
-        _layout_error(name if not name.startswith("movi") else "movi", src, "no such folder")
-    if name == "coco":
-        found = [s for s in ("train", "val") if (src / "annotations" / f"panoptic_{s}2017.json").exists()]
-    elif name == "voc":
-        seg = voc_root(src) / "ImageSets" / "Segmentation"
-        found = [s for s in ("train", "val") if (seg / f"{s}.txt").exists()]
-    elif name == "clevrtex":
-        clevrtex_scenes(src, variant)  # raises with the layout if absent
-        found = ["train", "val", "test"] if variant == "full" else [variant]
-    elif name.startswith("movi"):
-        found = [s for s in ("train", "val", "test") if movi_shards(src, s) or list((src / s).glob("*/metadata.json"))]
-    else:
-        found = [s for s, oi in OPENIMAGES_SPLITS.items() if (src / f"{oi}-annotations-object-segmentation.csv").exists()]
-    if not found:
-        _layout_error(name if not name.startswith("movi") else "movi", src, "none of its splits was found")
-    return found
-
-
-def source_split_name(name, split, variant="full"):
-    """Where our split comes from in the official download (recorded in the meta record)."""
-    if name == "coco":
-        return f"{split}2017 + annotations/panoptic_{split}2017.json"
-    if name == "voc":
-        return f"ImageSets/Segmentation/{split}.txt"
-    if name == "clevrtex":
-        if variant != "full":
-            return f"clevrtex_{variant}, all scenes"
-        return f"clevrtex_full, the {dict(test='first 10%', val='next 10%', train='last 80%')[split]} of the sorted indices"
-    return (OPENIMAGES_SPLITS if name == "openimages" else MOVI_SPLITS)[split]
-
-
-def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=False, min_bbox=16, max_objects=10,
-            variant="full", quiet=False):
-    """Convert every split of an official download (or `splits`) into out/<split>; returns {split: count}."""
-    from tqdm import tqdm
-    out, found = Path(out), available_splits(name, src, variant)
-    todo = splits or found
-    for split in todo:
-        if split not in found:
-            raise ConversionError(f"split '{split}' is not in {src} (found: {', '.join(found)})")
-        if (out / split).exists() and not overwrite:
-            raise FileExistsError(f"{out / split} already exists; pass --overwrite to convert again")
-    _, samples_fn, filters = CONVERTERS[name]
-    counts = {}
-    for split in todo:
-        stats = {}
-        kwargs = dict(min_bbox=min_bbox, max_objects=max_objects) if filters else {}
-        if name == "clevrtex":
-            kwargs["variant"] = variant
-        stream = samples_fn(src, split if name != "clevrtex" or variant == "full" else "test", resolution, stats, **kwargs)
-        meta = dict(name=name, split=split, resolution=resolution, source=str(Path(src).resolve()),
-                    source_split=source_split_name(name, split, variant),
-                    converter_version=CONVERTER_VERSION, filtered=stats,
-                    settings=dict(kwargs, limit=limit, crop="centre square", image_resize="bilinear+antialias",
-                                  mask_resize="nearest-exact"))
-
-        def kept():  # the stream without skipped/dropped samples, with a progress bar, the max objects, --limit
-            bar = tqdm(desc=f"{name}/{split}", unit="sample", disable=quiet, mininterval=1.0)
-            n = 0
-            for s in stream:
-                bar.update(1)
-                if "class_names" in stats:  # openimages: the class vocabulary goes to the meta record
-                    meta["class_names"] = stats.pop("class_names")
-                if "_total" in stats:  # the number of source samples, known once the stream started: ETA
-                    bar.total = stats.pop("_total")
-                    bar.refresh()
-                if s is None:
-                    continue
-                labels = int(s["segment"][s["segment"] != IGNORE].max(initial=0))  # highest object label
-                tracked = s["bbox"].shape[1] if "bbox" in s else 0  # videos: instances, visible or not
-                meta["max_objects"] = max(meta["max_objects"], labels, tracked)
-                yield s
-                n += 1
-                if limit and n >= limit:
-                    break
-            bar.close()
-        meta["max_objects"] = 0
-        counts[split] = write_lmdb(out / split, kept(), meta, overwrite=overwrite)
-        if not quiet:
-            print(f"wrote {out / split}: {counts[split]} samples; filtered: {json.dumps(stats)}", flush=True)
-    return counts
-
-
-# -----------------------------------------------------------------------------
 # The one entry point of the training and evaluation scripts.
 
 def dataset_dir(name, root="data", resolution=None):
@@ -1051,7 +424,7 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
     """The `Dataset` of split `split` of dataset `name` under `root`.
 
     The built-in `shapes` is written on first use; a real dataset that is not converted yet raises
-    DatasetMissing naming the `python data.py ...` command that converts it.
+    DatasetMissing naming the `python convert.py ...` command that converts it.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(PRESETS)}")
@@ -1064,7 +437,7 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
             raise DatasetMissing(
                 f"dataset '{name}' split '{split}' is not converted yet ({path} not found).\n"
                 f"Convert the official download first:\n"
-                f"    python data.py {name} --src /path/to/{name} --out {dataset_dir(name, root)}\n"
+                f"    python convert.py {name} --src /path/to/{name} --out {dataset_dir(name, root)}\n"
                 f"where --src is {SOURCES[name]}.")
     ds = LMDBDataset(path, semantic)
     if resolution is not None and ds.meta["resolution"] != resolution:
@@ -1085,22 +458,11 @@ def main(argv=None):
     p.add_argument("--train", type=int, default=SHAPES_SPLITS["train"][1], help="number of training samples")
     p.add_argument("--val", type=int, default=SHAPES_SPLITS["val"][1], help="number of validation samples")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    for name in CONVERTERS:
-        p = sub.add_parser(name, help=f"convert the official {name} download (see the README's protocol card)")
-        p.add_argument("--src", required=True, help=SOURCES[name])
-        p.add_argument("--out", default=None, help=f"output folder (default data/{name})")
-        p.add_argument("--split", default=None, help="convert only this split (train, val, test; default: all found)")
-        p.add_argument("--resolution", type=int, default=128, help="side of the stored square (paper: 128)")
-        p.add_argument("--limit", type=int, default=0, help="convert only the first N kept samples per split, for a look")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
-        if CONVERTERS[name][2]:
-            p.add_argument("--min-object-bbox", type=int, default=16,
-                           help="objects whose bounding box covers fewer pixels (at --resolution) are ignored (0: off)")
-            p.add_argument("--max-objects", type=int, default=10, help="drop samples with more objects (0: off)")
-        if name == "clevrtex":
-            p.add_argument("--variant", default="full", help="full (train/val/test), or an evaluation set: outd, camo, ...")
     p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
     p.add_argument("path", help="e.g. data/shapes")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PRESETS and argv[0] != "shapes":  # the converters have their own script now
+        sys.exit(f"data.py writes the built-in dataset only; convert {argv[0]} with: python convert.py {' '.join(argv)}")
     args = parser.parse_args(argv)
 
     if args.command == "shapes":
@@ -1108,13 +470,6 @@ def main(argv=None):
         if out.exists() and not args.overwrite:
             sys.exit(f"{out} already exists; pass --overwrite to write it again")
         write_shapes(args.root, args.resolution, args.seed, {"train": args.train, "val": args.val}, args.overwrite)
-    elif args.command in CONVERTERS:
-        try:
-            convert(args.command, args.src, args.out or Path("data") / args.command, [args.split] if args.split else None,
-                    args.resolution, args.limit, args.overwrite, getattr(args, "min_object_bbox", 0),
-                    getattr(args, "max_objects", 0), getattr(args, "variant", "full"))
-        except (ConversionError, FileExistsError) as e:
-            sys.exit(str(e))
     elif args.command == "info":
         splits = sorted(p for p in Path(args.path).iterdir() if (p / "data.mdb").exists()) \
             if Path(args.path).is_dir() else []

@@ -12,8 +12,8 @@ S slots (b, s, d_slot); t diffusion time step (b,). Letters: b batch, n = h*w to
 Reading order: Attention, Block (shared by the transformer decoder and the UNet), TransformerDecoder (SLATE),
 noise_schedule / q_sample / timestep_embedding, UNet, DiffusionDecoder (SlotDiffusion), MLPDecoder (DINOSAUR).
 
-Sizes: the defaults are the paper's (official-spec sect. 5: 4 layers d = 256; UNet channels 128-256-384-512);
-train_ocl.py shrinks them for CPU runs (its `--size cpu`).
+Sizes: the defaults are the paper's (official-spec sect. 5: 4 layers d = 256; UNet channels 128-256-384-512),
+as are train_ocl.OCL's (SIZES["paper"]); train_ocl.py shrinks them for CPU runs (its `--size cpu`).
 """
 import math
 
@@ -86,7 +86,8 @@ class TransformerDecoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, n, dim) * 0.02)  # (1, n, d)
         self.blocks = nn.ModuleList([Block(dim, heads, slot_dim, dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
-        self.heads = nn.ModuleList([nn.ModuleList([nn.Linear(dim, m) for m in self.vocab]) for _ in self.grids])
+        # one linear classifier per index group (MSF: scale-invariant, scale-variant) and guide scale
+        self.classifiers = nn.ModuleList([nn.ModuleList([nn.Linear(dim, m) for m in self.vocab]) for _ in self.grids])
 
     def forward(self, xs, slots):
         """xs: per guide scale (b, c, h, w); slots (b, s, d_slot) -> per scale, per index group (b, m, h, w) logits."""
@@ -97,9 +98,9 @@ class TransformerDecoder(nn.Module):
             inp = block(inp, slots, causal=True)
         out = self.norm(inp)  # (b, n, d)
         logits, start = [], 0
-        for (h, w), heads in zip(self.grids, self.heads):
+        for (h, w), classifiers in zip(self.grids, self.classifiers):
             part = out[:, start:start + h * w]  # (b, h*w, d)
-            logits.append([head(part).transpose(1, 2).reshape(b, -1, h, w) for head in heads])  # g x (b, m, h, w)
+            logits.append([cls(part).transpose(1, 2).reshape(b, -1, h, w) for cls in classifiers])  # g x (b, m, h, w)
             start += h * w
         return logits
 
@@ -116,7 +117,8 @@ class TransformerDecoder(nn.Module):
 
 
 def noise_schedule(steps=1000, beta_start=0.0015, beta_end=0.0195):
-    """Stable Diffusion's "scaled_linear" betas (sqrt-spaced), as SlotDiffusion uses; returns betas and
+    """The "scaled_linear" betas (evenly spaced in sqrt(beta), squared) from 0.0015 to 0.0195 over 1,000 steps:
+    latent diffusion's (LDM) schedule, which SlotDiffusion keeps (official-spec sect. 5). Returns betas and
     alpha_bar_t = prod_{s<=t} (1 - beta_s), both (T,)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
     return betas.float(), torch.cumprod(1 - betas, 0).float()
@@ -246,6 +248,11 @@ class DiffusionDecoder(nn.Module):
         self.register_buffer("scale", torch.tensor(0.0))  # 0 = not measured yet
 
     def loss(self, x0, slots, t=None):
+        """The DDPM loss of one batch: x0 = X (b, c, h, w) the frozen VAE's guidance, slots (b, s, d); a random time
+        step t (b,) per sample unless given; returns the scalar MSE between the noise and its prediction."""
+        # The latent scale: X of a c = 4 VAE has no fixed variance, but the schedule assumes unit-variance data.
+        # It is measured once, on the first training batch (X is frozen, so one batch estimates it well), and
+        # kept in a buffer: checkpoints carry it, evaluation and sampling use the stored value, never re-measure.
         if self.training and self.scale == 0:
             self.scale.fill_(1.0 / x0.float().std().clamp(min=1e-6).item())
         x0 = x0 * self.scale  # (b, c, h, w), unit variance

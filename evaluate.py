@@ -22,9 +22,12 @@ across frames. In `true`, 0 = background, 1..K = objects, 255 = ignored: ignored
 A sample where a metric is undefined (nothing annotated; no foreground for ARIfg) gets NaN, and dataset means
 skip NaN and report how many samples counted (`mean_and_count`).
 
-Reading order: contingency, ari, matched_ious, miou, mbo, miou_by_size, masks_to_labels, mean_and_count;
-kmeans, separability; palette, fig2, pca_colours, fig3; the CLI (evaluate_vae; evaluate_ocl; main).
-Imports only data.py; the CLI alone imports train_vae/train_ocl to rebuild a model from its checkpoint.
+Reading order: the metrics (contingency, ari, matched_ious, miou, mbo, miou_by_size, masks_to_labels,
+mean_and_count); Tab. 4's separability (kmeans, separability); the figures (palette, to_uint8, save_rows_png, fig2,
+pca_colours, fig3); the evaluation loops both training scripts validate with (validate_vae, validate_ocl); the CLI
+(evaluate_vae, evaluate_ocl, main).
+Imports data (labels, datasets), vae and msf (rebuilding a VAE), train_common (reading a checkpoint, the device);
+evaluate_ocl alone imports train_ocl, where the OCL model is defined. The metrics themselves need none of them.
 """
 import argparse
 import json
@@ -39,6 +42,9 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 import data
+import msf
+import train_common
+import vae
 
 IGNORE = data.IGNORE
 COCO_SMALL, COCO_LARGE = 32 ** 2, 96 ** 2  # COCO's area thresholds (pixels of the original image)
@@ -180,14 +186,19 @@ def miou_by_size(pred, true, areas, thresholds=(COCO_SMALL, COCO_LARGE)):
     return out
 
 
+def upsample_masks(masks, size):
+    """Soft masks (b, s, h, w) on the model's grid -> (b, s, H, W) at the ground-truth size, bilinear (the authors'
+    convention; the figures show the masks the metrics score)."""
+    return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
+
+
 def masks_to_labels(masks, size):
-    """Soft masks (b, s, h, w) -> labels (b, H, W): bilinear up-sampling to the ground-truth size, then argmax over
-    slots (the authors' convention). Video masks (b, t, s, h, w) -> (b, t, H, W)."""
+    """Soft masks (b, s, h, w) -> labels (b, H, W): up-sampled to the ground-truth size (upsample_masks), then argmax
+    over slots (the authors' convention). Video masks (b, t, s, h, w) -> (b, t, H, W)."""
     if masks.dim() == 5:
         b, t = masks.shape[:2]
         return masks_to_labels(masks.flatten(0, 1), size).unflatten(0, (b, t))
-    up = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)  # (b, s, H, W)
-    return up.argmax(1)
+    return upsample_masks(masks, size).argmax(1)  # (b, H, W)
 
 
 def mean_and_count(values):
@@ -264,9 +275,18 @@ def palette(n=64):
     return (rgb * 255).astype(np.uint8)
 
 
-def _to_uint8(image):
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+def to_uint8(images):
+    """Images (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8 numpy, the inverse of the dataset's normalisation."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def save_rows_png(path, rows, scale=2):
+    """A grid of images, e.g. inputs and reconstructions: rows is a list of (b, 3, H_r, W_r) batches in [-1, 1],
+    each resized (nearest) to the first row's size; one image per column."""
+    size = rows[0].shape[-1]
+    grid = [np.concatenate(list(to_uint8(F.interpolate(r.float(), size=size))), axis=1) for r in rows]  # (H, b*W, 3)
+    img = Image.fromarray(np.concatenate(grid, axis=0))
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def _colour_labels(image, labels, alpha=0.6):
@@ -280,11 +300,13 @@ def _colour_labels(image, labels, alpha=0.6):
 def fig2(path, images, true, pred, masks, scale=2):
     """Fig. 2 style: one row per sample, columns image | ground truth | predicted segmentation | one column per
     slot (the image where the slot's mask is high, white elsewhere, under a bar of the slot's colour).
-    images (b, 3, H, W) in [-1, 1]; true, pred (b, H, W); masks (b, s, H, W) soft masks summing to 1 over slots."""
+    images (b, 3, H, W) in [-1, 1]; true, pred (b, H, W); masks (b, s, h, w) soft masks summing to 1 over slots,
+    on any grid (up-sampled to H x W here, as masks_to_labels does)."""
     pal = palette(256)
+    masks = upsample_masks(masks, true.shape[-2:])  # (b, s, H, W)
     rows = []
     for i in range(len(images)):
-        img = _to_uint8(images[i])  # (H, W, 3)
+        img = to_uint8(images[i])  # (H, W, 3)
         cols = [img, _colour_labels(img, true[i]), _colour_labels(img, pred[i])]
         for s in range(masks.shape[1]):
             m = masks[i, s].detach().float().cpu().numpy()[..., None]  # (H, W, 1)
@@ -327,7 +349,7 @@ def fig3(path, image, columns, scale=2):
     for n in range(len(next(iter(columns.values())))):
         if n:
             pyramid.append(F.avg_pool2d(pyramid[-1][None], 2)[0])
-        tiles = [np.asarray(Image.fromarray(_to_uint8(pyramid[n])).resize((H, H), Image.NEAREST))]
+        tiles = [np.asarray(Image.fromarray(to_uint8(pyramid[n])).resize((H, H), Image.NEAREST))]
         tiles += [np.asarray(Image.fromarray(colours[name][n]).resize((H, H), Image.NEAREST)) for name in columns]
         sep = np.full((H, 2, 3), 255, np.uint8)
         rows.append(np.concatenate([c for t in tiles for c in (t, sep)], axis=1))
@@ -337,76 +359,174 @@ def fig3(path, image, columns, scale=2):
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-
-def _batches(dataset, batch_size, limit):
-    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)
-    seen = 0
-    for batch in loader:
-        if limit and seen >= limit:
-            return
-        if limit:
-            batch = {k: v[: limit - seen] for k, v in batch.items()}
-        seen += len(batch["image"])
-        yield batch
+# Evaluation loops of both stages: what train_vae.py / train_ocl.py validate with and what the CLI reports
 
 
 @torch.no_grad()
+def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, seed=0):
+    """Stage 1 on the first `max_batches` batches of `dataset` (0 = all of it): the reconstruction MSE per scale
+    (`recon<n>`), the usage of every codebook k at every scale n (`perplexity<n>_<k>`, and `used<n>_<k>` = the share
+    of its codes used), and with clusters = k > 0 Tab. 4's separability of the scale-1 guidance (one k-means per
+    image). Videos are scored on every frame. Returns a dict of floats; the model's train/eval mode is kept."""
+    was_training = model.training
+    model.eval()
+    sums, count, all_idx, inter, intra = {}, 0, [], [], []
+    for i, batch in enumerate(torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)):
+        if max_batches and i == max_batches:
+            break
+        image = data.video_frames(batch["image"]).to(device)  # (b, 3, H, W); videos: every frame of b clips
+        out = model(image)
+        for k, v in out["logs"].items():
+            if k.startswith("recon"):  # the batch mean, weighted by the batch size: the mean over all images
+                sums[k] = sums.get(k, 0.0) + v.item() * len(image)
+        count += len(image)
+        all_idx.append([idx.cpu() for idx in out["indices"]])  # per scale (b, g, h, w)
+        for x in out["xs"][0] if clusters else []:  # x (c, h, w): one image's scale-1 guidance
+            e, a = guidance_separability(x[None], clusters, seed=seed)
+            inter.append(e)
+            intra.append(a)
+    metrics = {k: v / count for k, v in sums.items()}
+    for n in range(len(all_idx[0])):  # per scale, per index group
+        idx = torch.cat([a[n] for a in all_idx])  # (B, g, h, w)
+        for k in range(idx.shape[1]):
+            m = model.vocab[k]
+            metrics[f"perplexity{n + 1}_{k}"] = vae.perplexity(idx[:, k], m)
+            metrics[f"used{n + 1}_{k}"] = len(idx[:, k].unique()) / m
+    if clusters:
+        metrics["inter_cluster"], metrics["intra_cluster"] = float(np.nanmean(inter)), float(np.mean(intra))
+    model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=True):
+    """Stage 2 on the first `max_batches` batches of `dataset` (0 = all of it): the slots' masks -> labels at the
+    ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample; datasets that store object areas (COCO, Open
+    Images) add the size split of Tab. 7 (`size_split`). Returns ({metric: (N,) values}, the last batch's
+    (image, segment, pred, masks) for figures); the model's train/eval mode is kept."""
+    was_training = model.training
+    model.eval()
+    values = {k: [] for k in ("ari", "ari_fg", "miou", "mbo")}
+    last = None
+    for i, batch in enumerate(torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)):
+        if max_batches and i == max_batches:
+            break
+        image, segment = batch["image"].to(device), batch["segment"]  # (b, 3, H, W), (b, H, W)
+        masks = model(image)["masks"]  # (b, s, h, w)
+        pred = masks_to_labels(masks, segment.shape[-2:]).cpu()  # (b, H, W)
+        for k, v in all_metrics(pred, segment).items():
+            values[k].append(v)
+        if "areas" in batch and size_split:  # areas[:, k-1] = original area of object k
+            for k, v in miou_by_size(pred, segment, batch["areas"]).items():
+                values.setdefault(f"miou_{k}", []).append(v)
+        last = (image, segment, pred, masks)
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in values.items()}, last
+
+
+def summary(values):
+    """{metric: (dataset mean skipping NaN, samples counted)} of validate_ocl's per-sample values."""
+    return {k: mean_and_count(v) for k, v in values.items()}
+
+
+# -----------------------------------------------------------------------------
+# Command line: score a checkpoint of either stage
+
+
 def evaluate_vae(ckpt, args, device):
-    """A VAE checkpoint: reconstruction error per scale and Tab. 4's separability of the scale-1 guidance;
-    --viz N writes Fig. 3 style PNGs."""
-    import train_vae  # the CLI alone rebuilds models from checkpoints
-    model, ckpt = train_vae.load_vae(ckpt, device)
+    """A VAE checkpoint: reconstruction error per scale, codebook usage and Tab. 4's separability of the scale-1
+    guidance; --viz N writes Fig. 3 style PNGs."""
+    model = msf.load_vae(ckpt, device)
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], a["resolution"])
+    dataset = _first(dataset, args.limit)
     k = args.clusters or data.PRESETS[a["dataset"]]["num_slots"]
-    inter, intra, recon, count = [], [], {}, 0
-    out_dir = Path(args.out or Path(args.ckpt).parent)
-    for batch in _batches(dataset, args.batch_size, args.limit):
-        image = train_vae.video_frames(batch["image"]).to(device)  # (b, 3, H, W); videos: every frame of b clips
-        out = model(image)
-        for name, v in out["logs"].items():
-            if name.startswith("recon"):
-                recon[name] = recon.get(name, 0.0) + v.item() * len(image)
-        for i in range(len(image)):
-            e, a_ = guidance_separability(out["xs"][0][i:i + 1], k, seed=args.seed)
-            inter.append(e)
-            intra.append(a_)
-        if args.viz and count < args.viz:
-            for i in range(min(len(image), args.viz - count)):
-                parts, xs = out["parts"], out["xs"]
-                if "q_si_own" in parts[0] and len(parts[0]["q"]) == 2:
-                    columns = {"si before inter-scale fusion": [p["q_si_own"][i] for p in parts],
-                               "si after inter-scale fusion": [p["q"][0][i] for p in parts],
-                               "scale-variant": [p["q"][1][i] for p in parts],
-                               "fused X": [x[i] for x in xs]}
-                else:
-                    columns = {"X": [x[i] for x in xs]}
-                names = fig3(out_dir / f"fig3_{count + i:03d}.png", image[i], columns)
-            print(f"wrote {min(args.viz, count + len(image)) - count} Fig. 3 style PNGs to {out_dir} "
-                  f"(columns: image, {', '.join(names)}; one row per scale)")
-        count += len(image)
+    m = validate_vae(model, dataset, device, args.batch_size, clusters=k, seed=args.seed)
+    first = dataset[0]["image"]  # (3, H, W), or (T, 3, H, W) for a video: every frame was scored
+    count = len(dataset) * (len(first) if first.dim() == 4 else 1)
     result = {"ckpt": str(args.ckpt), "kind": "vae", "split": args.split, "samples": count,
-              "separability": {"inter_cluster": float(np.nanmean(inter)), "intra_cluster": float(np.mean(intra)),
-                               "clusters": k},
-              "reconstruction_mse": {name: v / count for name, v in recon.items()}}
+              "separability": {"inter_cluster": m["inter_cluster"], "intra_cluster": m["intra_cluster"], "clusters": k},
+              "reconstruction_mse": {n: v for n, v in m.items() if n.startswith("recon")},
+              "codebook_usage": {n: v for n, v in m.items() if n.startswith(("perplexity", "used"))}}
     print(f"{Path(args.ckpt)}: VAE {ckpt['model_args']['kind']} c={ckpt['model_args']['code_dim']} on "
           f"{a['dataset']}/{args.split} ({count} images)")
-    print(f"  separability of scale-1 guidance (Tab. 4, k = {k}): inter-cluster {result['separability']['inter_cluster']:.3f}"
-          f" | intra-cluster {result['separability']['intra_cluster']:.3f}")
+    print(f"  separability of scale-1 guidance (Tab. 4, k = {k}): inter-cluster {m['inter_cluster']:.3f}"
+          f" | intra-cluster {m['intra_cluster']:.3f}")
     print("  reconstruction MSE: " + " | ".join(f"scale {n[5:]} {v:.4f}" for n, v in result["reconstruction_mse"].items()))
+    if args.viz:  # Fig. 3: per scale, the codes before / after inter-scale fusion, the scale-variant codes, X
+        out_dir = _figure_dir(args)
+        batch = next(iter(torch.utils.data.DataLoader(dataset, args.viz, shuffle=False)))
+        image = data.video_frames(batch["image"])[:args.viz].to(device)  # (v, 3, H, W)
+        with torch.no_grad():
+            out = model(image)
+        parts, xs = out["parts"], out["xs"]
+        for i in range(len(image)):
+            if "q_si_own" in parts[0] and len(parts[0]["q"]) == 2:
+                columns = {"si before inter-scale fusion": [p["q_si_own"][i] for p in parts],
+                           "si after inter-scale fusion": [p["q"][0][i] for p in parts],
+                           "scale-variant": [p["q"][1][i] for p in parts], "fused X": [x[i] for x in xs]}
+            else:
+                columns = {"X": [x[i] for x in xs]}
+            fig3(out_dir / f"fig3_{i:03d}.png", image[i], columns)
+        print(f"wrote {len(image)} Fig. 3 style PNGs to {out_dir} (columns: image, {', '.join(columns)}; "
+              f"one row per scale)")
     return result
 
 
-def default_ocl_ckpt():
-    return "runs/ocl_shapes_transformer_msf/best.pt"
+@torch.no_grad()
+def evaluate_ocl(ckpt, args, device):
+    """An OCL checkpoint on a split: the metrics table (x100, two decimals, as in the paper), the size split where
+    the dataset stores object areas, and --viz figures (Fig. 2; diffusion: reconstructions through the sampler)."""
+    import train_ocl  # the one import of a training script: the OCL model is defined there
+    model, ckpt = train_ocl.load_ocl(ckpt, device)
+    a = ckpt["args"]
+    dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
+    dataset = _first(dataset, args.limit)
+    values, _ = validate_ocl(model, dataset, device, args.batch_size, size_split=not args.semantic)
+    stats = summary(values)
+    print(f"{args.ckpt}: {a['decoder']} + {ckpt['vae']['model_args']['kind']} VAE, step {ckpt['step']}, "
+          f"{a['dataset']}/{args.split}")
+    columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
+    if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (COCO area thresholds)
+        columns += [("mIoU_S", "miou_small"), ("mIoU_M", "miou_medium"), ("mIoU_L", "miou_large")]
+    for row in (columns[:4], columns[4:]):
+        if row:
+            print(f"{'':>8} " + " ".join(f"{name:>7}" for name, _ in row))
+            print(f"{'x100':>8} " + " ".join(f"{100 * stats[k][0]:7.2f}" for _, k in row))
+            print(f"{'samples':>8} " + " ".join(f"{stats[k][1]:7d}" for _, k in row))
+    if args.viz:
+        out_dir = _figure_dir(args)
+        batch = next(iter(torch.utils.data.DataLoader(dataset, args.viz, shuffle=False)))
+        image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W)
+        out = model(image)
+        fig2(out_dir / "fig2.png", image, segment, masks_to_labels(out["masks"], segment.shape[-2:]).cpu(), out["masks"])
+        print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
+        if model.decoder_kind == "diffusion":  # slots -> X' through the DDIM sampler -> pixels through the VAE decoder
+            _, xs = model.vae.guidance(image)  # per scale (v, c, h, w)
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            sampled = model.decoder.sample(out["slots"], xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
+            save_rows_png(out_dir / "diffusion_recon.png", [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)])
+            print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
+    return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
+            "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
+
+
+def _first(dataset, limit):
+    """--limit N: the first N samples of the split (0 = all)."""
+    return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+
+
+def _figure_dir(args):
+    out_dir = Path(args.out or Path(args.ckpt).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an OCL checkpoint (ARI, ARIfg, mIoU, mBO) or a VAE checkpoint "
                                             "(separability).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=default_ocl_ckpt(), help="best.pt or last.pt of train_ocl.py or train_vae.py")
+    p.add_argument("--ckpt", default="runs/ocl_shapes_transformer_msf/best.pt",
+                   help="best.pt or last.pt of train_ocl.py or train_vae.py (default: the quick start's OCL run)")
     p.add_argument("--split", default="val", help="dataset split to score (ClevrTex variants: outd, camo, ...)")
     p.add_argument("--semantic", action="store_true",
                    help="score against object classes instead of instances (VOC, COCO, Open Images conversions)")
@@ -422,18 +542,13 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args(argv)
 
-    import train_vae
-    device = train_vae.pick_device(args.device)
+    device = train_common.pick_device(args.device)
     if not Path(args.ckpt).exists():
         sys.exit(f"no checkpoint at {args.ckpt}: train one first (python train_vae.py && python train_ocl.py) "
                  f"or pass --ckpt PATH")
     try:
-        ckpt = train_vae.load_checkpoint(args.ckpt)
-        if ckpt["kind"] == "vae":
-            result = evaluate_vae(ckpt, args, device)
-        else:
-            import train_ocl
-            result = train_ocl.evaluate_checkpoint(ckpt, args, device)
+        ckpt = train_common.load_checkpoint(args.ckpt)
+        result = (evaluate_vae if ckpt["kind"] == "vae" else evaluate_ocl)(ckpt, args, device)
     except (ValueError, data.DatasetMissing) as e:
         sys.exit(str(e))
     if args.json:

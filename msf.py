@@ -12,7 +12,8 @@ I_n `indices[n]` (b, 2, h_n, w_n) = [scale-invariant index, scale-variant index]
 
 Reading order: image_pyramid, resample, multi_scale_fusion (the paper's contribution, one pure function),
 fuse_continuous (the channel-concat / element-wise-sum alternatives of Tab. 6), MSFVAE (the module that
-train_vae.py trains), build_vae (the one `if` that turns --vae flags into a model).
+train_vae.py trains), build_vae (the one `if` that turns --vae flags into a model), load_vae (the same from a
+checkpoint: what train_ocl.py and evaluate.py call).
 
 Where we follow the paper and the authors' public code differs (../shared/reference/official-spec.md sect. 3):
 the code has no projection W, quantizes the full c channels in both branches, averages instead of
@@ -87,16 +88,16 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
         cands = torch.stack([resample(zsi[j], j, n) for j in sources])  # (N', b, c, h, w)
         # Step 2: match every candidate with the shared codebook C^si (Eq. 1); one batched match for all N'
         # (groups: the N' stacked batches, which the codebook's data init needs to know under DDP)
-        probs, idx = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources))  # (N'*b, m, h, w), ...
-        conf = probs.gather(1, idx[:, None])[:, 0].unflatten(0, (len(sources), b))  # (N', b, h, w): P of the chosen code
-        idx = idx.unflatten(0, (len(sources), b))  # (N', b, h, w)
+        probs, flat_idx = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources))  # (N'*b, m, h, w)
+        conf = probs.gather(1, flat_idx[:, None])[:, 0]  # (N'*b, h, w): P of each candidate's chosen code
+        conf = conf.unflatten(0, (len(sources), b))  # (N', b, h, w)
+        cand_idx = flat_idx.unflatten(0, (len(sources), b))  # (N', b, h, w): each candidate's code
         # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel
         win = conf.argmax(dim=0)  # (b, h, w) index into `sources`
-        idx_si = idx.gather(0, win[None])[0]  # (b, h, w)
+        idx_si = cand_idx.gather(0, win[None])[0]  # (b, h, w)
         z_si = cands.gather(0, win[None, :, None].expand(1, b, c, h, w))[0]  # (b, c, h, w) the winner's continuous vector
         q_si = vae.cb_select(codebook_si, idx_si, z_si)  # Eq. 2: X^si_n (b, c, h, w)
-        part = {"q_si_own": vae.cb_select(codebook_si, idx[sources.index(n)]).detach(),  # before inter-scale fusion
-                "win": win}
+        part = {"q_si_own": vae.cb_select(codebook_si, cand_idx[sources.index(n)]).detach()}  # si before inter fusion
         if intra:
             # scale-variant half: its own codebook C^sv_n, no voting
             _, idx_sv = vae.cb_match(codebooks_sv[n], zsv[n], tau)  # (b, h, w)
@@ -205,3 +206,11 @@ def build_vae(kind="msf", code_dim=256, channels=64, scales=3, fusion="msf", int
     if kind == "msf":
         return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes)
     raise ValueError(f"unknown --vae '{kind}'; choose msf, vqvae, gdr or multiscale")
+
+
+def load_vae(ckpt, device="cpu"):
+    """Rebuild a stage-1 VAE from its checkpoint dict (train_common.load_checkpoint(path, "vae") reads one safely):
+    build_vae with the stored model_args, then the stored weights. Returns the model in eval mode."""
+    model = build_vae(**ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()

@@ -13,15 +13,12 @@ Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, SlotAtte
 
 Differences: the naive CNN of Kipf et al. runs four 5x5 convolutions at full resolution (the authors' CNN branch
 gives 128x128 features at 128 px: `stride=1`, the `--size paper` default). A 2-core CPU cannot afford that, so the
-CPU size reads overlapping 4x4 windows 2 px apart (`stride=2`: 64x64 -> 32x32 cells, masks at H/2). Stride 4
-(4x4 patches like SLATE's dVAE, masks at H/4) trains the quick start's OCL in 8.2 instead of 13.4 minutes but
-scored 5.5 ARIfg points lower (57.2 vs 62.7): 16x16 boundaries are coarse on 64 px images (even perfect 16x16 masks
-score ARIfg 85.5 on the built-in dataset, perfect 32x32 masks 95.7: benchmarks/mask_ceiling.py).
-`bilevel=True` (train_ocl.py --bilevel) adds the truncated-gradient trick of BO-QSA that the authors' code uses:
-the last iteration starts from detached slots, with a straight-through path to the queries. It is off by default,
-as in Locatello et al.; in our CPU runs full backpropagation also scored better on every metric.
-The DINO big-little encoder of A.3 (frozen DINO + naive CNN, summed) belongs next to CNNEncoder; it is a later
-issue, and the line of train_ocl.py's OCL class that builds the encoder is where it will be chosen.
+CPU size reads overlapping 4x4 windows 2 px apart (`stride=2`: masks at H/2); `stride=4` gives SLATE's 4x4 patches
+(masks at H/4). What each costs and scores on the built-in dataset is in the README ("How the CPU quick start was
+tuned"). `bilevel=True` (train_ocl.py --bilevel) adds the truncated-gradient trick of BO-QSA that the authors'
+code uses: the last iteration starts from detached slots, with a straight-through path to the queries. It is off
+by default, as in Locatello et al. The DINO big-little encoder of A.3 (frozen DINO + naive CNN, summed) belongs
+next to CNNEncoder; the line of train_ocl.OCL that builds the encoder is where it will be chosen.
 """
 import math
 
@@ -42,8 +39,11 @@ class CNNEncoder(nn.Module):
     """The naive CNN primary encoder phi_e: T (b, 3, H, W) -> F (b, (H/r)*(W/r), d), plus the grid size (h, w).
 
     A first convolution with stride r (4: one cell per 4x4 patch; 2: overlapping 4x4 windows; 1: 3x3 at full
-    resolution), two 3x3 convolutions (64 channels, ReLU); a learned linear map of the position grid is added to
-    every cell (soft position embedding); then LayerNorm and a two-layer MLP per cell. Masks come out at H/r.
+    resolution), then two 3x3 convolutions (64 channels), ReLU between the three but none after the last; a
+    learned linear map of the position grid is added to every cell (soft position embedding); then LayerNorm and a
+    two-layer MLP per cell. Masks come out at H/r. Locatello et al. put a ReLU after their last convolution too;
+    here the features stay signed when the position embedding is added, and the LayerNorm + MLP after it are the
+    nonlinearity (every number in the README was measured this way; a ReLU there is a one-line exercise).
     """
 
     def __init__(self, out_dim, channels=64, stride=4):

@@ -18,6 +18,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import convert  # noqa: E402
 import data  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def main():
                 names.append(name)
             (vroot / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(names) + "\n")
             start = time.perf_counter()
-            n = data.convert("voc", src, work / "voc_out", resolution=args.resolution, quiet=True)["train"]
+            n = convert.convert("voc", src, work / "voc_out", resolution=args.resolution, quiet=True)["train"]
             conv_rate = n / (time.perf_counter() - start)
     finally:
         shutil.rmtree(work, ignore_errors=True)

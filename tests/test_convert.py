@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import convert
 import data
 from conftest import SHARED_DATA
 
@@ -58,11 +59,11 @@ def test_nearest_exact_index_equals_torch():
     for n_in, n_out in [(360, 128), (375, 128), (128, 128), (240, 64), (7, 3), (3, 7)]:
         x = torch.arange(n_in, dtype=torch.float64)[None, None, :, None].expand(1, 1, n_in, 1)
         ref = F.interpolate(x, size=(n_out, 1), mode="nearest-exact")[0, 0, :, 0].long().numpy()
-        assert (data.nearest_exact_index(n_in, n_out) == ref).all()
+        assert (convert.nearest_exact_index(n_in, n_out) == ref).all()
 
 
 def test_crc32c_known_vector():
-    assert data.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert convert.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 # ----------------------------------------------------------------------------- COCO (real sample)
@@ -71,7 +72,7 @@ def test_crc32c_known_vector():
 @needs_samples
 def test_coco_panoptic_real_sample(tmp_path):
     src = SHARED_DATA / "coco"
-    data.convert("coco", src, tmp_path / "coco", resolution=128, min_bbox=0, max_objects=0, quiet=True)
+    convert.convert("coco", src, tmp_path / "coco", resolution=128, min_bbox=0, max_objects=0, quiet=True)
     ds, (rec,) = records(tmp_path / "coco" / "val")
     js = json.loads((src / "annotations" / "panoptic_val2017.json").read_text())
     ann = js["annotations"][0]
@@ -91,19 +92,19 @@ def test_coco_panoptic_real_sample(tmp_path):
     assert rec["classes"].tolist() == classes and rec["areas"].tolist() == areas
     assert (expected == 255).any() and len(classes) > 10  # void/crowd present; a busy image
     assert np.abs(rec["image"].astype(int) - oracle_image(src / "val2017" / "000000439180.jpg", 128)).max() <= 2
-    assert ds.meta["max_objects"] == len(classes) and ds.meta["converter_version"] == data.CONVERTER_VERSION
+    assert ds.meta["max_objects"] == len(classes) and ds.meta["converter_version"] == convert.CONVERTER_VERSION
     item = ds[0]
     assert item["areas"].shape == (len(classes),) and item["classes"].tolist() == classes
 
     # the paper's filters (defaults): tiny objects become ignored, then this image has > 10 objects: dropped
-    data.convert("coco", src, tmp_path / "filtered", resolution=128, quiet=True)
+    convert.convert("coco", src, tmp_path / "filtered", resolution=128, quiet=True)
     meta = data.read_meta(tmp_path / "filtered" / "val")
-    tiny = sum(1 for k in range(1, len(classes) + 1) if data.bbox_area(expected == k) < 16)
+    tiny = sum(1 for k in range(1, len(classes) + 1) if convert.bbox_area(expected == k) < 16)
     assert meta["count"] == 0 and meta["filtered"]["samples_over_max_objects_dropped"] == 1
     assert meta["filtered"].get("objects_below_min_bbox_ignored", 0) == tiny
-    data.convert("coco", src, tmp_path / "loose", resolution=128, max_objects=40, quiet=True)
+    convert.convert("coco", src, tmp_path / "loose", resolution=128, max_objects=40, quiet=True)
     (rec,) = records(tmp_path / "loose" / "val")[1]
-    small = [k for k in range(1, len(classes) + 1) if data.bbox_area(expected == k) < 16]
+    small = [k for k in range(1, len(classes) + 1) if convert.bbox_area(expected == k) < 16]
     for k in small:
         assert (rec["segment"][expected == k] == 255).all()  # ignored, neither background nor an object
     assert rec["segment"].max(initial=0, where=rec["segment"] != 255) == len(classes) - len(small)
@@ -117,7 +118,7 @@ def test_voc_real_sample_instances_classes_void_and_missing_masks(tmp_path):
     src = copy_tree(SHARED_DATA / "voc", tmp_path / "voc")
     root = src / "VOCdevkit" / "VOC2012"
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000063\n2011_003353\n")  # 2nd: no masks
-    data.convert("voc", src, tmp_path / "out", resolution=128, quiet=True)
+    convert.convert("voc", src, tmp_path / "out", resolution=128, quiet=True)
     ds, (rec,) = records(tmp_path / "out" / "train")
     assert ds.meta["filtered"]["images_without_masks_skipped"] == 1
     obj = oracle_labels(np.array(Image.open(root / "SegmentationObject" / "2007_000063.png")), 128)
@@ -149,7 +150,7 @@ def write_clevrtex(root, n, render):
             cy, cx = rng.integers(20, 220), rng.integers(20, 300)
             mask[(yy - cy) ** 2 + (xx - cx) ** 2 < rng.integers(50, 900)] = k
         im = Image.fromarray(mask, mode="P")
-        im.putpalette([c for rgb in data.CLEVRTEX_CMAP for c in rgb])
+        im.putpalette([c for rgb in convert.CLEVRTEX_CMAP for c in rgb])
         im.save(folder / f"CLEVRTEX_full_{idx:06d}_flat.png")
         masks.append(mask)
     return masks
@@ -159,7 +160,7 @@ def write_clevrtex(root, n, render):
 def test_clevrtex_splits_masks_and_rgba(tmp_path):
     render = SHARED_DATA / "clevrtex" / "render-no-mask.png"
     masks = write_clevrtex(tmp_path / "src", 20, render)
-    data.convert("clevrtex", tmp_path / "src", tmp_path / "out", resolution=128, quiet=True)
+    convert.convert("clevrtex", tmp_path / "src", tmp_path / "out", resolution=128, quiet=True)
     counts = {s: data.read_meta(tmp_path / "out" / s)["count"] for s in ("train", "val", "test")}
     assert counts == {"test": 2, "val": 2, "train": 16}  # first 10% test, next 10% val, the rest train
     _, recs = records(tmp_path / "out" / "val")
@@ -173,13 +174,13 @@ def test_clevrtex_splits_masks_and_rgba(tmp_path):
         for suffix in ("", "_flat"):
             shutil.copyfile(tmp_path / "src" / "clevrtex_full" / "0" / f"CLEVRTEX_full_{idx:06d}{suffix}.png",
                             outd / f"CLEVRTEX_outd_{idx:06d}{suffix}.png")
-    data.convert("clevrtex", tmp_path / "src", tmp_path / "out", resolution=128, variant="outd", quiet=True)
+    convert.convert("clevrtex", tmp_path / "src", tmp_path / "out", resolution=128, variant="outd", quiet=True)
     assert data.read_meta(tmp_path / "out" / "outd")["count"] == 3
     assert (data.LMDBDataset(tmp_path / "out" / "outd")[2]["segment"].numpy() == oracle_labels(masks[2], 128)).all()
     # a mask re-saved as RGB colours maps back through the palette
     flat = tmp_path / "src" / "clevrtex_full" / "0" / "CLEVRTEX_full_000002_flat.png"
     Image.open(flat).convert("RGB").save(flat)
-    data.convert("clevrtex", tmp_path / "src", tmp_path / "out", splits=["val"], resolution=128, overwrite=True, quiet=True)
+    convert.convert("clevrtex", tmp_path / "src", tmp_path / "out", splits=["val"], resolution=128, overwrite=True, quiet=True)
     assert (records(tmp_path / "out" / "val")[1][0]["segment"] == oracle_labels(masks[2], 128)).all()
 
 
@@ -221,7 +222,7 @@ def write_tfrecord(path, examples):
     with open(path, "wb") as f:
         for ex in examples:
             head = struct.pack("<Q", len(ex))
-            f.write(head + struct.pack("<I", data.masked_crc(head)) + ex + struct.pack("<I", data.masked_crc(ex)))
+            f.write(head + struct.pack("<I", convert.masked_crc(head)) + ex + struct.pack("<I", convert.masked_crc(ex)))
 
 
 def png_bytes(array):
@@ -258,9 +259,9 @@ def test_movi_tfrecords_without_tensorflow(tmp_path):
         exs = [movi_example(rng) for _ in range(n)]
         write_tfrecord(src / f"movi_c-{split}.tfrecord-00000-of-00001", [e[0] for e in exs])
         made[split] = exs
-    parsed = data.parse_example(made["train"][0][0])
+    parsed = convert.parse_example(made["train"][0][0])
     assert parsed["metadata/negative_test"].tolist() == [-5] and parsed["metadata/num_instances"].tolist() == [3]
-    data.convert("movi_c", src, tmp_path / "out", resolution=32, quiet=True)
+    convert.convert("movi_c", src, tmp_path / "out", resolution=32, quiet=True)
     ds, recs = records(tmp_path / "out" / "val")
     assert len(recs) == 2 and ds.meta["max_objects"] == 3
     for rec, (_, video, seg, dense) in zip(recs, made["validation"]):
@@ -274,9 +275,9 @@ def test_movi_tfrecords_without_tensorflow(tmp_path):
     raw = shard.read_bytes()
     first = struct.unpack("<Q", raw[:8])[0] + 16
     shard.write_bytes(raw[:first + 100])
-    with pytest.raises(data.ConversionError, match=rf"movi_c-train.tfrecord-00000-of-00001: truncated TFRecord: "
+    with pytest.raises(convert.ConversionError, match=rf"movi_c-train.tfrecord-00000-of-00001: truncated TFRecord: "
                                                    rf"the record at byte offset {first}"):
-        data.convert("movi_c", src, tmp_path / "out2", splits=["train"], resolution=32, quiet=True)
+        convert.convert("movi_c", src, tmp_path / "out2", splits=["train"], resolution=32, quiet=True)
     assert not (tmp_path / "out2" / "train").exists()  # nothing half-written is left
 
 
@@ -294,7 +295,7 @@ def test_movi_kubric_scene_folders_crop_boxes(tmp_path):
         {"bboxes": [[0.25, 0.5, 0.75, 0.75]], "bbox_frames": [1]},  # [ymin, xmin, ymax, xmax] of the 48x32 frame
         {"bboxes": [[0.0, 0.0, 0.5, 0.25], [0.1, 0.1, 0.2, 0.2]], "bbox_frames": [0, 1]}]}
     (scene / "metadata.json").write_text(json.dumps(meta))
-    data.convert("movi_d", tmp_path / "kubric", tmp_path / "out", resolution=32, quiet=True)
+    convert.convert("movi_d", tmp_path / "kubric", tmp_path / "out", resolution=32, quiet=True)
     (rec,) = records(tmp_path / "out" / "train")[1]
     # x in crop = (x * 48 - 8) / 32, y unchanged (the crop keeps all rows), clipped to [0, 1]
     assert np.allclose(rec["bbox"][1, 0], [(0.5 * 48 - 8) / 32, 0.25, (0.75 * 48 - 8) / 32, 0.75])
@@ -328,7 +329,7 @@ def test_openimages_masks_overlap_and_resolution(tmp_path):
         rows.append(f"{path},0c7b2e492da6ba02,{mid},{name},0,1,0,1,0.9,")
     rows.append("missing_m01.png,ffffffffffffffff,/m/01,x,0,1,0,1,0.9,")  # an image that was not downloaded
     (src / "train-annotations-object-segmentation.csv").write_text("\n".join([header, *rows]) + "\n")
-    data.convert("openimages", src, tmp_path / "out", resolution=128, quiet=True)
+    convert.convert("openimages", src, tmp_path / "out", resolution=128, quiet=True)
     ds, (rec,) = records(tmp_path / "out" / "train")
     assert ds.meta["filtered"]["images_not_downloaded_skipped"] == 1
     full = np.zeros((h, w), np.int64)
@@ -345,7 +346,7 @@ def test_openimages_masks_overlap_and_resolution(tmp_path):
 @needs_samples
 def test_bad_inputs_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"(?s)does not look like the official coco download.*panoptic_\{train,val\}2017"):
-        data.main(["coco", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+        convert.main(["coco", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     src = copy_tree(SHARED_DATA / "voc", tmp_path / "voc")
     root = src / "VOCdevkit" / "VOC2012"
     shutil.copyfile(root / "JPEGImages" / "2007_000063.jpg", root / "JPEGImages" / "2007_999999.jpg")
@@ -353,13 +354,13 @@ def test_bad_inputs_are_named(tmp_path, capsys):
         (root / kind / "2007_999999.png").write_bytes(b"\x89PNG broken")  # a corrupt mask
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000063\n2007_999999\n")
     out = tmp_path / "voc_out"
-    data.main(["voc", "--src", str(src), "--out", str(out)])
+    convert.main(["voc", "--src", str(src), "--out", str(out)])
     meta = data.read_meta(out / "train")
     assert meta["count"] == 1 and meta["filtered"]["samples_unreadable_skipped"] == 1
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
-        data.main(["voc", "--src", str(src), "--out", str(out)])
-    data.main(["voc", "--src", str(src), "--out", str(out), "--overwrite", "--limit", "1", "--resolution", "64"])
+        convert.main(["voc", "--src", str(src), "--out", str(out)])
+    convert.main(["voc", "--src", str(src), "--out", str(out), "--overwrite", "--limit", "1", "--resolution", "64"])
     assert data.read_meta(out / "train")["resolution"] == 64
     data.main(["info", str(out)])
     assert '"converter_version": 1' in capsys.readouterr().out
@@ -370,7 +371,7 @@ def test_bad_inputs_are_named(tmp_path, capsys):
 
 @needs_samples
 def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
-    """The real COCO sample replicated under 12 names (8 train, 4 val) -> data.py -> train_vae.py and
+    """The real COCO sample replicated under 12 names (8 train, 4 val) -> convert.py -> train_vae.py and
     train_ocl.py at 128 px for 2 steps each -> evaluate.py prints ARI..mBO, the Tab. 7 size split, and --semantic."""
     import evaluate
     import train_ocl
@@ -392,7 +393,7 @@ def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
         (src / "annotations" / f"panoptic_{split}2017.json").write_text(
             json.dumps(dict(js, images=images, annotations=anns)))
     root = tmp_path / "data"
-    data.main(["coco", "--src", str(src), "--out", str(root / "coco"), "--max-objects", "40"])
+    convert.main(["coco", "--src", str(src), "--out", str(root / "coco"), "--max-objects", "40"])
     vae_out, ocl_out = tmp_path / "vae", tmp_path / "ocl"
     train_vae.main(["--dataset", "coco", "--data-root", str(root), "--out", str(vae_out), "--channels", "16",
                     "--steps", "2", "--batch-size", "4", "--val-batches", "1"])

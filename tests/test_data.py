@@ -174,7 +174,7 @@ def test_shapes_resolution_128(tmp_path):
 def test_load_dataset_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="known datasets: shapes, clevrtex, coco"):
         data.load_dataset("imagenet", "train", tmp_path)
-    with pytest.raises(data.DatasetMissing, match=r"python data.py coco --src"):
+    with pytest.raises(data.DatasetMissing, match=r"python convert.py coco --src"):
         data.load_dataset("coco", "train", tmp_path)
 
 
@@ -194,3 +194,10 @@ def test_cli_info_and_refusal(tmp_path, capsys):
     assert '"count": 3' in out and '"count": 2' in out and '"resolution": 64' in out
     with pytest.raises(SystemExit, match="--overwrite"):
         data.main(["shapes", "--root", str(tmp_path), "--train", "3", "--val", "2"])
+
+
+def test_data_cli_names_convert_py_for_a_real_dataset(tmp_path):
+    """The converters moved to convert.py: `python data.py coco ...` stops with the command to run instead."""
+    with pytest.raises(SystemExit, match=r"python convert.py coco --src /x --out " + str(tmp_path)):
+        data.main(["coco", "--src", "/x", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing was written

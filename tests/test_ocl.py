@@ -189,7 +189,7 @@ def test_code_dim_mismatch_is_refused_naming_both(tiny_root, tiny_vaes, tmp_path
 def test_missing_inputs_print_the_command(tmp_path, tiny_root):
     with pytest.raises(SystemExit, match="python train_vae.py --dataset shapes --code-dim 4"):
         train_ocl.main(["--data-root", str(tiny_root), "--decoder", "diffusion", "--vae-ckpt", str(tmp_path / "none.pt")])
-    with pytest.raises(SystemExit, match="python data.py coco --src"):
+    with pytest.raises(SystemExit, match="python convert.py coco --src"):
         train_ocl.main(["--dataset", "coco", "--data-root", str(tmp_path)])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main(["--ckpt", str(tmp_path / "none.pt")])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import train_common
 import train_ocl
 import train_vae
 
@@ -150,22 +151,22 @@ class Probe(torch.utils.data.Dataset):
 
 def test_global_batches_split_over_ranks_and_resume_mid_epoch():
     ds = Probe()
-    single = [b["index"].tolist() for b, _ in zip(train_vae.infinite_batches(ds, 8, 3), range(7))]  # 3 batches/epoch
+    single = [b["index"].tolist() for b, _ in zip(train_common.infinite_batches(ds, 8, 3), range(7))]  # 3 batches/epoch
     assert sorted(sum(single[:3], [])) == list(range(24))  # an epoch is a permutation
-    ranks = [[b["index"].tolist() for b, _ in zip(train_vae.infinite_batches(ds, 8, 3, 0, r, 2), range(7))]
+    ranks = [[b["index"].tolist() for b, _ in zip(train_common.infinite_batches(ds, 8, 3, 0, r, 2), range(7))]
              for r in range(2)]
     assert [a + b for a, b in zip(*ranks)] == single  # rank 0 holds the first half of each global batch, rank 1 the rest
-    later = [b["index"].tolist() for b, _ in zip(train_vae.infinite_batches(ds, 8, 3, start_step=4), range(3))]
+    later = [b["index"].tolist() for b, _ in zip(train_common.infinite_batches(ds, 8, 3, start_step=4), range(3))]
     assert later == single[4:7]  # resuming at step 4 = skipping 4 batches, with no saved loader state
 
 
 def test_workers_draw_distinct_numbers_per_worker_and_epoch():
     ds = Probe()
-    batches = train_vae.infinite_batches(ds, 4, 0, workers=2)
+    batches = train_common.infinite_batches(ds, 4, 0, workers=2)
     draws = torch.cat([next(batches)["draw"] for _ in range(12)])  # 2 epochs, 2 workers
     assert len(set(draws.tolist())) == 48  # one seed per worker would repeat, and so would one per worker and not epoch
-    plain = [next(train_vae.infinite_batches(ds, 4, 0, start_step=s))["index"].tolist() for s in range(12)]
-    batches = train_vae.infinite_batches(ds, 4, 0, workers=2)
+    plain = [next(train_common.infinite_batches(ds, 4, 0, start_step=s))["index"].tolist() for s in range(12)]
+    batches = train_common.infinite_batches(ds, 4, 0, workers=2)
     assert [next(batches)["index"].tolist() for _ in range(12)] == plain  # workers change nothing in the order
 
 
@@ -176,11 +177,11 @@ def test_unwritable_or_full_out_fails_before_training(tiny_root, tmp_path, monke
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(blocker / "run"), *VAE_TINY, "--steps", "3"])
-    with pytest.raises(train_vae.RunError, match="is not writable"):
+    with pytest.raises(train_common.RunError, match="is not writable"):
         train_vae.train(args)
-    monkeypatch.setattr(train_vae.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 2 ** 20})())
+    monkeypatch.setattr(train_common.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 2 ** 20})())
     args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "full"), *VAE_TINY, "--steps", "3"])
-    with pytest.raises(train_vae.RunError, match=r"10 MiB free, but this run's checkpoints need about \d+ MiB"):
+    with pytest.raises(train_common.RunError, match=r"10 MiB free, but this run's checkpoints need about \d+ MiB"):
         train_vae.train(args)
     assert not (tmp_path / "full" / "metrics.jsonl").exists()  # no step was taken
 
@@ -189,9 +190,9 @@ def test_existing_run_needs_resume_or_overwrite(tiny_root, vae256, tmp_path, cap
     out = tmp_path / "r"
     base = ["--data-root", str(tiny_root), "--out", str(out), "--vae-ckpt", str(vae256), *OCL_TINY]
     train_ocl.train(train_ocl.parse_args([*base, "--steps", "2"]))
-    with pytest.raises(train_vae.RunError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(train_common.RunError, match="already holds a run.*--resume.*--overwrite"):
         train_ocl.train(train_ocl.parse_args([*base, "--steps", "2"]))
-    with pytest.raises(train_vae.RunError, match=r"decoder: 'transformer' in the checkpoint, 'mlp' now; "
+    with pytest.raises(train_common.RunError, match=r"decoder: 'transformer' in the checkpoint, 'mlp' now; "
                                                  r"steps: 2 in the checkpoint, 3 now"):
         train_ocl.train(train_ocl.parse_args([*base, "--steps", "3", "--decoder", "mlp", "--resume"]))
     with pytest.raises(ValueError, match="OCL checkpoint, but a VAE checkpoint"):  # a VAE run pointed at an OCL run

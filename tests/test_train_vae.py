@@ -12,6 +12,7 @@ import torch
 
 import data
 import msf
+import train_common
 import train_vae
 
 TINY = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1"]
@@ -28,7 +29,7 @@ def test_twenty_steps_write_a_safe_checkpoint_and_learn(tmp_path, tiny_root):
         ckpt = torch.load(out / name, map_location="cpu", weights_only=True)  # no code runs while loading
         assert ckpt["kind"] == "vae" and ckpt["model_args"]["kind"] == "msf" and ckpt["model_args"]["code_dim"] == 8
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 20
-    model, _ = train_vae.load_vae(out / "best.pt")
+    model = msf.load_vae(train_common.load_checkpoint(out / "best.pt", "vae"))
     assert not model.training and model.num_scales == 3
     logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     recon = [r["recon1"] for r in logs if "recon1" in r]
@@ -47,20 +48,21 @@ def test_same_seed_same_weights(tmp_path, tiny_root):
 def test_every_vae_kind_trains(tmp_path, tiny_root):
     for kind in ("vqvae", "multiscale"):
         out, _ = run(tmp_path / kind, tiny_root, "--steps", "2", "--code-dim", "4", "--vae", kind)
-        model, ckpt = train_vae.load_vae(out / "last.pt")
+        ckpt = train_common.load_checkpoint(out / "last.pt", "vae")
+        model = msf.load_vae(ckpt)
         assert ckpt["model_args"]["kind"] == kind
 
 
 def test_schedules_closed_form():
     total, lr = 200, 1.0
-    assert train_vae.lr_at(0, total, lr) == pytest.approx(1 / 10)  # warmup over total/20 = 10 steps
-    assert train_vae.lr_at(9, total, lr) == pytest.approx(1.0)
+    assert train_common.lr_at(0, total, lr) == pytest.approx(1 / 10)  # warmup over total/20 = 10 steps
+    assert train_common.lr_at(9, total, lr) == pytest.approx(1.0)
     mid = 10 + (total - 10) // 2
-    assert train_vae.lr_at(mid, total, lr) == pytest.approx(0.5, abs=0.01)
-    assert train_vae.lr_at(total, total, lr) == pytest.approx(0.0, abs=1e-9)
-    assert train_vae.cosine_decay(0, 100) == 1 and train_vae.cosine_decay(50, 100) == pytest.approx(0.5)
-    assert train_vae.cosine_decay(150, 100) == 0
-    assert train_vae.cosine_decay(25, 100, 1, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert train_common.lr_at(mid, total, lr) == pytest.approx(0.5, abs=0.01)
+    assert train_common.lr_at(total, total, lr) == pytest.approx(0.0, abs=1e-9)
+    assert train_common.cosine_decay(0, 100) == 1 and train_common.cosine_decay(50, 100) == pytest.approx(0.5)
+    assert train_common.cosine_decay(150, 100) == 0
+    assert train_common.cosine_decay(25, 100, 1, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,7 +77,7 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 
 def test_unconverted_real_dataset_prints_the_command(tmp_path):
-    with pytest.raises(SystemExit, match="python data.py coco --src"):
+    with pytest.raises(SystemExit, match="python convert.py coco --src"):
         train_vae.main(["--dataset", "coco", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")])
 
 
@@ -106,13 +108,13 @@ def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"kind": "ocl", "format_version": 1}, path)
     with pytest.raises(ValueError, match="OCL checkpoint, but a VAE checkpoint"):
-        train_vae.load_checkpoint(path, "vae")
+        train_common.load_checkpoint(path, "vae")
     path.write_bytes(b"garbage, not a checkpoint")
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        train_vae.load_checkpoint(path, "vae")
+        train_common.load_checkpoint(path, "vae")
     torch.save({"kind": "vae", "format_version": 99}, path)
     with pytest.raises(ValueError, match="newer than this code"):
-        train_vae.load_checkpoint(path, "vae")
+        train_common.load_checkpoint(path, "vae")
 
 
 # ----------------------------------------------------------------------------- video datasets (MOVi) in stage 1
@@ -120,22 +122,22 @@ def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
 def test_video_frames_slices_consecutive_frames_per_clip():
     video = torch.arange(2 * 8, dtype=torch.float32).view(2, 8, 1, 1, 1).expand(2, 8, 3, 4, 4)  # pixel = clip*8 + frame
     image = torch.randn(5, 3, 4, 4)
-    assert train_vae.video_frames(image, 3) is image  # images pass through
-    assert torch.equal(train_vae.video_frames(video)[:, 0, 0, 0], torch.arange(16.0))  # clip = 0: every frame, in order
-    frames = train_vae.video_frames(video, 3, torch.Generator().manual_seed(0))
+    assert data.video_frames(image, 3) is image  # images pass through
+    assert torch.equal(data.video_frames(video)[:, 0, 0, 0], torch.arange(16.0))  # clip = 0: every frame, in order
+    frames = data.video_frames(video, 3, torch.Generator().manual_seed(0))
     assert frames.shape == (6, 3, 4, 4)
     v = frames[:, 0, 0, 0].view(2, 3)  # (clip, frame) values
     for c in range(2):
         start = v[c, 0] - 8 * c
         assert 0 <= start <= 5 and torch.equal(v[c], 8 * c + start + torch.arange(3.0))  # 3 consecutive frames of clip c
-    starts = {tuple(train_vae.video_frames(video, 3, torch.Generator().manual_seed(s))[::3, 0, 0, 0].tolist())
+    starts = {tuple(data.video_frames(video, 3, torch.Generator().manual_seed(s))[::3, 0, 0, 0].tolist())
               for s in range(20)}
     assert len(starts) > 5  # the start frame is random ...
-    assert torch.equal(frames, train_vae.video_frames(video, 3, torch.Generator().manual_seed(0)))  # ... and seeded
+    assert torch.equal(frames, data.video_frames(video, 3, torch.Generator().manual_seed(0)))  # ... and seeded
 
 
 def write_tiny_movi(root, t=5, res=32):
-    """movi_c/{train,val} with 4 and 2 clips of t frames (what `python data.py movi_c` writes, in small)."""
+    """movi_c/{train,val} with 4 and 2 clips of t frames (what `python convert.py movi_c` writes, in small)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
         samples = [{"image": rng.integers(0, 256, (t, res, res, 3), dtype=np.uint8),

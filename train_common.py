@@ -1,0 +1,491 @@
+"""Engineering that both training scripts share. None of it is in the paper: skip this file on a first reading.
+
+train_vae.py (stage 1) and train_ocl.py (stage 2) are the two loops of the paper's recipe (A.5). What they need
+around those loops to run for days on several GPUs and survive a kill lives here, as plain functions they call by
+name, so that each loop reads forward -> loss -> step with nothing else in the way:
+
+  schedules        lr_at (warmup + cosine, A.5), cosine_decay (the sigma / annealing schedules), set_lr
+  randomness       seed_everything, the data order `infinite_batches` (a pure function of seed and step), and
+                   the per-worker seeds of the DataLoader
+  devices          pick_device, default_workers; `distributed` (torchrun: one process per GPU, DDP)
+  run arguments    add_run_args, apply_preset (dataset presets of data.PRESETS; explicit flags win)
+  checkpoints      save_checkpoint / load_checkpoint (weights_only: loading never runs code), prepare_out_dir,
+                   save_last (last.pt with the whole training state + numbered copies), resume
+  the step         check_step (non-finite loss, stop signals), optimizer_step (AMP, clipping), StopSignal, Log
+
+Reading order: as listed. Nothing here imports a model file: the scripts hand in what they built.
+Imports from the project: data (the presets).
+"""
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import data
+
+CKPT_VERSION = 2  # 2: the transformer decoder's classifiers are `classifiers` (were `heads`); see train_ocl.load_ocl
+
+# -----------------------------------------------------------------------------
+# Schedules: pure functions of the step, so a resumed run needs to save none of them
+
+
+def lr_at(step, total, base_lr):
+    """Linear warmup over the first 1/20 of the steps, then cosine annealing to 0 (A.5)."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_decay(step, total, start=1.0, end=0.0):
+    """start -> end along half a cosine over `total` steps, then `end`."""
+    progress = min(1.0, step / max(1, total))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, step, total, base_lr):
+    """Set this step's learning rate (lr_at) on every parameter group; returns it for the log."""
+    lr = lr_at(step, total, base_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# -----------------------------------------------------------------------------
+# Randomness, devices and the data order
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    """--device: auto (CUDA if there is a GPU), cpu, cuda, cuda:1, ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def default_workers(device):
+    """DataLoader worker processes per training process: 4 on GPU machines (the GPU must not wait for decoding),
+    none on small CPUs (there the main process already keeps every core busy and workers would steal them)."""
+    cpus = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(4, cpus)
+    return 0 if cpus <= 4 else 2
+
+
+def _seed_worker(worker_id, base):
+    """Each DataLoader worker gets its own seed, different per worker, per process and per epoch, so random
+    augmentations never repeat across workers (a known quirk of the authors' code: every worker had one seed)."""
+    s = base + worker_id
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
+
+
+def infinite_batches(dataset, batch_size, seed, start_step=0, rank=0, world=1, workers=0, pin_memory=False):
+    """This process's share of shuffled global batches, forever, starting at global step `start_step`.
+
+    The order is a pure function of (seed, step): epoch e shuffles the dataset with a generator seeded
+    (seed * 100003 + e); global batch i of the epoch is the slice [i*B, (i+1)*B) of that permutation, and process
+    `rank` of `world` takes its contiguous part [rank*b, (rank+1)*b), b = B / world (our distributed sampler).
+    So 1 process and N processes see the same global batches, and a resumed run continues exactly where the
+    killed one was, with no state to save. Incomplete last batches of an epoch are dropped."""
+    if len(dataset) < batch_size:
+        sys.exit(f"the dataset has {len(dataset)} samples, fewer than --batch-size {batch_size}")
+    if batch_size % world:
+        sys.exit(f"--batch-size {batch_size} (the global batch) does not split evenly over {world} processes")
+    b, per_epoch = batch_size // world, len(dataset) // batch_size
+    epoch, first = divmod(start_step, per_epoch)  # resume: skip whole epochs, then the batches already taken
+    while True:
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # one draw first: the order of earlier versions
+        perm = torch.randperm(len(dataset), generator=g).tolist()
+        mine = [perm[i * batch_size + rank * b: i * batch_size + (rank + 1) * b] for i in range(first, per_epoch)]
+        loader = DataLoader(dataset, batch_sampler=mine, num_workers=workers, pin_memory=pin_memory,
+                            worker_init_fn=functools.partial(_seed_worker, base=((seed * 1009 + rank) * 100003 + epoch) * 64),
+                            generator=torch.Generator())  # a private generator: the global RNG stays untouched
+        yield from loader
+        epoch, first = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# Distributed data parallel: `torchrun --nproc_per_node N train_vae.py ...` (same for train_ocl.py)
+
+
+class Dist(NamedTuple):
+    rank: int  # this process, 0..world-1; rank 0 alone logs, validates, writes checkpoints and figures
+    world: int  # number of processes (1 for a plain `python train_*.py`)
+    local_rank: int  # this process's GPU on its machine
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed(device_name):
+    """`with distributed(args.device) as d:` the body runs as this process of a torchrun group, or as the only
+    process. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them nothing happens. Backend: nccl on GPUs,
+    gloo on CPUs. Each process then runs the same script on 1/world of every batch, and DistributedDataParallel
+    averages the gradients so all processes take the same optimizer step. The group is closed on the way out."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        yield Dist(0, 1, 0, device)
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Dist(rank, world, local_rank, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap_ddp(model, d):
+    """DistributedDataParallel around the trainable model (a no-op for one process). Buffers are not broadcast
+    every step: the codebooks' hit counts are per process and summed where they are used (vae.Codebook)."""
+    if d.world == 1:
+        return model
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def print_batch_rule(d, batch_size, lr):
+    if d.world > 1 and d.main:
+        print(f"distributed: {d.world} processes x batch {batch_size // d.world} = effective batch {batch_size} "
+              f"(--batch-size is the global batch, so the paper's lr {lr:g} applies unchanged: no scaling rule)")
+
+
+def reseed_for_rank(seed, d):
+    """After the model is built (identical on every process), give each process its own random stream for
+    sampling noise (Gumbel, query init, diffusion noise); process 0 keeps the single-process stream."""
+    if d.rank > 0:
+        torch.manual_seed(seed * 1009 + d.rank)
+
+
+def _gather(t, d):
+    """[t of process 0, t of process 1, ...] on every process (same shapes everywhere)."""
+    if d.world == 1:
+        return [t]
+    x = t.to(d.device)
+    parts = [torch.empty_like(x) for _ in range(d.world)]
+    dist.all_gather(parts, x)
+    return [q.cpu() for q in parts]
+
+
+# -----------------------------------------------------------------------------
+# Run arguments both scripts take, and the dataset presets
+
+
+def add_run_args(p, val_default):
+    """The flags both training scripts share: seeds, devices, data loading, logging, checkpoints, resume."""
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (weights, data order, sampling)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (under torchrun: each process's GPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes per training process (default: 4 on GPU, 0 on CPUs with <= 4 cores)")
+    p.add_argument("--log-every", type=int, default=50, help="print and log every this many steps")
+    p.add_argument("--val-every", type=int, default=None, help=f"validate every this many steps (default {val_default})")
+    p.add_argument("--val-batches", type=int, default=8, help="validation batches (of --batch-size) per validation")
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help="write last.pt (with the training state) every this many steps (default: min(--val-every, 1000))")
+    p.add_argument("--keep", type=int, default=3, help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
+
+
+def apply_preset(p, args, stage, val_parts):
+    """The dataset's preset (data.PRESETS) for stage "vae" or "ocl": its steps and batch size where no flag gave
+    them, validation every steps/val_parts, then the checks of the shared flags. Returns the preset."""
+    if args.dataset not in data.PRESETS:
+        p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
+    preset = data.PRESETS[args.dataset]
+    args.steps = args.steps or preset[f"{stage}_steps"]
+    args.batch_size = args.batch_size or preset[f"{stage}_batch"]
+    args.val_every = args.val_every or max(1, args.steps // val_parts)
+    args.ckpt_every = args.ckpt_every or min(args.val_every, 1000)
+    for name in ("log_every", "val_every", "val_batches", "ckpt_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.keep < 0 or (args.workers is not None and args.workers < 0):
+        p.error("--keep and --workers must be >= 0")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    return preset
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain dicts, written atomically, read without unpickling code
+
+
+class RunError(Exception):
+    """A problem with the run's inputs that the user can fix; main() prints the message without a traceback."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM/SIGINT arrived: the step finished, last.pt was written, the run can be resumed."""
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect_kind=None):
+    """Load a checkpoint dict safely (weights_only=True: no code runs) and check that it is of `expect_kind`
+    ("vae" or "ocl"; None accepts both)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or something that needs unpickling code
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"it may be truncated or corrupt: re-create it") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by this code (no 'kind' entry)")
+    if ckpt.get("format_version", 0) > CKPT_VERSION:
+        raise ValueError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code ({CKPT_VERSION})")
+    if expect_kind is not None and ckpt["kind"] != expect_kind:
+        raise ValueError(f"{path} is a {ckpt['kind'].upper()} checkpoint, but a {expect_kind.upper()} checkpoint "
+                         f"is needed here")
+    return ckpt
+
+
+def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True):
+    """Fail before training, not after an hour: --out must be writable, have room for the checkpoints, and not
+    hold another run unless --resume (continue it) or --overwrite (start over) says what to do with it."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out {out} is not writable ({e.strerror or e}); choose a folder you can write to") from None
+    # last.pt carries the model and Adam's two moments (~3x the weights); best.pt and the numbered copies too
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need, free = (keep + 2) * 3 * weights + 2 ** 20, shutil.disk_usage(out).free
+    if free < need:
+        raise RunError(f"--out {out} has {free / 2 ** 20:.0f} MiB free, but this run's checkpoints need about "
+                       f"{need / 2 ** 20:.0f} MiB (last.pt, best.pt and --keep {keep} numbered copies); free space, "
+                       f"lower --keep, or choose another --out")
+    if (out / "last.pt").exists() and not resume:
+        if not overwrite:
+            raise RunError(f"{out} already holds a run (last.pt). Continue it with --resume, start over with "
+                           f"--overwrite (deletes its checkpoints and log), or choose another --out")
+        if main:
+            for f in [*out.glob("step_*.pt"), out / "last.pt", out / "best.pt", out / "metrics.jsonl"]:
+                f.unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # nobody starts before process 0 has cleared the folder
+    return out
+
+
+def rng_state(d):
+    """Every random generator the run uses, as plain tensors and numbers (weights_only loads them): Python's and
+    NumPy's, and torch's CPU (and CUDA) generator of every process. Call it on all processes (it gathers)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": _gather(torch.get_rng_state(), d)}
+    if d.device.type == "cuda":
+        state["cuda"] = _gather(torch.cuda.get_rng_state(d.device), d)
+    return state
+
+
+def set_rng_state(state, d):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if len(state["torch"]) != d.world:  # another process count: the data order is the same, the noise is not
+        if d.main:
+            print(f"note: resuming a {len(state['torch'])}-process run with {d.world} processes; the data order is "
+                  f"unchanged, sampling noise is not bit-identical")
+        return
+    torch.set_rng_state(state["torch"][d.rank])
+    if d.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"][d.rank], d.device)
+
+
+def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
+    """last.pt = `ckpt` (the weights, as best.pt holds them) plus the training state: optimizer, AMP grad scaler,
+    best score so far, every random generator, and `extra` (the VAE's code-replacing pools). Call it on all
+    processes (the generators are gathered); process 0 writes it, with a numbered copy step_<k>.pt, keeping the
+    newest `keep` copies (the paper kept the final 25 of about 50). A copy is a hard link where the file system
+    allows: no extra space until last.pt is replaced (os.replace gives last.pt a new file; the link keeps the old)."""
+    ckpt["train_state"] = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best": best,
+                           "rng": rng_state(d), **extra}
+    if not d.main:
+        return
+    out = Path(out)
+    save_checkpoint(out / "last.pt", ckpt)
+    if keep <= 0:
+        return
+    numbered = out / f"step_{ckpt['step']:07d}.pt"
+    tmp = out / f".{numbered.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(out / "last.pt", tmp)
+    except OSError:
+        shutil.copyfile(out / "last.pt", tmp)
+    os.replace(tmp, numbered)
+    for old in sorted(out.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
+           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr")):
+    """--resume: load last.pt of `out` into the model, optimizer, grad scaler and random generators, and return
+    (step to start at, best score, last validation metrics, train_state). The data order and every schedule are
+    functions of the step, so nothing else needs restoring.
+
+    A checkpoint of another configuration is refused with every difference named: another kind, model, dataset
+    or schedule (the LR, sigma and data order are functions of `must_match`). `extra`: more model_args to compare,
+    {"vae": current VAE model_args} for an OCL run."""
+    path = Path(out) / "last.pt"
+    if not path.exists():
+        raise RunError(f"--resume: there is no {path} to continue; run without --resume to start, or give the --out "
+                       f"of the run to continue")
+    ckpt = load_checkpoint(path, kind)
+    if "train_state" not in ckpt:
+        raise RunError(f"--resume: {path} holds weights only, no training state; start a new run in another --out")
+    diffs = [f"{k}: {ckpt['model_args'].get(k)!r} in the checkpoint, {v!r} now"
+             for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
+    diffs += [f"{k}: {ckpt['args'].get(k)!r} in the checkpoint, {getattr(args, k, None)!r} now"
+              for k in must_match if ckpt["args"].get(k) != getattr(args, k, None)]
+    for name, ours in (extra or {}).items():  # e.g. the OCL run's embedded VAE: ckpt["vae"]["model_args"]
+        theirs = ckpt[name]["model_args"]
+        diffs += [f"{name}.{k}: {theirs.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items() if theirs.get(k) != v]
+    if diffs:
+        raise RunError(f"--resume: {path} belongs to another run configuration ({'; '.join(diffs)}). Resume with the "
+                       f"flags it was started with, or start a new run in another --out")
+    state = ckpt["train_state"]
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], d)
+    return ckpt["step"], state["best"], ckpt["metrics"], state
+
+
+# -----------------------------------------------------------------------------
+# The step: stop signals, non-finite losses, the update, the log
+
+
+class StopSignal:
+    """SIGTERM (cluster schedulers, `kill`, torchrun passing it on) or SIGINT (Ctrl-C) asks the run to stop: the
+    current step finishes, last.pt is written, and the run can be resumed. A second signal acts at once.
+    Use as `with StopSignal() as stop:`; the previous handlers come back on the way out."""
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: stopping after this step (send it again to stop at once)", flush=True)
+        self.close()
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_step(loss, stop, d, step, hint):
+    """Stop the run on a non-finite loss (FloatingPointError naming the step and `hint`, before the update, so
+    nothing is written over the last good checkpoint); return whether a stop signal asks to end after this step.
+    One all-reduce keeps all processes taking the same branch (a process leaving alone would leave the others
+    waiting forever)."""
+    flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop.received is not None)],
+                         device=loss.device)
+    if d.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0]:
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. {hint}")
+    return bool(flags[1])
+
+
+def stopped(stop, step, out):
+    """The exception that ends a run stopped by a signal, after last.pt was written."""
+    return TrainingStopped(f"stopped by {stop.received} after step {step + 1}; {Path(out) / 'last.pt'} holds it. "
+                           f"Continue with the same command plus --resume")
+
+
+def optimizer_step(loss, optimizer, scaler, params, clip):
+    """One AMP-aware update (A.5): backward (DDP averages the gradients of all processes here), unscale, clip the
+    gradient norm, step, and let the grad scaler adapt (a no-op scaler on the CPU)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+class Log:
+    """Prints fixed-format lines and appends JSON objects to metrics.jsonl (process 0 only: `enabled`).
+    A resumed run first drops the lines the killed run wrote after its last checkpoint (step > start_step), so
+    the log reads as one uninterrupted run."""
+
+    def __init__(self, out_dir, total_steps, start_step=0, enabled=True):
+        self.enabled, self.total, self.start, self.first = enabled, total_steps, time.time(), start_step
+        if not enabled:
+            return
+        path = Path(out_dir) / "metrics.jsonl"
+        if start_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def __call__(self, step, **values):
+        if self.enabled:  # "time": seconds since this process started training (benchmarks/ddp_scaling.py reads it)
+            self.file.write(json.dumps({"step": step, "time": round(time.time() - self.start, 3), **values}) + "\n")
+            self.file.flush()
+
+    def progress(self, step, **values):
+        """The console line: `step 100/400 | loss 0.25 | ... | 0.53 s/step | ETA 2.6 min`."""
+        if not self.enabled:
+            return
+        per_step = (time.time() - self.start) / max(1, step + 1 - self.first)
+        eta = per_step * (self.total - step - 1)
+        text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        print(f"step {step + 1}/{self.total} | {text} | {per_step:.2f} s/step | ETA {eta / 60:.1f} min", flush=True)
