@@ -477,12 +477,12 @@ def movi_video(frames, segments, bbox, res):
     return {"image": image, "segment": segment, "bbox": bbox.astype(np.float32)}
 
 
-MOVI_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> TFDS
+OFFICIAL_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> TFDS (MOVi) and Open Images
 
 
 def movi_shards(src, split):
     src = Path(src)
-    return sorted(p for p in src.glob(f"*-{MOVI_SPLITS[split]}.tfrecord-*") if p.is_file())
+    return sorted(p for p in src.glob(f"*-{OFFICIAL_SPLITS[split]}.tfrecord-*") if p.is_file())
 
 
 def movi_samples(src, split, res, stats):
@@ -525,16 +525,13 @@ def movi_samples(src, split, res, stats):
         yield movi_video(frames, segments, bbox, res)
 
 
-OPENIMAGES_SPLITS = {"train": "train", "val": "validation", "test": "test"}
-
-
 def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
     """Open Images V5+ segmentation (the A.2 subset: the images of --src/<split>/ that have masks). One binary mask
     PNG per object, possibly at another resolution than the image: resized to the image with nearest, then > 127.
     Overlaps: objects are painted largest first, so a smaller object lying on a larger one stays visible (the rule
     of our shapes data). Pixels no mask covers are background (the annotation is not exhaustive: say so when
     reporting). Stores `classes` as indices into the meta record's `class_names` (Freebase MIDs)."""
-    src, oi = Path(src), OPENIMAGES_SPLITS[split]
+    src, oi = Path(src), OFFICIAL_SPLITS[split]
     csv_path = src / f"{oi}-annotations-object-segmentation.csv"
     mask_files = {p.name: p for p in src.glob(f"{oi}-masks*/**/*.png")}
     rows = {}
@@ -572,16 +569,10 @@ def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
                             np.int32)
 
 
-# name -> (splits that may exist, samples function, which filters apply)
-CONVERTERS = {
-    "coco": (("train", "val"), coco_samples, True),
-    "voc": (("train", "val"), voc_samples, True),
-    "clevrtex": (("train", "val", "test"), clevrtex_samples, False),
-    "movi_c": (("train", "val", "test"), movi_samples, False),
-    "movi_d": (("train", "val", "test"), movi_samples, False),
-    "movi_e": (("train", "val", "test"), movi_samples, False),
-    "openimages": (("train", "val", "test"), openimages_samples, True),
-}
+# name -> (the generator of its samples, whether the paper's object filters of A.4 apply)
+CONVERTERS = {"coco": (coco_samples, True), "voc": (voc_samples, True), "clevrtex": (clevrtex_samples, False),
+              "movi_c": (movi_samples, False), "movi_d": (movi_samples, False), "movi_e": (movi_samples, False),
+              "openimages": (openimages_samples, True)}
 
 
 def available_splits(name, src, variant="full"):
@@ -600,7 +591,7 @@ def available_splits(name, src, variant="full"):
     elif name.startswith("movi"):
         found = [s for s in ("train", "val", "test") if movi_shards(src, s) or list((src / s).glob("*/metadata.json"))]
     else:
-        found = [s for s, oi in OPENIMAGES_SPLITS.items() if (src / f"{oi}-annotations-object-segmentation.csv").exists()]
+        found = [s for s, oi in OFFICIAL_SPLITS.items() if (src / f"{oi}-annotations-object-segmentation.csv").exists()]
     if not found:
         _layout_error(name if not name.startswith("movi") else "movi", src, "none of its splits was found")
     return found
@@ -616,7 +607,7 @@ def source_split_name(name, split, variant="full"):
         if variant != "full":
             return f"clevrtex_{variant}, all scenes"
         return f"clevrtex_full, the {dict(test='first 10%', val='next 10%', train='last 80%')[split]} of the sorted indices"
-    return (OPENIMAGES_SPLITS if name == "openimages" else MOVI_SPLITS)[split]
+    return OFFICIAL_SPLITS[split]  # MOVi, Open Images
 
 
 def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=False, min_bbox=16, max_objects=10,
@@ -630,7 +621,7 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
             raise ConversionError(f"split '{split}' is not in {src} (found: {', '.join(found)})")
         if (out / split).exists() and not overwrite:
             raise FileExistsError(f"{out / split} already exists; pass --overwrite to convert again")
-    _, samples_fn, filters = CONVERTERS[name]
+    samples_fn, filters = CONVERTERS[name]
     counts = {}
     for split in todo:
         stats = {}
@@ -686,7 +677,7 @@ def main(argv=None):
         p.add_argument("--resolution", type=int, default=128, help="side of the stored square (paper: 128)")
         p.add_argument("--limit", type=int, default=0, help="convert only the first N kept samples per split, for a look")
         p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
-        if CONVERTERS[name][2]:  # the paper's object filters (A.4) apply to the real-world image datasets
+        if CONVERTERS[name][1]:  # the paper's object filters (A.4) apply to the real-world image datasets
             p.add_argument("--min-object-bbox", type=int, default=16,
                            help="objects whose bounding box covers fewer pixels (at --resolution) are ignored (0: off)")
             p.add_argument("--max-objects", type=int, default=10, help="drop samples with more objects (0: off)")

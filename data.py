@@ -123,9 +123,10 @@ def write_lmdb(path, samples, meta, overwrite=False, commit_every=256):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # hidden, and named by this process
     if tmp.exists():
         shutil.rmtree(tmp)
+    # map_size is address space, not disk: 1 TiB reserves room for any dataset, the file grows as records come
     env = lmdb.open(str(tmp), map_size=1 << 40, subdir=True, meminit=False, map_async=True)
     count = 0
     try:
@@ -137,10 +138,10 @@ def write_lmdb(path, samples, meta, overwrite=False, commit_every=256):
                 txn.commit()
                 txn = env.begin(write=True)
         meta = dict(meta, count=count, format_version=FORMAT_VERSION)
-        txn.put(META_KEY, json.dumps(meta).encode())
+        txn.put(META_KEY, json.dumps(meta).encode())  # last: a split with a meta record is a complete split
         txn.commit()
-        env.sync(True)
-    except BaseException:
+        env.sync(True)  # on disk before the rename makes it visible
+    except BaseException:  # Ctrl-C included: leave nothing half-written behind
         env.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -158,12 +159,13 @@ _ENVS = {}  # (path, process id) -> read-only LMDB environment, shared: LMDB all
 def open_env(path):
     """The read-only environment of a split, opened once per process (every DataLoader worker opens its own)."""
     key = (str(Path(path).resolve()), os.getpid())
-    if key not in _ENVS:
+    if key not in _ENVS:  # no lock file (read-only media work); no readahead (random access reads one record)
         _ENVS[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True)
     return _ENVS[key]
 
 
 def close_env(path):
+    """Close this process's environment of a split (before the split is replaced on disk)."""
     env = _ENVS.pop((str(Path(path).resolve()), os.getpid()), None)
     if env is not None:
         env.close()
@@ -201,7 +203,7 @@ class LMDBDataset(Dataset):
         self._env, self._pid = None, None
 
     def __len__(self):
-        return self.count
+        return self.count  # from the meta record: no scan of the keys
 
     def record(self, i):
         """The raw arrays of sample i, as stored."""
@@ -415,6 +417,7 @@ def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=Fals
 # The one entry point of the training and evaluation scripts.
 
 def dataset_dir(name, root="data", resolution=None):
+    """Where dataset `name` lives: data/<name>; shapes keeps one folder per resolution (it is cheap to write)."""
     if name == "shapes":
         return shapes_dir(root, resolution or PRESETS["shapes"]["resolution"])
     return Path(root) / name
@@ -449,6 +452,8 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
 # Command line
 
 def main(argv=None):
+    """`python data.py shapes` writes the built-in dataset; `python data.py info FOLDER` prints what a dataset
+    folder holds (the meta record of each split: counts, resolution, source, filters, versions)."""
     parser = argparse.ArgumentParser(description="Write or inspect MSF datasets (LMDB).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="write the built-in synthetic dataset")
@@ -462,7 +467,8 @@ def main(argv=None):
     p.add_argument("path", help="e.g. data/shapes")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in PRESETS and argv[0] != "shapes":  # the converters have their own script now
-        sys.exit(f"data.py writes the built-in dataset only; convert {argv[0]} with: python convert.py {' '.join(argv)}")
+        sys.exit(f"data.py writes the built-in dataset only; convert {argv[0]} with: "
+                 f"python convert.py {' '.join(argv)}")
     args = parser.parse_args(argv)
 
     if args.command == "shapes":

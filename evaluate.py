@@ -23,10 +23,10 @@ A sample where a metric is undefined (nothing annotated; no foreground for ARIfg
 skip NaN and report how many samples counted (`mean_and_count`).
 
 Reading order: the metrics (contingency, ari, matched_ious, miou, mbo, miou_by_size, masks_to_labels,
-mean_and_count); Tab. 4's separability (kmeans, separability); the figures (palette, to_uint8, save_rows_png, fig2,
-pca_colours, fig3); the evaluation loops both training scripts validate with (validate_vae, validate_ocl); the CLI
-(evaluate_vae, evaluate_ocl, main).
-Imports data (labels, datasets), vae and msf (rebuilding a VAE), train_common (reading a checkpoint, the device);
+perplexity, mean_and_count); Tab. 4's separability (kmeans, separability); the figures (palette, to_uint8,
+save_rows_png, fig2, pca_colours, fig3); the evaluation loops both training scripts validate with (validate_vae,
+validate_ocl); the CLI (evaluate_vae, evaluate_ocl, main).
+Imports data (labels, datasets), msf (rebuilding a VAE), train_common (reading a checkpoint safely, the device);
 evaluate_ocl alone imports train_ocl, where the OCL model is defined. The metrics themselves need none of them.
 """
 import argparse
@@ -44,7 +44,6 @@ from scipy.optimize import linear_sum_assignment
 import data
 import msf
 import train_common
-import vae
 
 IGNORE = data.IGNORE
 COCO_SMALL, COCO_LARGE = 32 ** 2, 96 ** 2  # COCO's area thresholds (pixels of the original image)
@@ -199,6 +198,14 @@ def masks_to_labels(masks, size):
         b, t = masks.shape[:2]
         return masks_to_labels(masks.flatten(0, 1), size).unflatten(0, (b, t))
     return upsample_masks(masks, size).argmax(1)  # (b, H, W)
+
+
+def perplexity(idx, num_codes):
+    """Codebook usage: exp(entropy) of the code histogram of idx (any shape), num_codes if all codes are used
+    equally, 1 if one code is. How many codes are in effective use (validate_vae reports it per codebook)."""
+    p = torch.bincount(idx.flatten(), minlength=num_codes).float()
+    p = p / p.sum()
+    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
 
 
 def mean_and_count(values):
@@ -390,7 +397,7 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
         idx = torch.cat([a[n] for a in all_idx])  # (B, g, h, w)
         for k in range(idx.shape[1]):
             m = model.vocab[k]
-            metrics[f"perplexity{n + 1}_{k}"] = vae.perplexity(idx[:, k], m)
+            metrics[f"perplexity{n + 1}_{k}"] = perplexity(idx[:, k], m)
             metrics[f"used{n + 1}_{k}"] = len(idx[:, k].unique()) / m
     if clusters:
         metrics["inter_cluster"], metrics["intra_cluster"] = float(np.nanmean(inter)), float(np.mean(intra))
@@ -499,13 +506,15 @@ def evaluate_ocl(ckpt, args, device):
         batch = next(iter(torch.utils.data.DataLoader(dataset, args.viz, shuffle=False)))
         image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W)
         out = model(image)
-        fig2(out_dir / "fig2.png", image, segment, masks_to_labels(out["masks"], segment.shape[-2:]).cpu(), out["masks"])
+        pred = masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (v, H, W)
+        fig2(out_dir / "fig2.png", image, segment, pred, out["masks"])
         print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
         if model.decoder_kind == "diffusion":  # slots -> X' through the DDIM sampler -> pixels through the VAE decoder
             _, xs = model.vae.guidance(image)  # per scale (v, c, h, w)
             gen = torch.Generator(device=device).manual_seed(args.seed)
             sampled = model.decoder.sample(out["slots"], xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
-            save_rows_png(out_dir / "diffusion_recon.png", [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)])
+            rows = [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
+            save_rows_png(out_dir / "diffusion_recon.png", rows)
             print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}

@@ -72,13 +72,15 @@ def set_lr(optimizer, step, total, base_lr):
 
 
 def seed_everything(seed):
+    """Seed Python's, NumPy's and torch's global generators: the weights' init and every draw that follows."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def pick_device(name):
-    """--device: auto (CUDA if there is a GPU), cpu, cuda, cuda:1, ..."""
+    """--device: auto (CUDA if there is a GPU), cpu, cuda, cuda:1, ... A GPU asked for on a machine without one is
+    a clear exit, not a CUDA traceback at the first .to(device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -100,7 +102,7 @@ def _seed_worker(worker_id, base):
     augmentations never repeat across workers (a known quirk of the authors' code: every worker had one seed)."""
     s = base + worker_id
     random.seed(s)
-    np.random.seed(s % 2 ** 32)
+    np.random.seed(s % 2 ** 32)  # NumPy takes 32-bit seeds only
     torch.manual_seed(s)
 
 
@@ -116,12 +118,14 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, rank=0, world=1, w
         sys.exit(f"the dataset has {len(dataset)} samples, fewer than --batch-size {batch_size}")
     if batch_size % world:
         sys.exit(f"--batch-size {batch_size} (the global batch) does not split evenly over {world} processes")
-    b, per_epoch = batch_size // world, len(dataset) // batch_size
+    b, per_epoch = batch_size // world, len(dataset) // batch_size  # this process's share, whole batches per epoch
     epoch, first = divmod(start_step, per_epoch)  # resume: skip whole epochs, then the batches already taken
     while True:
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
         torch.empty((), dtype=torch.int64).random_(generator=g)  # one draw first: the order of earlier versions
         perm = torch.randperm(len(dataset), generator=g).tolist()
+        # a batch sampler of this process's slice of every global batch left in the epoch; the worker seeds depend on
+        # (seed, rank, epoch) so no two workers, processes or epochs draw the same augmentation noise
         mine = [perm[i * batch_size + rank * b: i * batch_size + (rank + 1) * b] for i in range(first, per_epoch)]
         loader = DataLoader(dataset, batch_sampler=mine, num_workers=workers, pin_memory=pin_memory,
                             worker_init_fn=functools.partial(_seed_worker, base=((seed * 1009 + rank) * 100003 + epoch) * 64),
@@ -153,11 +157,11 @@ def distributed(device_name):
     averages the gradients so all processes take the same optimizer step. The group is closed on the way out."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
-    if world == 1:
+    if world == 1:  # plain `python train_*.py`: no process group, DDP wrappers and all-reduces become no-ops
         yield Dist(0, 1, 0, device)
         return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
+    if device.type == "cuda":  # one GPU per process: process k of a machine takes its GPU k
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -177,6 +181,7 @@ def wrap_ddp(model, d):
 
 
 def print_batch_rule(d, batch_size, lr):
+    """Say once how the global batch is split, so nobody scales the learning rate for the process count."""
     if d.world > 1 and d.main:
         print(f"distributed: {d.world} processes x batch {batch_size // d.world} = effective batch {batch_size} "
               f"(--batch-size is the global batch, so the paper's lr {lr:g} applies unchanged: no scaling rule)")
@@ -193,7 +198,7 @@ def _gather(t, d):
     """[t of process 0, t of process 1, ...] on every process (same shapes everywhere)."""
     if d.world == 1:
         return [t]
-    x = t.to(d.device)
+    x = t.to(d.device)  # nccl gathers CUDA tensors only
     parts = [torch.empty_like(x) for _ in range(d.world)]
     dist.all_gather(parts, x)
     return [q.cpu() for q in parts]
@@ -225,10 +230,11 @@ def apply_preset(p, args, stage, val_parts):
     if args.dataset not in data.PRESETS:
         p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
     preset = data.PRESETS[args.dataset]
+    # a flag the user gave wins; what they left out comes from the preset (paper recipe, or CPU-sized for shapes)
     args.steps = args.steps or preset[f"{stage}_steps"]
     args.batch_size = args.batch_size or preset[f"{stage}_batch"]
     args.val_every = args.val_every or max(1, args.steps // val_parts)
-    args.ckpt_every = args.ckpt_every or min(args.val_every, 1000)
+    args.ckpt_every = args.ckpt_every or min(args.val_every, 1000)  # a kill loses at most 1,000 steps
     for name in ("log_every", "val_every", "val_batches", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -265,6 +271,7 @@ def load_checkpoint(path, expect_kind=None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    # map_location="cpu": a GPU checkpoint opens on any machine; the caller moves the model where it runs
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or something that needs unpickling code
@@ -284,7 +291,7 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True):
     """Fail before training, not after an hour: --out must be writable, have room for the checkpoints, and not
     hold another run unless --resume (continue it) or --overwrite (start over) says what to do with it."""
     out = Path(out)
-    try:
+    try:  # write 4 KiB and delete them: permissions and read-only mounts show up now, not at the first checkpoint
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"\0" * 4096)
@@ -302,7 +309,7 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True):
         if not overwrite:
             raise RunError(f"{out} already holds a run (last.pt). Continue it with --resume, start over with "
                            f"--overwrite (deletes its checkpoints and log), or choose another --out")
-        if main:
+        if main:  # what this code wrote there, nothing else of the folder
             for f in [*out.glob("step_*.pt"), out / "last.pt", out / "best.pt", out / "metrics.jsonl"]:
                 f.unlink(missing_ok=True)
     if dist.is_initialized():
@@ -313,6 +320,7 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True):
 def rng_state(d):
     """Every random generator the run uses, as plain tensors and numbers (weights_only loads them): Python's and
     NumPy's, and torch's CPU (and CUDA) generator of every process. Call it on all processes (it gathers)."""
+    # the generators' own state objects are tuples and arrays that weights_only=True would refuse: store tensors
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
@@ -324,6 +332,7 @@ def rng_state(d):
 
 
 def set_rng_state(state, d):
+    """Put back what rng_state saved; this process takes its own torch generator (rank k: the k-th saved one)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal.tolist()), gauss))
     keys, pos, has_gauss, cached = state["numpy"]
@@ -346,13 +355,13 @@ def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
     allows: no extra space until last.pt is replaced (os.replace gives last.pt a new file; the link keeps the old)."""
     ckpt["train_state"] = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best": best,
                            "rng": rng_state(d), **extra}
-    if not d.main:
+    if not d.main:  # the other processes took part in the gather above; process 0 writes
         return
     out = Path(out)
     save_checkpoint(out / "last.pt", ckpt)
     if keep <= 0:
         return
-    numbered = out / f"step_{ckpt['step']:07d}.pt"
+    numbered = out / f"step_{ckpt['step']:07d}.pt"  # zero-padded: sorted by name = sorted by step
     tmp = out / f".{numbered.name}.tmp"
     tmp.unlink(missing_ok=True)
     try:
@@ -360,7 +369,7 @@ def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
     except OSError:
         shutil.copyfile(out / "last.pt", tmp)
     os.replace(tmp, numbered)
-    for old in sorted(out.glob("step_*.pt"))[:-keep]:
+    for old in sorted(out.glob("step_*.pt"))[:-keep]:  # the oldest beyond --keep
         old.unlink()
 
 
@@ -391,7 +400,12 @@ def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
         raise RunError(f"--resume: {path} belongs to another run configuration ({'; '.join(diffs)}). Resume with the "
                        f"flags it was started with, or start a new run in another --out")
     state = ckpt["train_state"]
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # e.g. a last.pt of an older layout of the model (format_version below CKPT_VERSION)
+        raise RunError(f"--resume: the weights in {path} do not fit this model (format "
+                       f"{ckpt.get('format_version', 0)}, this code writes {CKPT_VERSION}): {str(e).splitlines()[0]}. "
+                       f"Finish the run with the code that started it, or start a new run in another --out") from None
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], d)
@@ -414,9 +428,10 @@ class StopSignal:
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        # only a flag here: the loop looks at it after the step (check_step), where stopping is safe
         self.received = signal.Signals(signum).name
         print(f"\n{self.received}: stopping after this step (send it again to stop at once)", flush=True)
-        self.close()
+        self.close()  # the previous handlers again: a second signal kills at once, as the user expects
 
     def close(self):
         for sig, handler in self.previous.items():
@@ -437,7 +452,7 @@ def check_step(loss, stop, d, step, hint):
     waiting forever)."""
     flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop.received is not None)],
                          device=loss.device)
-    if d.world > 1:
+    if d.world > 1:  # MAX: one process with a NaN, or one that got the signal, is enough for all
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0]:
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. {hint}")
@@ -455,9 +470,9 @@ def optimizer_step(loss, optimizer, scaler, params, clip):
     gradient norm, step, and let the grad scaler adapt (a no-op scaler on the CPU)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
     torch.nn.utils.clip_grad_norm_(params, clip)
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # skipped by the scaler if the fp16 gradients overflowed
     scaler.update()
 
 
@@ -468,7 +483,7 @@ class Log:
 
     def __init__(self, out_dir, total_steps, start_step=0, enabled=True):
         self.enabled, self.total, self.start, self.first = enabled, total_steps, time.time(), start_step
-        if not enabled:
+        if not enabled:  # processes 1..N-1 of a torchrun group write nothing
             return
         path = Path(out_dir) / "metrics.jsonl"
         if start_step and path.exists():
@@ -485,7 +500,7 @@ class Log:
         """The console line: `step 100/400 | loss 0.25 | ... | 0.53 s/step | ETA 2.6 min`."""
         if not self.enabled:
             return
-        per_step = (time.time() - self.start) / max(1, step + 1 - self.first)
+        per_step = (time.time() - self.start) / max(1, step + 1 - self.first)  # over the steps of this process
         eta = per_step * (self.total - step - 1)
         text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
         print(f"step {step + 1}/{self.total} | {text} | {per_step:.2f} s/step | ETA {eta / 60:.1f} min", flush=True)

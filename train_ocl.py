@@ -18,10 +18,11 @@ Reads the VAE written by train_vae.py (runs/vae_<dataset>_msf_c256/best.pt for t
 ARI + ARIfg), last.pt, metrics.jsonl, masks.png. A checkpoint embeds its VAE, so `python evaluate.py --ckpt
 runs/.../best.pt` needs nothing else.
 
-Reading order: SIZES, the model `OCL` (frozen VAE -> guidance; encoder -> queries -> Slot Attention -> slots,
-masks; decoder -> loss), GuidanceCache, `train` (per step: lr, sigma -> forward -> loss -> update -> log, validate,
-checkpoint), `validate`, `checkpoint`, the arguments. Validation metrics come from evaluate.py; what keeps a run
-alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at first.
+Reading order: SIZES, the model `OCL` (frozen VAE -> guidance; encoder -> queries -> Slot Attention -> slots, masks;
+decoder -> loss), GuidanceCache, `train` (per step: lr, sigma -> forward -> loss -> update -> log, validate,
+checkpoint), `describe`, `validate`, `checkpoint`, the arguments. Validation metrics come from evaluate.py; what
+keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at
+first.
 """
 import argparse
 import sys
@@ -82,6 +83,7 @@ class OCL(nn.Module):
             raise ValueError(f"unknown --decoder '{decoder}'; choose transformer, diffusion or mlp")
 
     def train(self, mode=True):
+        """nn.Module.train, except for the VAE: it stays in eval mode whatever the rest does."""
         super().train(mode)
         self.vae.eval()  # model.train() must not wake the frozen VAE (code replacement, Gumbel sampling)
         return self
@@ -126,12 +128,14 @@ class GuidanceCache:
         self.store = {}  # dataset index -> list over guide scales of (g, h, w) int16
 
     def __call__(self, model, image, index):
+        """The guidance indices of a batch, per guide scale (b, g, h, w): from the store where seen before, from
+        the frozen VAE (model.guide) for the images seen for the first time. index: the images' dataset indices."""
         index = [int(i) for i in index]
         missing = [j for j, i in enumerate(index) if i not in self.store]
-        if missing:
+        if missing:  # only the new images go through the VAE
             indices, _ = model.guide(image[missing])
             for k, j in enumerate(missing):
-                self.store[index[j]] = [t[k].to(torch.int16).cpu() for t in indices]
+                self.store[index[j]] = [t[k].to(torch.int16).cpu() for t in indices]  # codes < 32768 fit int16
         return [torch.stack([self.store[i][s] for i in index]).long().to(image.device)
                 for s in range(len(model.guide_scales))]  # per guide scale (b, g, h, w)
 
@@ -187,11 +191,8 @@ def train(args):
                                                           extra={"vae": vae_ckpt["model_args"]})
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
-            print(f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
-                  f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
-                  f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size} on {device}"
-                  + (f" | resumed at step {start}" if start else ""))
-        train_common.print_batch_rule(d, args.batch_size, args.lr)
+            print(describe(args, params, vae_ckpt, resolution, device, start))
+            train_common.print_batch_rule(d, args.batch_size, args.lr)
 
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
@@ -232,6 +233,14 @@ def train(args):
     return out
 
 
+def describe(args, params, vae_ckpt, resolution, device, start):
+    """The run's first line: what trains on what, guided by which VAE, for how long, where."""
+    return (f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
+            f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
+            f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size} on {device}"
+            + (f" | resumed at step {start}" if start else ""))
+
+
 def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: ARI, ARIfg, mIoU, mBO (evaluate.validate_ocl) on the first --val-batches batches,
     logged and printed x100, and masks.png (Fig. 2 of 8 validation images). Returns the metric means."""
@@ -266,6 +275,7 @@ def parse_args(argv=None):
                    help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR-style")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
+    # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
     p.add_argument("--slots", type=int, default=None, help="number of slots (default: dataset preset)")
     p.add_argument("--guide-scales", default="1", choices=["1", "1,2", "2"], help="VAE scales used as guidance (Tab. 5)")
     p.add_argument("--size", default=None, choices=list(SIZES), help="model widths (default: cpu for shapes, paper otherwise)")
@@ -275,6 +285,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=3, help="Slot Attention iterations")
     p.add_argument("--bilevel", action="store_true",
                    help="BO-QSA's truncated gradient (the authors' code): backpropagate through the last iteration only")
+    # optimisation (A.5)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: dataset preset; paper 50000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: dataset preset (paper 32)")
     p.add_argument("--lr", type=float, default=None,
@@ -282,27 +293,28 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (paper 1.0 for images)")
     p.add_argument("--sigma", type=float, default=1.0, help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
+    # seeds, devices, logging, checkpoints and resume: the same flags as train_vae.py
     train_common.add_run_args(p, val_default="steps/10")
     p.add_argument("--out", default=None, help="run folder (default runs/ocl_<dataset>_<decoder>_<vae kind>)")
     args = p.parse_args(argv)
 
     # dataset preset (steps, batch, slots, lr), then the model size, then the checks that need the final values
     preset = train_common.apply_preset(p, args, "ocl", val_parts=10)
-    if preset["video"]:
+    if preset["video"]:  # stage 1 trains on video frames; stage 2 needs STEVE's recurrence over frames
         p.error(f"{args.dataset} is a video dataset, and video OCL (STEVE: slots carried from frame to frame by a "
                 f"transition transformer, bounding-box queries) is not implemented yet (README, 'Status'). Its stage 1 "
                 f"works: python train_vae.py --dataset {args.dataset}")
     args.slots = args.slots or preset["num_slots"]
     args.lr = args.lr or preset["ocl_lr"]
     args.size = args.size or ("cpu" if args.dataset == "shapes" else "paper")
-    for key, value in SIZES[args.size].items():
+    for key, value in SIZES[args.size].items():  # --size fills every width no flag gave
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
     if args.vae_ckpt is None:  # where `python train_vae.py --dataset D --code-dim c` writes (its default --out)
         args.vae_ckpt = f"runs/vae_{args.dataset}_msf_c{CODE_DIM.get(args.decoder, 256)}/best.pt"
-    if args.out is None:
+    if args.out is None:  # evaluate.py's default --ckpt is this folder's best.pt for shapes + transformer
         args.out = f"runs/ocl_{args.dataset}_{args.decoder}_msf"
     return args
 
@@ -312,16 +324,16 @@ def load_frozen_vae(args):
     dimension its decoder needs (A.3), the dataset, and the scales --guide-scales asks for."""
     path = Path(args.vae_ckpt)
     if not path.exists():
-        raise FileNotFoundError(f"no VAE checkpoint at {path}. Train it first:\n"
-                                f"    python train_vae.py --dataset {args.dataset} --code-dim {CODE_DIM.get(args.decoder, 256)}")
-    ckpt = train_common.load_checkpoint(path, "vae")
+        raise FileNotFoundError(f"no VAE checkpoint at {path}. Train it first:\n    python train_vae.py "
+                                f"--dataset {args.dataset} --code-dim {CODE_DIM.get(args.decoder, 256)}")
+    ckpt = train_common.load_checkpoint(path, "vae")  # refuses an OCL checkpoint, a corrupt file, a newer format
     c = ckpt["model_args"]["code_dim"]
     if args.decoder in CODE_DIM and c != CODE_DIM[args.decoder]:
         raise ValueError(f"the {args.decoder} decoder needs c = {CODE_DIM[args.decoder]} guidance, but {path} is a c = {c} VAE; "
                          f"train one with: python train_vae.py --dataset {args.dataset} --code-dim {CODE_DIM[args.decoder]}")
     if ckpt["args"]["dataset"] != args.dataset:
         raise ValueError(f"{path} was trained on '{ckpt['args']['dataset']}', not on '{args.dataset}'")
-    scales = [int(n) for n in args.guide_scales.split(",")]
+    scales = [int(n) for n in args.guide_scales.split(",")]  # the single-scale baselines have scale 1 only
     if max(scales) > ckpt["model_args"]["scales"] or (max(scales) > 1 and ckpt["model_args"]["kind"] in ("vqvae", "gdr")):
         raise ValueError(f"--guide-scales {args.guide_scales} needs a multi-scale VAE with at least {max(scales)} scales; "
                          f"{path} is {ckpt['model_args']['kind']} with N = {ckpt['model_args']['scales']}")
@@ -329,6 +341,7 @@ def load_frozen_vae(args):
 
 
 def main(argv=None):
+    """The command line: parse, train, and turn the errors a user can fix into one-line messages."""
     args = parse_args(argv)
     try:
         train(args)

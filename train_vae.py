@@ -16,9 +16,10 @@ object per log line and per validation) and recon.png (inputs and reconstruction
 train_ocl.py reads best.pt.
 
 Reading order: `train` (the loop of A.5: data, model, then per step lr -> forward -> loss -> update -> code
-replacing -> log, validate, checkpoint), `validate`, `checkpoint`, the arguments. The model is msf.build_vae
-(every --vae kind), its forward returns the loss (vae.vae_forward: Eq. 1-5 and the VQ losses). What keeps a run
-alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at first.
+replacing -> log, validate, checkpoint), `describe`, `validate`, `checkpoint`, the arguments. The model is
+msf.build_vae (every --vae kind), its forward returns the loss (vae.vae_forward: Eq. 1-5 and the VQ losses). What
+keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at
+first.
 """
 import argparse
 import sys
@@ -68,14 +69,12 @@ def train(args):
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
             print(describe(args, model, train_data, device, start))
-        train_common.print_batch_rule(d, args.batch_size, args.lr)
+            train_common.print_batch_rule(d, args.batch_size, args.lr)
 
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
-        fixed = next(iter(DataLoader(val_data, 8, generator=torch.Generator())))["image"]  # recon.png's 8 inputs
-        fixed = (fixed[:, 0] if fixed.dim() == 5 else fixed).to(device)  # (8, 3, H, W); videos: first frames
         model.train()
         with train_common.StopSignal() as stop:
             for step in range(start, args.steps):
@@ -103,14 +102,14 @@ def train(args):
                     log.progress(step, loss=loss.item(), **{k: v for k, v in logs.items() if k.startswith("recon")})
                 validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
                 if validating and d.main:  # process 0 alone validates and writes
-                    metrics, score = validate(model, val_data, fixed, args, device, out, step, log)
+                    metrics, score = validate(model, val_data, args, device, out, step, log)
                     if score < best:
                         best = score
-                        train_common.save_checkpoint(out / "best.pt", checkpoint(args, model_args, model, step, metrics))
+                        best_ckpt = checkpoint(args, model_args, model, step, metrics)
+                        train_common.save_checkpoint(out / "best.pt", best_ckpt)
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # last: after everything of this step
-                    recent = [cb.recent.cpu() for cb in model.codebooks]  # the pools code replacing draws from
                     train_common.save_last(out, checkpoint(args, model_args, model, step, metrics), optimizer, scaler,
-                                           best, d, args.keep, recent=recent)
+                                           best, d, args.keep, recent=[cb.recent.cpu() for cb in model.codebooks])
                 if stopping:
                     raise train_common.stopped(stop, step, out)
         if d.main:
@@ -129,16 +128,20 @@ def describe(args, model, train_data, device, start):
             + (f" | resumed at step {start}" if start else ""))
 
 
-def validate(model, val_data, fixed, args, device, out, step, log):
+def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: evaluate.validate_vae on the first --val-batches batches (reconstruction MSE per
     scale, codebook usage), logged and printed, and recon.png (rows: input and reconstruction at each scale).
     Returns the metrics and the score best.pt follows: the reconstruction MSE summed over scales (lower is better)."""
     metrics = evaluate.validate_vae(model, val_data, device, args.batch_size, args.val_batches)
-    metrics = {f"val_{k}": v for k, v in metrics.items()}
+    metrics = {f"val_{k}": v for k, v in metrics.items()}  # val_recon1, val_perplexity1_0, ...
     log(step + 1, **{k: round(v, 5) for k, v in metrics.items()})
     print("  val | " + " | ".join(f"{k[4:]} {v:.4g}" for k, v in metrics.items()), flush=True)
+    # recon.png: the same 8 validation images every time, so the figures of a run can be compared
+    # (a private generator: drawing them leaves the training's random stream untouched)
+    fixed = next(iter(DataLoader(val_data, 8, generator=torch.Generator())))["image"]  # (8, 3, H, W)
+    fixed = (fixed[:, 0] if fixed.dim() == 5 else fixed).to(device)  # videos (8, T, 3, H, W): first frames
     with torch.no_grad():
-        model.eval()
+        model.eval()  # no Gumbel noise, no code-use counting
         recons = model(fixed)["recons"]  # per scale (8, 3, H_n, W_n)
         model.train()
     pyramid = msf.image_pyramid(fixed, len(recons))  # the inputs each scale saw
@@ -167,6 +170,7 @@ def parse_args(argv=None):
     p.add_argument("--vae", default="msf", choices=["msf", "vqvae", "gdr", "multiscale"],
                    help="msf: Sect. 3.3; vqvae: single scale, 4096 codes; gdr: 2 groups x 64 codes; "
                         "multiscale: pyramid + one shared codebook (Sect. 3.2)")
+    # the VAE (A.3): which kind, its width, and the pyramid
     p.add_argument("--code-dim", type=int, default=256, help="c: 256 guides the transformer decoder, 4 the diffusion decoder")
     p.add_argument("--scales", type=int, default=3, help="N, number of pyramid scales (msf, multiscale)")
     p.add_argument("--channels", type=int, default=64, help="width of the VAE encoder/decoder CNN")
@@ -184,9 +188,11 @@ def parse_args(argv=None):
     p.add_argument("--clip-frames", type=int, default=6,
                    help="video datasets: consecutive frames taken from each clip per step (authors: 6); a batch is "
                         "--batch-size clips x this many frames")
+    # GDR's stabilisers (A.3), which the MSF VAE inherits from its base
     p.add_argument("--stabilisers", default="auto", choices=["auto", "on", "off"],
                    help="GDR's annealed residual + Gumbel matching + code replacing; auto = on for gdr/msf/multiscale")
     p.add_argument("--replace-every", type=int, default=20, help="code-replacing trick period in steps (0 = never)")
+    # seeds, devices, logging, checkpoints and resume: the same flags as train_ocl.py
     train_common.add_run_args(p, val_default="steps/4")
     p.add_argument("--out", default=None, help="run folder (default runs/vae_<dataset>_<vae>_c<code-dim>)")
     args = p.parse_args(argv)
@@ -204,17 +210,13 @@ def parse_args(argv=None):
                 f"use a multiple of {factor} or fewer scales")
     if args.code_dim < 1 or args.steps < 1 or args.batch_size < 1 or args.clip_frames < 1:
         p.error("--code-dim, --steps, --batch-size and --clip-frames must be positive")
-    if args.out is None:
-        args.out = default_vae_dir(args.dataset, args.vae, args.code_dim)
+    if args.out is None:  # train_ocl.py looks for its guidance here (runs/vae_<dataset>_msf_c256 or _c4)
+        args.out = f"runs/vae_{args.dataset}_{args.vae}_c{args.code_dim}"
     return args
 
 
-def default_vae_dir(dataset, kind="msf", code_dim=256):
-    """Where train_vae.py writes a run, and where train_ocl.py looks for its guidance by default."""
-    return f"runs/vae_{dataset}_{kind}_c{code_dim}"
-
-
 def main(argv=None):
+    """The command line: parse, train, and turn the errors a user can fix into one-line messages."""
     args = parse_args(argv)
     try:
         train(args)

@@ -17,7 +17,6 @@ Differences from the paper: the encoder/decoder is a small residual CNN sized fo
 64), not SLATE's exact dVAE; the code-replacing trick is designed here (the paper names it, the authors'
 public code has none), see Codebook.replace_dead.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -365,10 +364,3 @@ def count_codebook_params(model):
     if getattr(model, "weight", None) is not None:
         n += model.weight.numel()
     return n
-
-
-def perplexity(idx, num_codes):
-    """exp(entropy) of the code histogram of idx (any shape): num_codes if all codes are used equally, 1 if one code."""
-    p = torch.bincount(idx.flatten(), minlength=num_codes).float()
-    p = p / p.sum()
-    return math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())

@@ -196,3 +196,11 @@ def test_pca_colours_shared_across_maps():
     cols = evaluate.pca_colours([a, b])
     assert (cols[0] == cols[1]).all()  # the same vector gets the same colour in both maps
     assert not (cols[0][0, 0] == cols[0][1, 1]).all()
+
+
+def test_perplexity_of_codebook_usage():
+    """exp(entropy): 8 codes used equally -> 8, one code -> 1, two codes at 3:1 -> exp(H) by hand."""
+    assert evaluate.perplexity(torch.arange(8), 8) == pytest.approx(8)
+    assert evaluate.perplexity(torch.zeros(10, dtype=torch.long), 8) == pytest.approx(1)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert evaluate.perplexity(torch.tensor([0, 0, 0, 5]), 8) == pytest.approx(math.exp(h))

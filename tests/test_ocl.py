@@ -4,13 +4,16 @@ scores (with the frozen VAE proven unchanged and the guidance cache proven exact
 
 Run: python -m pytest -q tests/test_ocl.py
 """
+import inspect
 import json
 
 import pytest
 import torch
 
+import data
 import decoders
 import evaluate
+import train_common
 import train_ocl
 import train_vae
 from slot_attention import CNNEncoder, GaussianQueries, SlotAttention
@@ -193,3 +196,39 @@ def test_missing_inputs_print_the_command(tmp_path, tiny_root):
         train_ocl.main(["--dataset", "coco", "--data-root", str(tmp_path)])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main(["--ckpt", str(tmp_path / "none.pt")])
+
+
+def test_ocl_size_defaults_are_the_paper_size():
+    """OCL's constructor defaults are SIZES["paper"] (decoders.py's defaults are the paper's too), not a third size."""
+    params = inspect.signature(train_ocl.OCL.__init__).parameters
+    assert {k: params[k].default for k in train_ocl.SIZES["paper"]} == train_ocl.SIZES["paper"]
+
+
+def test_validation_keeps_the_models_mode_and_the_vae_frozen(tiny_root, tiny_vaes, tmp_path):
+    """evaluate.validate_ocl serves training (model in train mode) and evaluate.py (eval mode): it must leave the
+    mode as it found it (evaluate.py's figures after it ran in train mode before, dropout on in the sampler)."""
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "m", "transformer", "--steps", "1"))
+    model, _ = train_ocl.load_ocl(out / "last.pt")
+    val = data.load_dataset("shapes", "val", tiny_root)
+    for training in (False, True):
+        model.train(training)
+        values, _ = evaluate.validate_ocl(model, val, "cpu", 8, max_batches=1)
+        assert model.training == training and not model.vae.training and len(values["ari"]) == 8
+
+
+def test_format_1_checkpoint_evaluates_and_refuses_resume_by_name(tiny_root, tiny_vaes, tmp_path):
+    """Format 1 called the transformer's classifiers `heads`: its best.pt still evaluates to the same numbers, and
+    --resume from its last.pt is refused with a message, not a state-dict traceback."""
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "new", "transformer", "--steps", "2"))
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        old = {k.replace("decoder.classifiers.", "decoder.heads."): v for k, v in ckpt["model"].items()}
+        assert any(k.startswith("decoder.heads.") for k in old)
+        torch.save(dict(ckpt, format_version=1, model=old), tmp_path / f"old_{name}")
+    new = evaluate.main(["--ckpt", str(out / "best.pt"), "--limit", "8"])
+    old = evaluate.main(["--ckpt", str(tmp_path / "old_best.pt"), "--limit", "8"])
+    assert old["metrics"] == new["metrics"]
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / "old_last.pt").rename(tmp_path / "old_run" / "last.pt")
+    with pytest.raises(train_common.RunError, match=r"do not fit this model \(format 1, this code writes 2\)"):
+        train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old_run", "transformer", "--steps", "2", "--resume"))

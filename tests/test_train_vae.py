@@ -36,6 +36,13 @@ def test_twenty_steps_write_a_safe_checkpoint_and_learn(tmp_path, tiny_root):
     assert sum(recon[-5:]) / 5 < 0.7 * sum(recon[:2]) / 2, recon  # the loss went down
     assert any("val_perplexity1_0" in r for r in logs)
     assert (out / "recon.png").exists()
+    # evaluate.py scores a VAE with the code training validated with: on the same 8 images (--val-batches 1 of
+    # batch 8), the same reconstruction errors and codebook usage to the last bit
+    import evaluate
+    best = torch.load(out / "best.pt", weights_only=True)["metrics"]
+    result = evaluate.main(["--ckpt", str(out / "best.pt"), "--limit", "8", "--batch-size", "8"])
+    assert result["samples"] == 8 and result["reconstruction_mse"]["recon1"] == best["val_recon1"]
+    assert {f"val_{k}": v for k, v in {**result["reconstruction_mse"], **result["codebook_usage"]}.items()} == best
 
 
 def test_same_seed_same_weights(tmp_path, tiny_root):

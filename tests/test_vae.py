@@ -139,8 +139,3 @@ def test_codebook_parameter_arithmetic_sect_3_4():
     assert 1 - 196_608 / 1_048_576 == pytest.approx(0.8125)  # "81.25% fewer"
     assert msf_vae.vocab == [64, 64] and 64 * 64 == 4096
     assert vae.count_codebook_params(msf.build_vae("gdr", code_dim=256)) == 2 * 64 * 256 + 512 * 256
-
-
-def test_perplexity():
-    assert vae.perplexity(torch.arange(8), 8) == pytest.approx(8)
-    assert vae.perplexity(torch.zeros(10, dtype=torch.long), 8) == pytest.approx(1)
