@@ -121,8 +121,7 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, rank=0, world=1, w
     b, per_epoch = batch_size // world, len(dataset) // batch_size  # this process's share, whole batches per epoch
     epoch, first = divmod(start_step, per_epoch)  # resume: skip whole epochs, then the batches already taken
     while True:
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        torch.empty((), dtype=torch.int64).random_(generator=g)  # one draw first: the order of earlier versions
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)  # a private generator: a function of (seed, epoch)
         perm = torch.randperm(len(dataset), generator=g).tolist()
         # a batch sampler of this process's slice of every global batch left in the epoch; the worker seeds depend on
         # (seed, rank, epoch) so no two workers, processes or epochs draw the same augmentation noise
