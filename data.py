@@ -50,15 +50,24 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 # Dataset presets: defaults that explicit flags override (paper A.4-A.5 for the real datasets).
 # vae_* feed train_vae.py, ocl_* feed train_ocl.py. `shapes` is sized for a 2-core CPU.
 PRESETS = {
-    #            resolution  slots (objects + background)  video  VAE steps/batch  OCL steps/batch/learning rate
-    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, ocl_steps=3200, ocl_batch=16, ocl_lr=2e-3),
-    "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
-    "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
-    "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
-    "movi_c":   dict(resolution=128, num_slots=11, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
-    "movi_d":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
-    "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, ocl_steps=50000, ocl_batch=8, ocl_lr=2e-4),
-    "openimages": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, ocl_steps=50000, ocl_batch=32, ocl_lr=2e-4),
+    #            resolution  slots (objects + background)  video  VAE steps/batch/validation period
+    #            OCL steps/batch/validation period/learning rate
+    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, vae_val=100,
+                     ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3),
+    "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
+                     ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
+    "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
+                     ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
+    "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
+                     ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
+    "movi_c":   dict(resolution=128, num_slots=11, video=True, vae_steps=30000, vae_batch=16, vae_val=600,
+                     ocl_steps=50000, ocl_batch=8, ocl_val=1000, ocl_lr=2e-4),
+    "movi_d":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, vae_val=600,
+                     ocl_steps=50000, ocl_batch=8, ocl_val=1000, ocl_lr=2e-4),
+    "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, vae_val=600,
+                     ocl_steps=50000, ocl_batch=8, ocl_val=1000, ocl_lr=2e-4),
+    "openimages": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
+                       ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
 }
 # What --src of each converter is (`python convert.py <name> --src ...`), for the messages of both files.
 SOURCES = {
@@ -191,19 +200,21 @@ class LMDBDataset(Dataset):
     """One split of an LMDB dataset.
 
     Yields dicts: `image` float (3, H, W) in [-1, 1] ((x - 127.5) / 127.5, paper A.4) and `segment` long (H, W);
-    video samples give `image` (T, 3, H, W), `segment` (T, H, W) and `bbox` (T, K, 4).
-    The LMDB environment is opened lazily in the process that reads (each DataLoader worker opens its own).
+    video samples give `image` (T, 3, H, W), `segment` (T, H, W) and `bbox` (T, K, 4); `index` is the record's
+    number in the split. `rows` (a range) makes the dataset a view of those records only (load_dataset's `train`
+    and `select`). The LMDB environment is opened lazily in the process that reads (each worker opens its own).
     """
 
-    def __init__(self, path, semantic=False):
+    def __init__(self, path, semantic=False, rows=None):
         self.path = Path(path)
         self.meta = read_meta(self.path)
         self.count = self.meta["count"]
+        self.rows = range(self.count) if rows is None else rows  # the records this dataset yields
         self.semantic = semantic  # segment = class ids instead of instances (needs `classes`: VOC, COCO)
         self._env, self._pid = None, None
 
     def __len__(self):
-        return self.count  # from the meta record: no scan of the keys
+        return len(self.rows)  # from the meta record: no scan of the keys
 
     def record(self, i):
         """The raw arrays of sample i, as stored."""
@@ -220,6 +231,7 @@ class LMDBDataset(Dataset):
         return state
 
     def __getitem__(self, i):
+        i = self.rows[i]  # the record number (IndexError past the end, as a Dataset should)
         rec = self.record(i)
         image = rec["image"].astype(np.float32)  # (H, W, 3) or (T, H, W, 3), a writable copy
         image -= 127.5
@@ -423,15 +435,26 @@ def dataset_dir(name, root="data", resolution=None):
     return Path(root) / name
 
 
+def select_rows(count):
+    """The `select` split: the last 10% of a training split's records, at most 1,000 (shapes: 800 of 8,000; COCO,
+    ClevrTex: 1,000; VOC: 146 of 1,464; at least one). Training never sees them; both training scripts pick best.pt
+    on them, so that the val split, which the tables report, plays no part in choosing the model."""
+    n = max(1, min(1000, count // 10))
+    return range(count - n, count)
+
+
 def load_dataset(name, split, root="data", resolution=None, semantic=False):
     """The `Dataset` of split `split` of dataset `name` under `root`.
 
-    The built-in `shapes` is written on first use; a real dataset that is not converted yet raises
-    DatasetMissing naming the `python convert.py ...` command that converts it.
+    Splits: what the conversion wrote (train, val, test, ClevrTex variants), where `train` is the stored training
+    split minus its last 10% (at most 1,000 records), and `select` is that held-out slice (select_rows): the data
+    model selection uses. The built-in `shapes` is written on first use; a real dataset that is not converted yet
+    raises DatasetMissing naming the `python convert.py ...` command that converts it.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(PRESETS)}")
-    path = dataset_dir(name, root, resolution) / split
+    stored = "train" if split == "select" else split  # `select` is a view of the stored training split
+    path = dataset_dir(name, root, resolution) / stored
     if not (path / "data.mdb").exists():
         if name == "shapes":
             print(f"{path} not found: writing the built-in shapes dataset (a few seconds)")
@@ -443,6 +466,9 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
                 f"    python convert.py {name} --src /path/to/{name} --out {dataset_dir(name, root)}\n"
                 f"where --src is {SOURCES[name]}.")
     ds = LMDBDataset(path, semantic)
+    if stored == "train":  # train without the held-out slice, or the slice itself
+        held_out = select_rows(ds.count)
+        ds.rows = held_out if split == "select" else range(held_out.start)
     if resolution is not None and ds.meta["resolution"] != resolution:
         raise ValueError(f"{path} holds {ds.meta['resolution']}px samples, not the requested {resolution}px")
     return ds

@@ -18,6 +18,7 @@ as are train_ocl.OCL's (SIZES["paper"]); train_ocl.py shrinks them for CPU runs 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -143,7 +144,8 @@ def _groups(ch):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, add the time embedding, GroupNorm-SiLU-dropout-conv, plus a (1x1) skip."""
+    """GroupNorm-SiLU-conv, add the time embedding (SiLU, then a linear map to this block's channels, as DDPM),
+    GroupNorm-SiLU-dropout-conv, plus a (1x1) skip."""
 
     def __init__(self, in_ch, out_ch, time_dim, dropout):
         super().__init__()
@@ -155,7 +157,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))  # (b, out, h, w)
-        h = h + self.time(temb)[:, :, None, None]
+        h = h + self.time(F.silu(temb))[:, :, None, None]  # without the SiLU, two linear maps would stack
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -230,6 +232,21 @@ class UNet(nn.Module):
         return self.out(h)  # (b, in_ch, h, w): the predicted noise
 
 
+def global_std(x):
+    """The (unbiased) standard deviation of all elements of x, over the x of every process of a torchrun group
+    (all-reduced sums; the plain x.std() for one process). Two passes: the mean first, then the squares."""
+    x = x.detach().float()
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    total = torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device)])  # (2,) sum, count
+    if group:
+        dist.all_reduce(total)
+    mean = total[0] / total[1]
+    squares = ((x - mean) ** 2).sum()
+    if group:
+        dist.all_reduce(squares)
+    return (squares / (total[1] - 1)).sqrt()
+
+
 class DiffusionDecoder(nn.Module):
     """SlotDiffusion's decoder: learns eps_theta(x_t, t, S) with loss ||eps - eps_theta(x_t, t, S)||^2 where
     x_t = sqrt(alpha_bar_t) X + sqrt(1 - alpha_bar_t) eps, t ~ U{0..T-1} (DDPM, epsilon prediction).
@@ -253,8 +270,9 @@ class DiffusionDecoder(nn.Module):
         # The latent scale: X of a c = 4 VAE has no fixed variance, but the schedule assumes unit-variance data.
         # It is measured once, on the first training batch (X is frozen, so one batch estimates it well), and
         # kept in a buffer: checkpoints carry it, evaluation and sampling use the stored value, never re-measure.
+        # Under DDP it is the std of the combined first batch of all processes: one value for every process.
         if self.training and self.scale == 0:
-            self.scale.fill_(1.0 / x0.float().std().clamp(min=1e-6).item())
+            self.scale.fill_(1.0 / global_std(x0).clamp(min=1e-6).item())
         x0 = x0 * self.scale  # (b, c, h, w), unit variance
         if t is None:
             t = torch.randint(0, len(self.betas), (x0.shape[0],), device=x0.device)  # (b,)

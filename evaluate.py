@@ -47,18 +47,25 @@ import train_common
 
 IGNORE = data.IGNORE
 COCO_SMALL, COCO_LARGE = 32 ** 2, 96 ** 2  # COCO's area thresholds (pixels of the original image)
+# "ours" (default): ignored pixels (255) count in no metric. "authors": the authors' code, which keeps predicted
+# pixels without ground truth in the IoU's union and reads VOC's void boundary as background (README, "Metrics").
+PROTOCOLS = ("ours", "authors")
 
 # -----------------------------------------------------------------------------
 # Metrics: everything starts from the contingency table of (true, pred) label pairs
 
 
-def contingency(pred, true):
+def contingency(pred, true, protocol="ours"):
     """counts (b, Kt, Kp) float64: n_ij = number of non-ignored pixels with true label t_i and predicted label p_j.
 
     pred, true: long (b, ...) of the same shape. Small non-negative labels (slot indices, dataset ids < 1024) are
-    used as they are; any other labels are first compacted over the batch (torch.unique). Returns the counts and
-    the true label value of each row (Kt,); 255 has no row. Rows or columns of labels absent from a sample are 0.
+    used as they are; any other labels are first compacted over the batch (torch.unique). Returns the counts, the
+    true label value of each row (Kt,) (255 has no row; rows or columns of labels absent from a sample are 0), and
+    the predicted segments' areas (b, Kp) for the IoU's union: over the non-ignored pixels ("ours"), or over all
+    pixels, ignored ones included ("authors": the authors' code counts a prediction on unannotated pixels against
+    it; official-spec sect. 7).
     """
+    assert protocol in PROTOCOLS, f"protocol {protocol!r}: choose one of {PROTOCOLS}"
     assert pred.shape == true.shape, f"pred {tuple(pred.shape)} and true {tuple(true.shape)} differ"
     b = true.shape[0]
     pred, true = pred.reshape(b, -1), true.reshape(b, -1)  # (b, P): all frames of a video jointly
@@ -79,7 +86,8 @@ def contingency(pred, true):
     counts = torch.bincount(flat.flatten(), minlength=b * kt * kp).view(b, kt, kp).double()  # (b, Kt', Kp)
     # ignored pixels all landed in the row of label 255: dropping that row removes them from every count
     keep = (t_vals != IGNORE) & (counts.sum((0, 2)) > 0)
-    return counts[:, keep], t_vals[keep]
+    pred_area = counts.sum(1) if protocol == "authors" else counts[:, keep].sum(1)  # (b, Kp)
+    return counts[:, keep], t_vals[keep], pred_area
 
 
 def ari_from_counts(n):
@@ -100,22 +108,23 @@ def ari_from_counts(n):
 
 def ari(pred, true, foreground_only=False):
     """ARI (b,) over non-ignored pixels; ARIfg with foreground_only=True (pixels whose true label is an object)."""
-    n, t_vals = contingency(pred, true)
+    n, t_vals, _ = contingency(pred, true)
     if foreground_only:
         n = n[:, t_vals != 0]  # drop the background row: its pixels leave the table
     return ari_from_counts(n)
 
 
-def iou_from_counts(n):
-    """IoU (b, Kt, Kp) = |t_i & p_j| / |t_i | p_j| over non-ignored pixels (0 where the union is empty)."""
-    union = n.sum(2, keepdim=True) + n.sum(1, keepdim=True) - n
+def iou_from_counts(n, pred_area):
+    """IoU (b, Kt, Kp) = |t_i & p_j| / (|t_i| + |p_j| - |t_i & p_j|), 0 where the union is empty. |p_j| is
+    pred_area (b, Kp) (contingency: over non-ignored pixels, or over all of them for the authors' protocol)."""
+    union = n.sum(2, keepdim=True) + pred_area[:, None, :] - n
     return n / union.clamp(min=1)
 
 
-def matched_from_counts(n):
+def matched_from_counts(n, pred_area):
     """Per true segment, the IoU of its Hungarian-matched predicted segment (0 if unmatched), (b, Kt), NaN for
     segments absent from the sample. Matching: one-to-one, maximising the summed IoU (scipy)."""
-    iou = iou_from_counts(n).cpu().numpy()  # (b, Kt, Kp)
+    iou = iou_from_counts(n, pred_area).cpu().numpy()  # (b, Kt, Kp)
     present = (n.sum(2) > 0).cpu().numpy()  # (b, Kt)
     out = np.full(present.shape, np.nan)
     for i in range(len(iou)):  # one small assignment problem per sample (at most ~25 x 25)
@@ -128,10 +137,10 @@ def matched_from_counts(n):
     return torch.from_numpy(out).float()
 
 
-def matched_ious(pred, true):
+def matched_ious(pred, true, protocol="ours"):
     """matched_from_counts for label maps; also returns the true label value of each column (Kt,)."""
-    n, t_vals = contingency(pred, true)
-    return matched_from_counts(n), t_vals
+    n, t_vals, pred_area = contingency(pred, true, protocol)
+    return matched_from_counts(n, pred_area), t_vals
 
 
 def _mean_present(m):
@@ -142,34 +151,46 @@ def _mean_present(m):
     return torch.where(count == 0, torch.full_like(out, math.nan), out)
 
 
-def miou(pred, true):
+def miou(pred, true, protocol="ours"):
     """mIoU (b,): sum of Hungarian-matched IoUs / number of non-empty true segments (background included)."""
-    return _mean_present(matched_ious(pred, true)[0])
+    return _mean_present(matched_ious(pred, true, protocol)[0])
 
 
-def mbo_from_counts(n):
-    best = iou_from_counts(n).amax(2) if n.shape[2] else torch.zeros(n.shape[:2], dtype=n.dtype)  # (b, Kt)
+def mbo_from_counts(n, pred_area):
+    if n.shape[2]:
+        best = iou_from_counts(n, pred_area).amax(2)  # (b, Kt)
+    else:
+        best = torch.zeros(n.shape[:2], dtype=n.dtype)
     return _mean_present(torch.where(n.sum(2) > 0, best, torch.full_like(best, math.nan))).float()
 
 
-def mbo(pred, true):
+def mbo(pred, true, protocol="ours"):
     """mBO (b,): for each non-empty true segment (background included) its best IoU over predicted segments, averaged."""
-    return mbo_from_counts(contingency(pred, true)[0])
+    n, _, pred_area = contingency(pred, true, protocol)
+    return mbo_from_counts(n, pred_area)
 
 
-def all_metrics(pred, true):
+def all_metrics(pred, true, protocol="ours"):
     """ARI, ARIfg, mIoU and mBO (each (b,)) from one contingency table: what the evaluation loops call."""
-    n, t_vals = contingency(pred, true)
+    n, t_vals, pred_area = contingency(pred, true, protocol)
     return {"ari": ari_from_counts(n), "ari_fg": ari_from_counts(n[:, t_vals != 0]),
-            "miou": _mean_present(matched_from_counts(n)), "mbo": mbo_from_counts(n)}
+            "miou": _mean_present(matched_from_counts(n, pred_area)), "mbo": mbo_from_counts(n, pred_area)}
 
 
-def miou_by_size(pred, true, areas, thresholds=(COCO_SMALL, COCO_LARGE)):
+def authors_truth(segment, dataset):
+    """The ground truth as the authors' evaluation reads it (--protocol authors): VOC's void label (255: object
+    boundaries and difficult regions) is background there, not ignored; other datasets keep 255 as unannotated."""
+    if dataset == "voc":
+        return torch.where(segment == IGNORE, torch.zeros_like(segment), segment)
+    return segment
+
+
+def miou_by_size(pred, true, areas, thresholds=(COCO_SMALL, COCO_LARGE), protocol="ours"):
     """mIoU of small / medium / large objects (Tab. 7), with COCO's thresholds on the object's area in the
     original image: small < 32^2 <= medium < 96^2 <= large. areas: (b, K) float, areas[:, k-1] = area of object
     label k (NaN or 0 for absent labels). Matching is the same Hungarian matching as miou (background included);
     returns a dict of (b,) means over each sample's objects of that size (NaN if it has none)."""
-    m, t_vals = matched_ious(pred, true)  # (b, Kt)
+    m, t_vals = matched_ious(pred, true, protocol)  # (b, Kt)
     out = {name: torch.full((m.shape[0],), math.nan) for name in ("small", "medium", "large")}
     for i in range(m.shape[0]):
         buckets = {"small": [], "medium": [], "large": []}
@@ -373,12 +394,13 @@ def fig3(path, image, columns, scale=2):
 def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, seed=0):
     """Stage 1 on the first `max_batches` batches of `dataset` (0 = all of it): the reconstruction MSE per scale
     (`recon<n>`), the usage of every codebook k at every scale n (`perplexity<n>_<k>`, and `used<n>_<k>` = the share
-    of its codes used), and with clusters = k > 0 Tab. 4's separability of the scale-1 guidance (one k-means per
-    image). Videos are scored on every frame. Returns a dict of floats; the model's train/eval mode is kept."""
+    of its codes used), the singular values of W where there is one (`w_sigma_max`, `w_sigma_min`; 1 and 1 for
+    orthonormal columns) and the raw W's scale (`w_raw_scale`), and with clusters = k > 0 Tab. 4's separability of
+    the scale-1 guidance (one k-means per image). Videos are scored on every frame. Returns a dict of floats; the model's train/eval mode is kept."""
     was_training = model.training
     model.eval()
     sums, count, all_idx, inter, intra = {}, 0, [], [], []
-    for i, batch in enumerate(torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)):
+    for i, batch in enumerate(_loader(dataset, batch_size)):
         if max_batches and i == max_batches:
             break
         image = data.video_frames(batch["image"]).to(device)  # (b, 3, H, W); videos: every frame of b clips
@@ -399,6 +421,10 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
             m = model.vocab[k]
             metrics[f"perplexity{n + 1}_{k}"] = perplexity(idx[:, k], m)
             metrics[f"used{n + 1}_{k}"] = len(idx[:, k].unique()) / m
+    if getattr(model, "weight", None) is not None:  # W of Eq. 3/5 (gdr, msf): its conditioning, and how far Adam
+        sigma = torch.linalg.svdvals(model.projection().detach().float())  # moved the raw W's scale (1 at init)
+        metrics["w_sigma_max"], metrics["w_sigma_min"] = sigma.max().item(), sigma.min().item()
+        metrics["w_raw_scale"] = (model.weight.detach().float().norm() / model.weight.shape[1] ** 0.5).item()
     if clusters:
         metrics["inter_cluster"], metrics["intra_cluster"] = float(np.nanmean(inter)), float(np.mean(intra))
     model.train(was_training)
@@ -406,25 +432,28 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
 
 
 @torch.no_grad()
-def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=True):
-    """Stage 2 on the first `max_batches` batches of `dataset` (0 = all of it): the slots' masks -> labels at the
-    ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample; datasets that store object areas (COCO, Open
-    Images) add the size split of Tab. 7 (`size_split`). Returns ({metric: (N,) values}, the last batch's
-    (image, segment, pred, masks) for figures); the model's train/eval mode is kept."""
+def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=True, protocol="ours", name=""):
+    """Stage 2 on the first `max_batches` batches of `dataset` (0 = all of it): the slots' masks (model.segment: no
+    decoder, no noise) -> labels at the ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample; datasets that
+    store object areas (COCO, Open Images) add the size split of Tab. 7 (`size_split`). `protocol`: "ours" or
+    "authors" (PROTOCOLS; `name` = the dataset's, for authors_truth). Returns ({metric: (N,) values}, the last
+    batch's (image, segment, pred, masks) for figures); the model's mode and every random generator are kept."""
     was_training = model.training
     model.eval()
     values = {k: [] for k in ("ari", "ari_fg", "miou", "mbo")}
     last = None
-    for i, batch in enumerate(torch.utils.data.DataLoader(dataset, batch_size, shuffle=False)):
+    for i, batch in enumerate(_loader(dataset, batch_size)):
         if max_batches and i == max_batches:
             break
         image, segment = batch["image"].to(device), batch["segment"]  # (b, 3, H, W), (b, H, W)
-        masks = model(image)["masks"]  # (b, s, h, w)
+        if protocol == "authors":
+            segment = authors_truth(segment, name)
+        masks = model.segment(image)["masks"]  # (b, s, h, w)
         pred = masks_to_labels(masks, segment.shape[-2:]).cpu()  # (b, H, W)
-        for k, v in all_metrics(pred, segment).items():
+        for k, v in all_metrics(pred, segment, protocol).items():
             values[k].append(v)
         if "areas" in batch and size_split:  # areas[:, k-1] = original area of object k
-            for k, v in miou_by_size(pred, segment, batch["areas"]).items():
+            for k, v in miou_by_size(pred, segment, batch["areas"], protocol=protocol).items():
                 values.setdefault(f"miou_{k}", []).append(v)
         last = (image, segment, pred, masks)
     model.train(was_training)
@@ -454,7 +483,8 @@ def evaluate_vae(ckpt, args, device):
     result = {"ckpt": str(args.ckpt), "kind": "vae", "split": args.split, "samples": count,
               "separability": {"inter_cluster": m["inter_cluster"], "intra_cluster": m["intra_cluster"], "clusters": k},
               "reconstruction_mse": {n: v for n, v in m.items() if n.startswith("recon")},
-              "codebook_usage": {n: v for n, v in m.items() if n.startswith(("perplexity", "used"))}}
+              "codebook_usage": {n: v for n, v in m.items() if n.startswith(("perplexity", "used"))},
+              "projection": {n: v for n, v in m.items() if n.startswith("w_")}}
     print(f"{Path(args.ckpt)}: VAE {ckpt['model_args']['kind']} c={ckpt['model_args']['code_dim']} on "
           f"{a['dataset']}/{args.split} ({count} images)")
     print(f"  separability of scale-1 guidance (Tab. 4, k = {k}): inter-cluster {m['inter_cluster']:.3f}"
@@ -462,7 +492,7 @@ def evaluate_vae(ckpt, args, device):
     print("  reconstruction MSE: " + " | ".join(f"scale {n[5:]} {v:.4f}" for n, v in result["reconstruction_mse"].items()))
     if args.viz:  # Fig. 3: per scale, the codes before / after inter-scale fusion, the scale-variant codes, X
         out_dir = _figure_dir(args)
-        batch = next(iter(torch.utils.data.DataLoader(dataset, args.viz, shuffle=False)))
+        batch = next(iter(_loader(dataset, args.viz)))
         image = data.video_frames(batch["image"])[:args.viz].to(device)  # (v, 3, H, W)
         with torch.no_grad():
             out = model(image)
@@ -489,10 +519,11 @@ def evaluate_ocl(ckpt, args, device):
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
     dataset = _first(dataset, args.limit)
-    values, _ = validate_ocl(model, dataset, device, args.batch_size, size_split=not args.semantic)
+    values, _ = validate_ocl(model, dataset, device, args.batch_size, size_split=not args.semantic,
+                             protocol=args.protocol, name=a["dataset"])
     stats = summary(values)
-    print(f"{args.ckpt}: {a['decoder']} + {ckpt['vae']['model_args']['kind']} VAE, step {ckpt['step']}, "
-          f"{a['dataset']}/{args.split}")
+    print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE, step {ckpt['step']}, "
+          f"{a['dataset']}/{args.split}" + (", the authors' metric protocol" if args.protocol == "authors" else ""))
     columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
     if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (COCO area thresholds)
         columns += [("mIoU_S", "miou_small"), ("mIoU_M", "miou_medium"), ("mIoU_L", "miou_large")]
@@ -503,9 +534,9 @@ def evaluate_ocl(ckpt, args, device):
             print(f"{'samples':>8} " + " ".join(f"{stats[k][1]:7d}" for _, k in row))
     if args.viz:
         out_dir = _figure_dir(args)
-        batch = next(iter(torch.utils.data.DataLoader(dataset, args.viz, shuffle=False)))
+        batch = next(iter(_loader(dataset, args.viz)))
         image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W)
-        out = model(image)
+        out = model.segment(image)  # slots (v, s, d), masks (v, s, h, w)
         pred = masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (v, H, W)
         fig2(out_dir / "fig2.png", image, segment, pred, out["masks"])
         print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
@@ -517,7 +548,13 @@ def evaluate_ocl(ckpt, args, device):
             save_rows_png(out_dir / "diffusion_recon.png", rows)
             print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
-            "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
+            "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
+
+
+def _loader(dataset, batch_size):
+    """The dataset in order, in batches. Its own generator: even an unshuffled DataLoader draws a seed, which would
+    otherwise come from the global stream and make a validation change the noise of the training after it."""
+    return torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, generator=torch.Generator())
 
 
 def _first(dataset, limit):
@@ -536,7 +573,12 @@ def main(argv=None):
                                             "(separability).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="runs/ocl_shapes_transformer_msf/best.pt",
                    help="best.pt or last.pt of train_ocl.py or train_vae.py (default: the quick start's OCL run)")
-    p.add_argument("--split", default="val", help="dataset split to score (ClevrTex variants: outd, camo, ...)")
+    p.add_argument("--split", default="val",
+                   help="dataset split to score: val (what tables report), select (what training picked best.pt on), "
+                        "train, test, ClevrTex variants (outd, camo, ...)")
+    p.add_argument("--protocol", default="ours", choices=PROTOCOLS,
+                   help="ours: ignored (255) pixels count in no metric; authors: as the authors' code, predicted pixels "
+                        "without ground truth count in the IoU's union and VOC's void boundary is background")
     p.add_argument("--semantic", action="store_true",
                    help="score against object classes instead of instances (VOC, COCO, Open Images conversions)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained with)")

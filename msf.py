@@ -88,20 +88,19 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
         cands = torch.stack([resample(zsi[j], j, n) for j in sources])  # (N', b, c, h, w)
         # Step 2: match every candidate with the shared codebook C^si (Eq. 1); one batched match for all N'
         # (groups: the N' stacked batches, which the codebook's data init needs to know under DDP)
-        probs, flat_idx = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources))  # (N'*b, m, h, w)
-        conf = probs.gather(1, flat_idx[:, None])[:, 0]  # (N'*b, h, w): P of each candidate's chosen code
-        conf = conf.unflatten(0, (len(sources), b))  # (N', b, h, w)
+        flat_idx, conf = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources), confidence=True)
+        conf = conf.unflatten(0, (len(sources), b))  # (N', b, h, w): P of each candidate's chosen code
         cand_idx = flat_idx.unflatten(0, (len(sources), b))  # (N', b, h, w): each candidate's code
         # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel
         win = conf.argmax(dim=0)  # (b, h, w) index into `sources`
         idx_si = cand_idx.gather(0, win[None])[0]  # (b, h, w)
         z_si = cands.gather(0, win[None, :, None].expand(1, b, c, h, w))[0]  # (b, c, h, w) the winner's continuous vector
-        q_si = vae.cb_select(codebook_si, idx_si, z_si)  # Eq. 2: X^si_n (b, c, h, w)
+        q_si = vae.cb_select(codebook_si, idx_si, z_si, tau)  # Eq. 2: X^si_n (b, c, h, w)
         part = {"q_si_own": vae.cb_select(codebook_si, cand_idx[sources.index(n)]).detach()}  # si before inter fusion
         if intra:
             # scale-variant half: its own codebook C^sv_n, no voting
-            _, idx_sv = vae.cb_match(codebooks_sv[n], zsv[n], tau)  # (b, h, w)
-            q_sv = vae.cb_select(codebooks_sv[n], idx_sv, zsv[n])  # X^sv_n (b, c, h, w)
+            idx_sv, _ = vae.cb_match(codebooks_sv[n], zsv[n], tau)  # (b, h, w)
+            q_sv = vae.cb_select(codebooks_sv[n], idx_sv, zsv[n], tau)  # X^sv_n (b, c, h, w)
             z2 = torch.cat([z_si, zsv[n]], dim=1)  # (b, 2c, h, w)
             q2 = torch.cat([q_si, q_sv], dim=1)  # concat_c(X^si_n, X^sv_n), (b, 2c, h, w)
             x = vae.project(vae.straight_through(z2, q2, alpha), weight)  # Eq. 5: concat(..) W, (b, c, h, w)
@@ -144,10 +143,10 @@ class MSFVAE(nn.Module):
     """
 
     def __init__(self, code_dim=256, channels=64, num_scales=3, fusion="msf", inter=True, intra=True,
-                 sv_shared=False, num_codes=4096):
+                 sv_shared=False, num_codes=4096, pin_w=True):
         super().__init__()
         assert num_scales >= 1 and fusion in ("msf", "concat", "sum"), (num_scales, fusion)
-        self.code_dim, self.num_scales, self.fusion = code_dim, num_scales, fusion
+        self.code_dim, self.num_scales, self.fusion, self.pin_w = code_dim, num_scales, fusion, pin_w
         self.inter, self.intra = inter, intra and fusion == "msf"
         self.encoder, self.decoder = vae.Encoder(code_dim, channels), vae.Decoder(code_dim, channels)
         self.weight, self.mixer = None, None
@@ -172,8 +171,15 @@ class MSFVAE(nn.Module):
         sv = None
         if self.intra:
             sv = list(self.codebooks[1:]) * (self.num_scales if self.sv_shared else 1)  # N codebooks
-        return multi_scale_fusion(zs, self.codebooks[0], sv, self.weight, inter=self.inter, tau=tau, alpha=alpha,
-                                  return_parts=True)
+        return multi_scale_fusion(zs, self.codebooks[0], sv, self.projection(), inter=self.inter, tau=tau,
+                                  alpha=alpha, return_parts=True)
+
+    def projection(self):
+        """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal), or free as checkpoints before
+        format 3 trained it (pin_w=False)."""
+        if self.weight is None or not self.pin_w:
+            return self.weight
+        return vae.orthonormal(self.weight)
 
     def forward(self, image, tau=0.0, alpha=0.0):
         return vae.vae_forward(self, image_pyramid(image, self.num_scales), tau, alpha)
@@ -185,7 +191,7 @@ class MSFVAE(nn.Module):
             return self.codebooks[0].select(idx[:, 0])  # (b, c, h, w)
         sv = self.codebooks[1 if self.sv_shared else scale]  # C^sv_n
         q = torch.cat([self.codebooks[0].select(idx[:, 0]), sv.select(idx[:, 1])], 1)  # (b, 2c, h, w)
-        return vae.project(q, self.weight)  # (b, c, h, w)
+        return vae.project(q, self.projection())  # (b, c, h, w)
 
     @torch.no_grad()
     def guidance(self, image):
@@ -196,21 +202,36 @@ class MSFVAE(nn.Module):
 
 
 def build_vae(kind="msf", code_dim=256, channels=64, scales=3, fusion="msf", inter=True, intra=True,
-              sv_shared=False, num_codes=4096):
+              sv_shared=False, num_codes=4096, pin_w=True):
     """--vae flag -> model. The single place where the kind of VAE is decided (train_vae.py and the loaders of
     checkpoints call it with the arguments stored in the checkpoint)."""
     if kind in ("vqvae", "gdr"):
-        return vae.VQVAE(kind, code_dim, channels, num_codes)
+        return vae.VQVAE(kind, code_dim, channels, num_codes, pin_w=pin_w)
     if kind == "multiscale":
         return MSFVAE(code_dim, channels, scales, "msf", inter=False, intra=False, num_codes=num_codes)
     if kind == "msf":
-        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes)
+        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes, pin_w)
     raise ValueError(f"unknown --vae '{kind}'; choose msf, vqvae, gdr or multiscale")
+
+
+def vae_name(model_args):
+    """A run name of a VAE configuration: msf, msf-nointer, msf-sum, msf-N2, gdr, vqvae, multiscale-m1024, ...
+    (only what differs from the default), so that ablations and baselines never share a run folder."""
+    a = {"fusion": "msf", "inter": True, "intra": True, "sv_shared": False, "scales": 3, "num_codes": 4096,
+         **model_args}
+    name = a["kind"]
+    if a["kind"] == "msf":
+        name += "".join(f"-{tag}" for tag, on in ((a["fusion"], a["fusion"] != "msf"), ("nointer", not a["inter"]),
+                                                   ("nointra", not a["intra"]), ("svshared", a["sv_shared"])) if on)
+    if a["kind"] in ("msf", "multiscale") and a["scales"] != 3:
+        name += f"-N{a['scales']}"
+    return name + (f"-m{a['num_codes']}" if a["num_codes"] != 4096 else "")
 
 
 def load_vae(ckpt, device="cpu"):
     """Rebuild a stage-1 VAE from its checkpoint dict (train_common.load_checkpoint(path, "vae") reads one safely):
     build_vae with the stored model_args, then the stored weights. Returns the model in eval mode."""
-    model = build_vae(**ckpt["model_args"])
+    # checkpoints before format 3 trained W with its scale free (no pin_w entry): rebuild them as they trained
+    model = build_vae(**{"pin_w": False, **ckpt["model_args"]})
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

@@ -11,7 +11,8 @@ name, so that each loop reads forward -> loss -> step with nothing else in the w
   run arguments    add_run_args, apply_preset (dataset presets of data.PRESETS; explicit flags win)
   checkpoints      save_checkpoint / load_checkpoint (weights_only: loading never runs code), prepare_out_dir,
                    save_last (last.pt with the whole training state + numbered copies), resume
-  the step         check_step (non-finite loss, stop signals), optimizer_step (AMP, clipping), StopSignal, Log
+  the step         RunGuard (stop signals, non-finite losses), check_weights (before any checkpoint is written),
+                   optimizer_step (AMP, clipping), Log
 
 Reading order: as listed. Nothing here imports a model file: the scripts hand in what they built.
 Imports from the project: data (the presets).
@@ -38,19 +39,23 @@ from torch.utils.data import DataLoader
 
 import data
 
-CKPT_VERSION = 2  # 2: the transformer decoder's classifiers are `classifiers` (were `heads`); see train_ocl.load_ocl
+# 2: the transformer decoder's classifiers are `classifiers` (were `heads`; train_ocl.load_ocl renames them);
+# 3: VAEs pin W's scale (model_args "pin_w"; msf.load_vae rebuilds older ones unpinned) and last.pt keeps the
+#    code-replacing reservoirs ("pools"). Older checkpoints still evaluate; --resume needs the format it was written in.
+CKPT_VERSION = 3
 
 # -----------------------------------------------------------------------------
 # Schedules: pure functions of the step, so a resumed run needs to save none of them
 
 
-def lr_at(step, total, base_lr):
-    """Linear warmup over the first 1/20 of the steps, then cosine annealing to 0 (A.5)."""
+def lr_at(step, total, base_lr, final=1e-3):
+    """Linear warmup over the first 1/20 of the steps, then cosine annealing to final * base_lr (A.5; the paper does
+    not say where the cosine ends, the authors' code ends it at lr / 1000)."""
     warmup = max(1, total // 20)
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_decay(progress, 1, base_lr, final * base_lr)
 
 
 def cosine_decay(step, total, start=1.0, end=0.0):
@@ -225,14 +230,17 @@ def add_run_args(p, val_default):
 
 def apply_preset(p, args, stage, val_parts):
     """The dataset's preset (data.PRESETS) for stage "vae" or "ocl": its steps and batch size where no flag gave
-    them, validation every steps/val_parts, then the checks of the shared flags. Returns the preset."""
+    them, its validation period, then the checks of the shared flags. Returns the preset."""
     if args.dataset not in data.PRESETS:
         p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
     preset = data.PRESETS[args.dataset]
     # a flag the user gave wins; what they left out comes from the preset (paper recipe, or CPU-sized for shapes)
     args.steps = args.steps or preset[f"{stage}_steps"]
     args.batch_size = args.batch_size or preset[f"{stage}_batch"]
-    args.val_every = args.val_every or max(1, args.steps // val_parts)
+    # validation: the preset's period (A.5: every 600 VAE / 1,000 OCL steps) when the steps are the preset's,
+    # else steps / val_parts, so that a shortened run still validates a few times
+    every = preset[f"{stage}_val"] if args.steps == preset[f"{stage}_steps"] else max(1, args.steps // val_parts)
+    args.val_every = args.val_every or every
     args.ckpt_every = args.ckpt_every or min(args.val_every, 1000)  # a kill loses at most 1,000 steps
     for name in ("log_every", "val_every", "val_batches", "ckpt_every"):
         if getattr(args, name) < 1:
@@ -388,6 +396,10 @@ def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
     ckpt = load_checkpoint(path, kind)
     if "train_state" not in ckpt:
         raise RunError(f"--resume: {path} holds weights only, no training state; start a new run in another --out")
+    if ckpt.get("format_version", 0) != CKPT_VERSION:
+        raise RunError(f"--resume: {path} was written by an older version of this code (checkpoint format "
+                       f"{ckpt.get('format_version', 0)}, this code writes {CKPT_VERSION}); finish the run with the "
+                       f"code that started it, or start a new run in another --out")
     diffs = [f"{k}: {ckpt['model_args'].get(k)!r} in the checkpoint, {v!r} now"
              for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
     diffs += [f"{k}: {ckpt['args'].get(k)!r} in the checkpoint, {getattr(args, k, None)!r} now"
@@ -401,36 +413,65 @@ def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
     state = ckpt["train_state"]
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # e.g. a last.pt of an older layout of the model (format_version below CKPT_VERSION)
-        raise RunError(f"--resume: the weights in {path} do not fit this model (format "
-                       f"{ckpt.get('format_version', 0)}, this code writes {CKPT_VERSION}): {str(e).splitlines()[0]}. "
-                       f"Finish the run with the code that started it, or start a new run in another --out") from None
+    except RuntimeError as e:  # weights of another layout of the model
+        raise RunError(f"--resume: the weights in {path} do not fit this model ({str(e).splitlines()[0]}). Resume "
+                       f"with the flags it was started with, or start a new run in another --out") from None
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    elif d.main:  # a CPU run (AMP off: an empty scaler state) continued on a GPU: the scaler starts afresh
+        print("note: the run was started without AMP (CPU); its GPU continuation starts a fresh grad scaler")
     set_rng_state(state["rng"], d)
     return ckpt["step"], state["best"], ckpt["metrics"], state
 
 
 # -----------------------------------------------------------------------------
-# The step: stop signals, non-finite losses, the update, the log
+# The step: stop signals, non-finite losses and weights, the update, the log
 
 
-class StopSignal:
-    """SIGTERM (cluster schedulers, `kill`, torchrun passing it on) or SIGINT (Ctrl-C) asks the run to stop: the
-    current step finishes, last.pt is written, and the run can be resumed. A second signal acts at once.
-    Use as `with StopSignal() as stop:`; the previous handlers come back on the way out."""
+class RunGuard:
+    """Decides after every forward whether the run goes on: stop signals and non-finite losses.
 
-    def __init__(self):
-        self.received, self.previous = None, {}
+    Signals: SIGTERM (cluster schedulers, `kill`, torchrun passing it on) or SIGINT (Ctrl-C) asks the run to stop:
+    the current step finishes, last.pt is written, and the run can be resumed. A second signal acts at once.
+    Non-finite losses: without AMP the first one stops the run before its update (nothing is written over the last
+    good checkpoint). Under AMP (GradScaler on, GPUs) an fp16 overflow now and then is normal and the scaler's job:
+    the update of that step is skipped and the scale lowered; only `patience` of them in a row stop the run.
+    Use as `with RunGuard(d, amp, hint) as guard:`; the previous signal handlers come back on the way out."""
+
+    def __init__(self, d, amp=False, hint="", patience=20):
+        self.d, self.amp, self.hint, self.patience = d, amp, hint, patience
+        self.received, self.previous, self.bad_in_a_row = None, {}, 0
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        # only a flag here: the loop looks at it after the step (check_step), where stopping is safe
+        # only a flag here: the loop looks at it after the step (check), where stopping is safe
         self.received = signal.Signals(signum).name
         print(f"\n{self.received}: stopping after this step (send it again to stop at once)", flush=True)
         self.close()  # the previous handlers again: a second signal kills at once, as the user expects
+
+    def check(self, loss, step):
+        """Before the update of `step` (0-based): stop on a non-finite loss (FloatingPointError naming the step
+        and the hint), or under AMP let the scaler skip it; returns whether a stop signal asks to end after this
+        step. One all-reduce keeps all processes taking the same branch (a process leaving alone would leave the
+        others waiting forever)."""
+        flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(self.received is not None)],
+                             device=loss.device)
+        if self.d.world > 1:  # MAX: one process with a NaN, or one that got the signal, is enough for all
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.bad_in_a_row = self.bad_in_a_row + 1 if flags[0] else 0
+        if flags[0] and (not self.amp or self.bad_in_a_row >= self.patience):
+            run = f" ({self.bad_in_a_row} in a row under AMP)" if self.amp else ""
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}{run}; stopping without "
+                                     f"saving. {self.hint}")
+        return bool(flags[1])
+
+    def stopped(self, step, out):
+        """The exception that ends a run stopped by a signal, after last.pt was written."""
+        return TrainingStopped(f"stopped by {self.received} after step {step + 1}; {Path(out) / 'last.pt'} holds "
+                               f"it. Continue with the same command plus --resume")
 
     def close(self):
         for sig, handler in self.previous.items():
@@ -444,24 +485,25 @@ class StopSignal:
         self.close()
 
 
-def check_step(loss, stop, d, step, hint):
-    """Stop the run on a non-finite loss (FloatingPointError naming the step and `hint`, before the update, so
-    nothing is written over the last good checkpoint); return whether a stop signal asks to end after this step.
-    One all-reduce keeps all processes taking the same branch (a process leaving alone would leave the others
-    waiting forever)."""
-    flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop.received is not None)],
-                         device=loss.device)
-    if d.world > 1:  # MAX: one process with a NaN, or one that got the signal, is enough for all
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0]:
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without saving. {hint}")
-    return bool(flags[1])
-
-
-def stopped(stop, step, out):
-    """The exception that ends a run stopped by a signal, after last.pt was written."""
-    return TrainingStopped(f"stopped by {stop.received} after step {step + 1}; {Path(out) / 'last.pt'} holds it. "
-                           f"Continue with the same command plus --resume")
+@torch.no_grad()
+def check_weights(model, d, step, loss_fn):
+    """Before a checkpoint is written: are the weights finite, and is the loss they give (loss_fn(), on this step's
+    batch, in eval mode, in fp32) finite too? An update that broke the model (e.g. --lr 1e30: finite weights of
+    1e30 whose next loss is inf) is named here, and nothing is written over the last good checkpoint. The check
+    draws nothing from the run's random generators (fork_rng) and changes no state, so resumes stay exact."""
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []), \
+            torch.autocast(d.device.type, enabled=False):
+        ok = all(bool(torch.isfinite(p).all()) for p in model.parameters()) and bool(torch.isfinite(loss_fn()).all())
+    model.train(was_training)
+    flag = torch.tensor(float(not ok), device=d.device)
+    if d.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag:
+        raise FloatingPointError(f"the update of step {step + 1} left the model non-finite (its weights, or the loss "
+                                 f"they give); nothing was saved, so the last checkpoint written still holds the "
+                                 f"last good step. Try a lower --lr")
 
 
 def optimizer_step(loss, optimizer, scaler, params, clip):

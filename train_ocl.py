@@ -14,9 +14,10 @@ Run:  python train_ocl.py                                    # shapes, SLATE + M
       python train_ocl.py --dataset coco --decoder diffusion --resume        # continue a killed run exactly
 
 Reads the VAE written by train_vae.py (runs/vae_<dataset>_msf_c256/best.pt for the transformer and mlp decoders,
-..._c4 for diffusion, or --vae-ckpt). Writes runs/ocl_<dataset>_<decoder>_<vae kind>/: best.pt (by validation
-ARI + ARIfg), last.pt, metrics.jsonl, masks.png. A checkpoint embeds its VAE, so `python evaluate.py --ckpt
-runs/.../best.pt` needs nothing else.
+..._c4 for diffusion, or --vae-ckpt). Writes runs/ocl_<dataset>_<decoder>_<target>/ (`run_folder`): best.pt (by
+ARI + ARIfg on the `select` split, held out of the training data; never on val, which the tables report),
+last.pt, metrics.jsonl, masks.png. A checkpoint embeds its VAE, so `python evaluate.py --ckpt runs/.../best.pt`
+needs nothing else.
 
 Reading order: SIZES, the model `OCL` (frozen VAE -> guidance; encoder -> queries -> Slot Attention -> slots, masks;
 decoder -> loss), GuidanceCache, `train` (per step: lr, sigma -> forward -> loss -> update -> log, validate,
@@ -71,6 +72,7 @@ class OCL(nn.Module):
         self.queries = GaussianQueries(num_slots, slot_dim)
         self.slot_attention = SlotAttention(slot_dim, slot_dim, iters, bilevel=bilevel)
         token = resolution // 4  # the VAE's scale-1 token grid (4x down-sampling)
+        self.token_grid = (token, token)
         if decoder == "transformer":
             grids = [(token // 2 ** (n - 1),) * 2 for n in self.guide_scales]  # the token grid of each guide scale
             self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, slot_dim, dec_dim, dec_layers, dec_heads)
@@ -90,32 +92,56 @@ class OCL(nn.Module):
 
     @torch.no_grad()
     def guide(self, image):
-        """The frozen VAE's guidance at the guide scales: indices and X, lists over self.guide_scales."""
-        indices, xs = self.vae.guidance(image)  # per VAE scale: (b, g, h_n, w_n), (b, c, h_n, w_n)
+        """The frozen VAE's guidance at the guide scales: indices and X, lists over self.guide_scales. Always in
+        fp32, also inside the training step's autocast: the guidance must not depend on the precision it was
+        computed in (the GuidanceCache computes it outside autocast, and both paths must give the same codes)."""
+        with torch.autocast(image.device.type, enabled=False):
+            indices, xs = self.vae.guidance(image.float())  # per VAE scale: (b, g, h_n, w_n), (b, c, h_n, w_n)
         return [indices[n - 1] for n in self.guide_scales], [xs[n - 1] for n in self.guide_scales]
+
+    @torch.no_grad()
+    def targets(self, image, indices=None):
+        """What the decoder reconstructs, fixed and in fp32: (indices I, guidance X) at the guide scales, or for
+        the mlp decoder the VAE encoder's continuous Z_1 (b, c, h, w) (DINOSAUR reconstructs frozen features; the
+        VAE's quantization and fusion are not used). `indices`: already known (GuidanceCache), X is rebuilt."""
+        with torch.autocast(image.device.type, enabled=False):
+            if self.decoder_kind == "mlp":
+                return None, self.vae.encoder(image.float())  # (b, c, h, w)
+            if indices is None:
+                return self.guide(image)
+            return indices, [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]
+
+    def encode(self, image, sigma=0.0):
+        """phi_e and phi_sa (Sect. 3.1): image (b, 3, H, W) -> slots (b, s, d) and Slot Attention's masks
+        (b, s, h, w), from queries with noise sigma (0: the means, as at evaluation)."""
+        b = image.shape[0]
+        features, grid = self.encoder(image)  # phi_e: (b, n, d), (h, w)
+        slots, attn = self.slot_attention(self.queries(b, sigma), features)  # phi_sa: (b, s, d), (b, s, n)
+        return slots, attn.view(b, -1, *grid)  # (b, s, d), (b, s, h, w)
 
     def forward(self, image, sigma=0.0, indices=None):
         """image (b, 3, H, W) -> dict(loss, masks (b, s, h, w), slots (b, s, d)). `indices`: the guidance indices
         if already known (GuidanceCache); X is then rebuilt from them instead of running the VAE."""
-        b = image.shape[0]
-        with torch.no_grad():  # the guidance X (and its indices I) of Sect. 3.1: fixed targets
-            if self.decoder_kind == "mlp":  # DINOSAUR reconstructs frozen features: the VAE encoder's Z_1
-                target = self.vae.encoder(image)  # (b, c, h, w), continuous, frozen: the model cannot move it
-            elif indices is None:
-                indices, xs = self.guide(image)
-            else:
-                xs = [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]
-        features, grid = self.encoder(image)  # phi_e: (b, n, d), (h, w)
-        slots, attn = self.slot_attention(self.queries(b, sigma), features)  # phi_sa: (b, s, d), (b, s, n)
-        masks = attn.view(b, -1, *grid)  # (b, s, h, w)
+        indices, xs = self.targets(image, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
+        slots, masks = self.encode(image, sigma)
         if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
             loss = self.decoder.loss(self.decoder(xs, slots), indices)
         elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X
             loss = self.decoder.loss(xs[0], slots)
         else:
-            recon, masks = self.decoder(slots, target.shape[-2:])  # masks from the decoder's alpha (b, s, h, w)
-            loss = F.mse_loss(recon, target.flatten(2).transpose(1, 2))
+            recon, masks = self.decoder(slots, xs.shape[-2:])  # masks from the decoder's alpha (b, s, h, w)
+            loss = F.mse_loss(recon, xs.flatten(2).transpose(1, 2))
         return {"loss": loss, "masks": masks, "slots": slots}
+
+    @torch.no_grad()
+    def segment(self, image):
+        """What evaluation needs, and nothing else: slots (b, s, d) and masks (b, s, h, w) (Slot Attention's last
+        attention; mlp: the decoder's alpha), from the query means. No decoder loss and no random draw, so
+        validating leaves the training's random stream where it was."""
+        slots, masks = self.encode(image)
+        if self.decoder_kind == "mlp":
+            _, masks = self.decoder(slots, self.token_grid)  # (b, s, h, w)
+        return {"slots": slots, "masks": masks}
 
 
 class GuidanceCache:
@@ -163,9 +189,11 @@ def train(args):
     train_common.seed_everything(args.seed)
     with train_common.distributed(args.device) as d:  # one process, or this process of a torchrun group
         device = d.device
+        # model selection on `select`, a slice held out of the training split: the val split is only ever reported
         train_data = data.load_dataset(args.dataset, "train", args.data_root)  # missing data is named before the VAE
-        val_data = data.load_dataset(args.dataset, "val", args.data_root)
+        val_data = data.load_dataset(args.dataset, "select", args.data_root)
         vae_ckpt = load_frozen_vae(args)
+        args.out = args.out or run_folder(args, vae_ckpt["model_args"])  # named after the guidance it learns from
         resolution = vae_ckpt["args"]["resolution"]
         if train_data.meta["resolution"] != resolution:
             raise ValueError(f"the VAE was trained at {resolution}px but the dataset holds "
@@ -199,7 +227,7 @@ def train(args):
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
         cache = None if args.no_cache or args.decoder == "mlp" else GuidanceCache()  # mlp needs Z_1, not indices
-        with train_common.StopSignal() as stop:
+        with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr.") as guard:
             for step in range(start, args.steps):
                 lr = train_common.set_lr(optimizer, step, args.steps, args.lr)  # warmup, then cosine (A.5)
                 sigma = train_common.cosine_decay(step, args.steps, args.sigma, 0.0)  # query noise, 1 -> 0 (A.5)
@@ -209,13 +237,15 @@ def train(args):
 
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                     loss = ddp(image, sigma, indices)["loss"]  # guidance -> slots -> decoder -> loss
-                stopping = train_common.check_step(loss, stop, d, step, "Try a lower --lr.")
+                stopping = guard.check(loss, step)  # non-finite loss, stop signal
                 train_common.optimizer_step(loss, optimizer, scaler, params, args.clip)
 
                 if (step + 1) % args.log_every == 0 or step == 0:
                     log(step + 1, loss=loss.item(), lr=lr, sigma=sigma)
                     log.progress(step, loss=loss.item(), sigma=sigma)
                 validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
+                if validating or stopping or (step + 1) % args.ckpt_every == 0:  # about to write: weights sane?
+                    train_common.check_weights(model, d, step, lambda: model(image, 0.0, indices)["loss"])
                 if validating and d.main:  # process 0 alone validates and writes
                     metrics = validate(model, val_data, args, device, out, step, log)
                     score = metrics["ari"] + metrics["ari_fg"]
@@ -227,7 +257,7 @@ def train(args):
                     train_common.save_last(out, checkpoint(args, model_args, model, step, metrics, vae_ckpt),
                                            optimizer, scaler, best, d, args.keep)
                 if stopping:
-                    raise train_common.stopped(stop, step, out)
+                    raise guard.stopped(step, out)
         if d.main:
             print(f"done: {out / 'best.pt'} (validation ARI + ARIfg {100 * best:.2f}); masks in {out / 'masks.png'}")
     return out
@@ -294,8 +324,10 @@ def parse_args(argv=None):
     p.add_argument("--sigma", type=float, default=1.0, help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_vae.py
-    train_common.add_run_args(p, val_default="steps/10")
-    p.add_argument("--out", default=None, help="run folder (default runs/ocl_<dataset>_<decoder>_<vae kind>)")
+    train_common.add_run_args(p, val_default="the preset's: 1000 (A.5), shapes 320; steps/10 with other --steps")
+    p.add_argument("--out", default=None,
+                   help="run folder (default runs/ocl_<dataset>_<decoder>_<target>, the target named after the VAE "
+                        "checkpoint: msf, vqvae, msf-nointer, ...; mlp: z1-<vae>)")
     args = p.parse_args(argv)
 
     # dataset preset (steps, batch, slots, lr), then the model size, then the checks that need the final values
@@ -314,9 +346,20 @@ def parse_args(argv=None):
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
     if args.vae_ckpt is None:  # where `python train_vae.py --dataset D --code-dim c` writes (its default --out)
         args.vae_ckpt = f"runs/vae_{args.dataset}_msf_c{CODE_DIM.get(args.decoder, 256)}/best.pt"
-    if args.out is None:  # evaluate.py's default --ckpt is this folder's best.pt for shapes + transformer
-        args.out = f"runs/ocl_{args.dataset}_{args.decoder}_msf"
     return args
+
+
+def run_folder(args, vae_args):
+    """The default --out: runs/ocl_<dataset>_<decoder>_<target>, the target being what the decoder reconstructs:
+    the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
+    for other --guide-scales), or for mlp `z1-<vae>`, that VAE's continuous encoder features Z_1 (the fusion is
+    bypassed). The quick start's run is runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
+    target = msf.vae_name(vae_args)
+    if args.decoder == "mlp":
+        target = f"z1-{target}"
+    elif args.guide_scales != "1":
+        target += "-g" + args.guide_scales.replace(",", "")
+    return f"runs/ocl_{args.dataset}_{args.decoder}_{target}"
 
 
 def load_frozen_vae(args):

@@ -42,13 +42,12 @@ def train(args):
     train_common.seed_everything(args.seed)
     with train_common.distributed(args.device) as d:  # one process, or this process of a torchrun group
         device = d.device
+        # model selection on `select`, a slice held out of the training split: the val split is only ever reported
         train_data = data.load_dataset(args.dataset, "train", args.data_root, args.resolution)
-        val_data = data.load_dataset(args.dataset, "val", args.data_root, args.resolution)
+        val_data = data.load_dataset(args.dataset, "select", args.data_root, args.resolution)
 
         # the model: every kind of VAE comes from msf.build_vae, which the checkpoint can call again
-        model_args = dict(kind=args.vae, code_dim=args.code_dim, channels=args.channels, scales=args.scales,
-                          fusion=args.fusion, inter=not args.no_inter, intra=not args.no_intra,
-                          sv_shared=args.sv_shared, num_codes=args.num_codes)
+        model_args = model_args_of(args)
         model = msf.build_vae(**model_args).to(device)
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main)
         # GDR's stabilisers (A.3): annealed residual, Gumbel matching and code replacing; the paper's baseline
@@ -64,8 +63,8 @@ def train(args):
         start, best, metrics = 0, float("inf"), {}  # best: the lowest summed validation reconstruction error
         if args.resume:  # weights, optimizer, RNG; the code-replacing pools are the VAE's own extra state
             start, best, metrics, state = train_common.resume(out, "vae", args, model_args, model, optimizer, scaler, d)
-            for cb, recent in zip(model.codebooks, state["recent"]):
-                cb.recent = recent.to(device)
+            for cb, pool in zip(model.codebooks, state["pools"]):
+                cb.load_pool_state(pool)
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
             print(describe(args, model, train_data, device, start))
@@ -76,7 +75,7 @@ def train(args):
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
         model.train()
-        with train_common.StopSignal() as stop:
+        with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr or --stabilisers on.") as guard:
             for step in range(start, args.steps):
                 lr = train_common.set_lr(optimizer, step, args.steps, args.lr)  # warmup, then cosine (A.5)
                 # residual alpha and Gumbel temperature tau anneal 1 -> 0 over the first half (A.3)
@@ -89,18 +88,25 @@ def train(args):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                     result = ddp(image, tau=anneal, alpha=anneal)  # pyramid, Eq. 1-5, decoder, losses
                 loss = result["loss"]  # reconstruction at every scale + codebook + commitment terms
-                stopping = train_common.check_step(loss, stop, d, step, "Try a lower --lr or --stabilisers on.")
+                stopping = guard.check(loss, step)  # non-finite loss, stop signal
                 train_common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip)
+                if model.weight is not None and model.pin_w:  # W of Eq. 3/5 back to orthonormal columns: its scale
+                    vae.retract_(model.weight)  # cannot drift (vae.orthonormal; the model does not change)
                 # the code-replacing trick (A.3), stopped for the last 10% so the final codebook usage is honest
                 replaced = 0
                 if replacing and (step + 1) % args.replace_every == 0 and step < 0.9 * args.steps:
-                    replaced = sum(cb.replace_dead() for cb in model.codebooks)
+                    for cb in model.codebooks:
+                        moved = cb.replace_dead()  # (k,) codes re-seeded on recent data
+                        forget_adam_rows(optimizer, cb.weight, moved)  # a new code, not the old one's momentum
+                        replaced += len(moved)
 
                 if (step + 1) % args.log_every == 0 or step == 0:
                     logs = {k: round(v.item(), 5) for k, v in result["logs"].items()}  # recon<n>, codebook, commit
                     log(step + 1, loss=loss.item(), lr=lr, anneal=anneal, replaced=replaced, **logs)
                     log.progress(step, loss=loss.item(), **{k: v for k, v in logs.items() if k.startswith("recon")})
                 validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
+                if validating or stopping or (step + 1) % args.ckpt_every == 0:  # about to write: weights sane?
+                    train_common.check_weights(model, d, step, lambda: model(image)["loss"])
                 if validating and d.main:  # process 0 alone validates and writes
                     metrics, score = validate(model, val_data, args, device, out, step, log)
                     if score < best:
@@ -109,12 +115,28 @@ def train(args):
                         train_common.save_checkpoint(out / "best.pt", best_ckpt)
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # last: after everything of this step
                     train_common.save_last(out, checkpoint(args, model_args, model, step, metrics), optimizer, scaler,
-                                           best, d, args.keep, recent=[cb.recent.cpu() for cb in model.codebooks])
+                                           best, d, args.keep, pools=[cb.pool_state() for cb in model.codebooks])
                 if stopping:
-                    raise train_common.stopped(stop, step, out)
+                    raise guard.stopped(step, out)
         if d.main:
             print(f"done: {out / 'best.pt'} (val reconstruction {best:.4f}); reconstructions in {out / 'recon.png'}")
     return out
+
+
+def model_args_of(args):
+    """The flags that define the VAE, as msf.build_vae takes them (and the checkpoint stores them)."""
+    return dict(kind=args.vae, code_dim=args.code_dim, channels=args.channels, scales=args.scales, fusion=args.fusion,
+                inter=not args.no_inter, intra=not args.no_intra, sv_shared=args.sv_shared, num_codes=args.num_codes,
+                pin_w=True)
+
+
+def forget_adam_rows(optimizer, param, rows):
+    """Zero Adam's two moments of `rows` of `param` (the codes code replacing just moved), so each new code starts
+    as a fresh parameter instead of carrying the momentum of the dead code it replaces."""
+    state = optimizer.state.get(param, {})
+    if len(rows) and "exp_avg" in state:
+        state["exp_avg"][rows] = 0
+        state["exp_avg_sq"][rows] = 0
 
 
 def describe(args, model, train_data, device, start):
@@ -172,14 +194,19 @@ def parse_args(argv=None):
                         "multiscale: pyramid + one shared codebook (Sect. 3.2)")
     # the VAE (A.3): which kind, its width, and the pyramid
     p.add_argument("--code-dim", type=int, default=256, help="c: 256 guides the transformer decoder, 4 the diffusion decoder")
-    p.add_argument("--scales", type=int, default=3, help="N, number of pyramid scales (msf, multiscale)")
+    p.add_argument("--scales", type=int, default=None, help="N, number of pyramid scales (msf, multiscale; default 3)")
     p.add_argument("--channels", type=int, default=64, help="width of the VAE encoder/decoder CNN")
     p.add_argument("--num-codes", type=int, default=4096, help="vocabulary: codes, or combinations of grouped codes")
-    # ablations of Tab. 5-6 (msf only)
+    # ablations of Tab. 5-6 (--vae msf only; a combination that means nothing stops with a message)
     p.add_argument("--no-inter", action="store_true", help="ablation: disable inter-scale fusion (Tab. 5)")
-    p.add_argument("--no-intra", action="store_true", help="ablation: disable intra-scale fusion (Tab. 5)")
-    p.add_argument("--sv-shared", action="store_true", help="ablation: one scale-variant codebook for all scales (Tab. 5)")
-    p.add_argument("--fusion", default="msf", choices=["msf", "concat", "sum"], help="Tab. 6: our fusion or channel-concat / element-wise-sum")
+    p.add_argument("--no-intra", action="store_true",
+                   help="ablation: disable intra-scale fusion (Tab. 5): no W and no scale-variant codebooks, so the "
+                        "shared codebook becomes one of --num-codes (4096) codes instead of 64")
+    p.add_argument("--sv-shared", action="store_true",
+                   help="ablation: one scale-variant codebook for all scales (Tab. 5; needs intra-scale fusion)")
+    p.add_argument("--fusion", default="msf", choices=["msf", "concat", "sum"],
+                   help="Tab. 6: our fusion, or channel-concat / element-wise-sum of continuous scales (one shared "
+                        "4096-code codebook; the inter/intra/sv flags do not apply)")
     # optimisation (A.5)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: dataset preset; paper 30000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: dataset preset (paper 64)")
@@ -193,15 +220,16 @@ def parse_args(argv=None):
                    help="GDR's annealed residual + Gumbel matching + code replacing; auto = on for gdr/msf/multiscale")
     p.add_argument("--replace-every", type=int, default=20, help="code-replacing trick period in steps (0 = never)")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_ocl.py
-    train_common.add_run_args(p, val_default="steps/4")
+    train_common.add_run_args(p, val_default="the preset's: 600 (A.5), shapes 100; steps/4 with other --steps")
     p.add_argument("--out", default=None, help="run folder (default runs/vae_<dataset>_<vae>_c<code-dim>)")
     args = p.parse_args(argv)
 
     # dataset preset first (steps, batch, resolution), then the checks that need the final values
     preset = train_common.apply_preset(p, args, "vae", val_parts=4)
     args.resolution = args.resolution or preset["resolution"]
-    if args.vae in ("vqvae", "gdr"):  # single-scale baselines: no pyramid
-        args.scales = 1
+    check_ablation_flags(p, args)
+    if args.scales is None:  # single-scale baselines: no pyramid; the others: N = 3 (A.3)
+        args.scales = 1 if args.vae in ("vqvae", "gdr") else 3
     if args.scales < 1:
         p.error(f"--scales must be >= 1, got {args.scales}")
     factor = 4 * 2 ** (args.scales - 1)  # 4x VAE down-sampling at the coarsest of N halvings
@@ -210,9 +238,29 @@ def parse_args(argv=None):
                 f"use a multiple of {factor} or fewer scales")
     if args.code_dim < 1 or args.steps < 1 or args.batch_size < 1 or args.clip_frames < 1:
         p.error("--code-dim, --steps, --batch-size and --clip-frames must be positive")
+    grouped = args.vae == "gdr" or (args.vae == "msf" and args.fusion == "msf" and not args.no_intra)
+    if grouped and round(args.num_codes ** 0.5) ** 2 != args.num_codes:  # 2 groups of sqrt(m) codes each
+        p.error(f"--num-codes {args.num_codes}: {args.vae} splits the vocabulary into 2 codebooks of sqrt(m) codes, "
+                f"so it must be a square (4096 = 64 x 64)")
     if args.out is None:  # train_ocl.py looks for its guidance here (runs/vae_<dataset>_msf_c256 or _c4)
-        args.out = f"runs/vae_{args.dataset}_{args.vae}_c{args.code_dim}"
+        args.out = f"runs/vae_{args.dataset}_{msf.vae_name(model_args_of(args))}_c{args.code_dim}"
     return args
+
+
+def check_ablation_flags(p, args):
+    """Tab. 5-6 ablations exist for --vae msf only, and not in every combination: say so instead of ignoring a flag."""
+    flags = [f for f, on in (("--no-inter", args.no_inter), ("--no-intra", args.no_intra),
+                             ("--sv-shared", args.sv_shared), (f"--fusion {args.fusion}", args.fusion != "msf")) if on]
+    if args.vae != "msf" and flags:
+        p.error(f"{' '.join(flags)}: the ablations of Tab. 5-6 change the MSF VAE; --vae {args.vae} has no "
+                f"{'fusion' if args.vae == 'multiscale' else 'pyramid'} to change. Use --vae msf")
+    if args.fusion != "msf" and len(flags) > 1:
+        p.error(f"--fusion {args.fusion} replaces inter/intra-scale fusion by mixing continuous scales (Tab. 6), so "
+                f"{' '.join(flags[:-1])} has nothing to switch off; give one of them")
+    if args.sv_shared and args.no_intra:
+        p.error("--sv-shared shares the scale-variant codebooks, which --no-intra removes; give one of them")
+    if args.vae in ("vqvae", "gdr") and args.scales not in (None, 1):
+        p.error(f"--vae {args.vae} is single-scale; --scales {args.scales} needs --vae msf or multiscale")
 
 
 def main(argv=None):

@@ -85,29 +85,36 @@ class Decoder(nn.Module):
 # -----------------------------------------------------------------------------
 # Codebook matching and selection (Eq. 1-2)
 
-def match(z, codebook, tau=0.0):
+def match(z, codebook, tau=0.0, confidence=False, chunk=2 ** 24):
     """Eq. 1: P = softmax_m(-||Z - C||^2), I = argmax_m(P).
 
-    z (b, c, h, w), codebook (m, c) -> probs (b, m, h, w), idx (b, h, w).
+    z (b, c, h, w), codebook (m, c) -> idx (b, h, w), and with confidence=True also conf (b, h, w), the probability
+    P of the chosen code (what Eq. 4 compares across scales); None otherwise.
     With tau > 0 the index is instead sampled from softmax_m(-||Z - C||^2 / tau) by the Gumbel-max trick
     (GDR's Gumbel sampling in code matching, A.3: exploration while the codebook forms); tau = 0 is Eq. 1.
     Matching chooses, it does not learn: no gradient flows through it (losses act on the selected codes).
+    Memory: P is never built for all m codes of all tokens (4,096 codes x 65,536 tokens of a paper-size batch would
+    be 1 GB per scale): tokens go in chunks of `chunk` / m, and P of the chosen code is exp(logit - logsumexp).
     """
     b, c, h, w = z.shape
+    m = codebook.shape[0]
+    idx, conf = [], []
     with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # distances in fp32 even under AMP
         zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, c)  # (b*h*w, c)
         cb = codebook.detach().float()  # (m, c)
-        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, one matmul instead of a (b*h*w, m, c) difference tensor
-        d2 = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ cb.t() + cb.pow(2).sum(1)  # (b*h*w, m)
-        logits = -d2
-        probs = logits.softmax(dim=1)  # (b*h*w, m)
-        if tau > 0:
-            u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
-            idx = (logits / tau - torch.log(-torch.log(u))).argmax(dim=1)  # Gumbel-max sample, (b*h*w,)
-        else:
-            idx = logits.argmax(dim=1)  # (b*h*w,)
-    m = cb.shape[0]
-    return probs.view(b, h, w, m).permute(0, 3, 1, 2), idx.view(b, h, w)
+        for zc in zf.split(max(1, chunk // m)):  # (n, c): at most `chunk` distances at a time
+            # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, one matmul instead of a (n, m, c) difference tensor
+            logits = -(zc.pow(2).sum(1, keepdim=True) - 2 * zc @ cb.t() + cb.pow(2).sum(1))  # (n, m)
+            if tau > 0:
+                u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
+                i = (logits / tau - torch.log(-torch.log(u))).argmax(dim=1)  # Gumbel-max sample, (n,)
+            else:
+                i = logits.argmax(dim=1)  # (n,)
+            idx.append(i)
+            if confidence:  # P of the chosen code = softmax(logits)[i], without the (n, m) softmax
+                conf.append((logits.gather(1, i[:, None])[:, 0] - logits.logsumexp(dim=1)).exp())  # (n,)
+    idx = torch.cat(idx).view(b, h, w)
+    return idx, (torch.cat(conf).view(b, h, w) if confidence else None)
 
 
 def select(codebook, idx):
@@ -126,10 +133,13 @@ def straight_through(z, q, alpha=0.0):
     return z + (residual - z).detach()
 
 
-def vq_losses(z, q, beta=0.25):
-    """VQ-VAE losses: codebook ||sg(z) - q||^2 moves codes to the data; commitment beta ||z - sg(q)||^2
-    keeps the encoder near its codes (van den Oord et al. 2017, beta = 0.25)."""
-    return F.mse_loss(q, z.detach()), beta * F.mse_loss(z, q.detach())
+def vq_losses(z, q, beta=0.25, alpha=0.0):
+    """VQ-VAE losses: codebook ||sg(z) - q||^2 moves codes to the data; commitment beta ||z - sg(r)||^2 keeps the
+    encoder near what the decoder is given, r = alpha z + (1 - alpha) q, the annealed residual (van den Oord et al.
+    2017, beta = 0.25; measured against r as in GDR's and the authors' code: while alpha is near 1 the decoder
+    reads z itself, and pulling z onto codes it does not use yet would only fight the reconstruction)."""
+    residual = alpha * z + (1 - alpha) * q  # = q without the annealed residual (alpha = 0)
+    return F.mse_loss(q, z.detach()), beta * F.mse_loss(z, residual.detach())
 
 
 # -----------------------------------------------------------------------------
@@ -142,11 +152,15 @@ class Codebook(nn.Module):
     Code replacing (paper A.3 names it "instead of utilization loss, to improve code utilization"; the
     authors' public code has no implementation, so this is our design):
       * the codes start on data (`init_from`, first training step);
-      * training forwards count how many tokens selected each code (`hits`) and keep a random sample of up to
-        1024 of the continuous vectors this codebook was asked to quantize (`recent`);
+      * training forwards count how many tokens chose each code as their NEAREST code (`hits`; during the Gumbel
+        phase the sampled code is used, but usage is judged by what the matching itself would choose), and keep
+        `recent`, a uniform random sample of up to 1024 of all continuous vectors this codebook quantized since the
+        last replacement (reservoir sampling: every vector seen has the same chance to be in it, whichever scale
+        or batch it came from);
       * `replace_dead()`, which the training loop calls every K steps, moves every code that received less than
         `threshold` (3%) of its uniform share of the tokens since the last call onto one of those recent vectors
-        (drawn without replacement, plus a little noise), then restarts the counts.
+        (drawn without replacement, plus a little noise), restarts the counts and the sample, and returns which
+        codes moved (the loop resets their Adam moments: a new code must not inherit the old one's momentum).
     A dead code thus restarts where the data is, instead of being pushed there by an extra loss. Early in
     training the encoder moves fast and leaves codes behind; this is when most replacements happen.
 
@@ -160,14 +174,15 @@ class Codebook(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_codes, dim) * 0.1)  # (m, c)
         self.threshold = threshold
         self.pool = 1024  # size of `recent`; train_vae.py sets 0 when code replacing is off (no random draws then)
+        self.seen = 0  # vectors observed since the last replacement (the reservoir's denominator)
         self.register_buffer("hits", torch.zeros(num_codes))  # (m,) tokens that chose each code since last check
         self.register_buffer("recent", torch.zeros(0, dim), persistent=False)  # (<=1024, c)
         self.register_buffer("initialised", torch.tensor(False))
 
-    def match(self, z, tau=0.0, groups=1):
+    def match(self, z, tau=0.0, groups=1, confidence=False):
         if self.training and not self.initialised:
             self.init_from(z, groups)
-        return match(z, self.weight, tau)  # (b, m, h, w), (b, h, w)
+        return match(z, self.weight, tau, confidence)  # (b, h, w), (b, h, w) or None
 
     def select(self, idx):
         return select(self.weight, idx)  # (b, c, h, w)
@@ -190,37 +205,65 @@ class Codebook(nn.Module):
         self._sync_from_rank0()
 
     @torch.no_grad()
-    def observe(self, z, idx):
-        """Record that the continuous vectors z (b, c, h, w) were quantized to the codes idx (b, h, w)."""
+    def observe(self, z, idx, sampled=False):
+        """Record that the continuous vectors z (b, c, h, w) were quantized to the codes idx (b, h, w); `sampled`:
+        idx were Gumbel samples, so usage is counted on the nearest codes instead."""
+        if sampled:
+            idx, _ = match(z, self.weight)  # (b, h, w): what Eq. 1 chooses, not what the noise chose
         self.hits += torch.bincount(idx.flatten(), minlength=self.weight.shape[0]).float()
         if self.pool:
-            zf = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (b*h*w, c)
-            pool = torch.cat([self.recent, zf])  # a scale's call adds to the previous scales' vectors
-            self.recent = pool[torch.randperm(len(pool), device=pool.device)[:self.pool]]  # (<=pool, c)
+            self._reservoir(z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))  # (b*h*w, c)
+
+    def _reservoir(self, zf):
+        """Algorithm R (Vitter 1985), vectorised: after n vectors, each of them is in `recent` with probability
+        pool / n. The first `pool` fill it; vector number k (0-based) then replaces slot r ~ U{0..k} if r < pool,
+        a later vector winning a slot that several drew."""
+        room = max(0, self.pool - len(self.recent))
+        self.recent = torch.cat([self.recent, zf[:room]])  # (<=pool, c)
+        rest = zf[room:]  # (k, c)
+        if len(rest):
+            k = self.seen + room + torch.arange(len(rest), device=zf.device)  # (k,) each vector's 0-based number
+            slot = (torch.rand(len(rest), device=zf.device) * (k + 1)).long()  # (k,) uniform in 0..number
+            keep = (slot < self.pool).nonzero().flatten()  # (k',) the vectors that enter the sample
+            owner = torch.full((self.pool,), -1, dtype=torch.long, device=zf.device)
+            owner.scatter_reduce_(0, slot[keep], keep, reduce="amax")  # the last vector to draw a slot keeps it
+            filled = (owner >= 0).nonzero().flatten()  # (slots that changed,)
+            self.recent[filled] = rest[owner[filled]]
+        self.seen += len(zf)
 
     @torch.no_grad()
     def replace_dead(self):
-        """Re-seed the codes that (almost) no token chose since the last call; returns how many."""
+        """Re-seed the codes that (almost) no token chose since the last call; returns their indices (k,), the same
+        on every process."""
         if _distributed():
             dist.all_reduce(self.hits)  # every process sees the hits of all processes
-            k = torch.tensor(float(self._replace_dead()), device=self.hits.device)
+            moved = torch.zeros(self.weight.shape[0], device=self.hits.device)  # (m,) 1 = replaced
+            moved[self._replace_dead()] = 1
             self._sync_from_rank0()
-            dist.broadcast(k, 0)
-            return int(k.item())
+            dist.broadcast(moved, 0)  # process 0's choice is the one every process now holds
+            return moved.nonzero().flatten()
         return self._replace_dead()
 
     def _replace_dead(self):
         m, total = self.weight.shape[0], self.hits.sum()
         dead = (self.hits < self.threshold * total / m).nonzero().flatten()  # (k,)
         self.hits.zero_()
-        k = min(len(dead), len(self.recent))
+        recent, self.recent, self.seen = self.recent, self.recent[:0], 0  # the next sample starts afresh
+        k = min(len(dead), len(recent))
         if total == 0 or k == 0:
-            return 0
+            return dead[:0]
         dead = dead[torch.randperm(len(dead), device=dead.device)[:k]]
-        pick = torch.randperm(len(self.recent), device=dead.device)[:k]
-        noise = 0.01 * self.recent.std() * torch.randn(k, self.weight.shape[1], device=dead.device)
-        self.weight[dead] = (self.recent[pick] + noise).to(self.weight.dtype)
-        return k
+        pick = torch.randperm(len(recent), device=dead.device)[:k]
+        noise = 0.01 * recent.std() * torch.randn(k, self.weight.shape[1], device=dead.device)
+        self.weight[dead] = (recent[pick] + noise).to(self.weight.dtype)
+        return dead
+
+    def pool_state(self):
+        """What the code-replacing trick carries from step to step, for last.pt (exact resume)."""
+        return {"recent": self.recent.cpu(), "seen": self.seen}
+
+    def load_pool_state(self, state):
+        self.recent, self.seen = state["recent"].to(self.weight.device), int(state["seen"])
 
     def _sync_from_rank0(self):
         if _distributed():
@@ -241,6 +284,31 @@ def init_projection(dim, groups=2):
     pinv(W) W = I_c holds for any W of full column rank, so project-down after project-up returns the input:
     the projection is "invertible" (GDR) and the two copies can be recombined without loss."""
     return nn.Parameter(nn.init.orthogonal_(torch.empty(groups * dim, dim)))  # (g*c, c)
+
+
+def orthonormal(weight):
+    """The W that Eq. 3 and Eq. 5 use: the Q of W = QR (orthonormal columns, signs fixed so that diag(R) > 0).
+
+    Why: Eq. 3 and Eq. 5 leave W's scale free, per direction. Scaling W (or one of its directions) by s and the codes
+    by 1/s decodes the same X, but the codes live in Z pinv(W), so the codebook and commitment losses shrink by
+    1/s^2, and training grows W (measured on the quick start's VAE: largest singular value 1.0 -> 2.8 in 100 steps,
+    smallest 1.0 -> 0.67). That shrinks the distances of Eq. 1 and flattens its probabilities, and with them Eq. 4's
+    comparison of scales and the Gumbel noise. With orthonormal columns every singular value is 1, pinv(W) = W^T,
+    Z pinv(W) keeps Z's norm, and every loss and output is the same for any rescaling of W's columns (a test checks
+    it); W still learns which c-dimensional subspace of the 2c channels X is read from. At the orthogonal
+    initialisation it is W itself. (GDR and the authors' code leave W free; old checkpoints keep that: pin_w=False.)
+    """
+    with torch.autocast(weight.device.type, enabled=False):  # the QR needs fp32
+        q, r = torch.linalg.qr(weight.float())  # (g*c, c), (c, c)
+        return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)  # the unique Q with diag(R) > 0
+
+
+@torch.no_grad()
+def retract_(weight):
+    """Set the trained W to its orthonormal version after an optimizer step. The model does not change (Q of Q is
+    Q), but W's raw scale no longer drifts: Adam's steps, orthogonal to what the loss can see, would otherwise grow
+    it step by step and shrink the effective learning rate of its orientation."""
+    weight.copy_(orthonormal(weight).to(weight.dtype))
 
 
 def pinv(weight):
@@ -266,8 +334,8 @@ def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0):
     c = z.shape[1]
     zup = project(z, pinv(weight)) if weight is not None else z  # Eq. 3: (b, g*c, h, w)
     zs = zup.split(c, dim=1)  # g x (b, c, h, w)
-    idxs = [cb_match(cb, zk, tau)[1] for cb, zk in zip(codebooks, zs)]  # g x (b, h, w)
-    qs = [cb_select(cb, i, zk) for cb, i, zk in zip(codebooks, idxs, zs)]  # g x (b, c, h, w)
+    idxs = [cb_match(cb, zk, tau)[0] for cb, zk in zip(codebooks, zs)]  # g x (b, h, w)
+    qs = [cb_select(cb, i, zk, tau) for cb, i, zk in zip(codebooks, idxs, zs)]  # g x (b, c, h, w)
     z2, q2 = torch.cat(zs, 1), torch.cat(qs, 1)  # (b, g*c, h, w)
     x = straight_through(z2, q2, alpha)  # (b, g*c, h, w)
     if weight is not None:
@@ -276,19 +344,21 @@ def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0):
     return torch.stack(idxs, 1), x, {"z": list(zs), "q": qs}  # (b, g, h, w), (b, c, h, w)
 
 
-def cb_match(codebook, z, tau, groups=1):
+def cb_match(codebook, z, tau, groups=1, confidence=False):
     """Match against a Codebook module (tracks usage) or a plain (m, c) tensor. `groups`: z stacks that many
     batches along its first dim (MSF's scales), which Codebook.init_from needs to know under DDP."""
-    return codebook.match(z, tau, groups) if isinstance(codebook, Codebook) else match(z, codebook, tau)
+    if isinstance(codebook, Codebook):
+        return codebook.match(z, tau, groups, confidence)
+    return match(z, codebook, tau, confidence)
 
 
-def cb_select(codebook, idx, z=None):
+def cb_select(codebook, idx, z=None, tau=0.0):
     """Select codes; a training Codebook module also records the match of z (its continuous input) for the
-    code-replacing trick."""
+    code-replacing trick (tau > 0: idx are Gumbel samples, and usage is counted on z's nearest codes instead)."""
     if not isinstance(codebook, Codebook):
         return select(codebook, idx)
     if z is not None and codebook.training:
-        codebook.observe(z, idx)
+        codebook.observe(z, idx, sampled=tau > 0)
     return codebook.select(idx)
 
 
@@ -304,10 +374,10 @@ class VQVAE(nn.Module):
     forward() returns a dict with lists over scales (one scale here) so train_vae.py treats it like MSF.
     """
 
-    def __init__(self, kind="vqvae", code_dim=256, channels=64, num_codes=4096, groups=2):
+    def __init__(self, kind="vqvae", code_dim=256, channels=64, num_codes=4096, groups=2, pin_w=True):
         super().__init__()
         assert kind in ("vqvae", "gdr"), kind
-        self.kind, self.code_dim, self.num_scales = kind, code_dim, 1
+        self.kind, self.code_dim, self.num_scales, self.pin_w = kind, code_dim, 1, pin_w
         self.encoder, self.decoder = Encoder(code_dim, channels), Decoder(code_dim, channels)
         if kind == "vqvae":
             self.codebooks = nn.ModuleList([Codebook(num_codes, code_dim)])
@@ -318,9 +388,16 @@ class VQVAE(nn.Module):
             self.weight = init_projection(code_dim, groups)  # W (2c, c)
         self.vocab = [cb.weight.shape[0] for cb in self.codebooks]  # classes per index, e.g. [64, 64]
 
+    def projection(self):
+        """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal), or free as checkpoints before
+        format 3 trained it (pin_w=False)."""
+        if self.weight is None or not self.pin_w:
+            return self.weight
+        return orthonormal(self.weight)
+
     def quantize(self, zs, tau=0.0, alpha=0.0):
         """zs: list with one (b, c, h, w) -> indices [(b, g, h, w)], xs [(b, c, h, w)], parts."""
-        idx, x, parts = quantize_grouped(zs[0], list(self.codebooks), self.weight, tau, alpha)
+        idx, x, parts = quantize_grouped(zs[0], list(self.codebooks), self.projection(), tau, alpha)
         return [idx], [x], [parts]
 
     def forward(self, image, tau=0.0, alpha=0.0):
@@ -336,7 +413,7 @@ class VQVAE(nn.Module):
     def x_from_indices(self, idx, scale=1):
         """X rebuilt from its code indices (b, g, h, w): codebook lookups (Eq. 2), concat and W (Eq. 5)."""
         q = torch.cat([cb.select(idx[:, k]) for k, cb in enumerate(self.codebooks)], 1)  # (b, g*c, h, w)
-        return q if self.weight is None else project(q, self.weight)  # (b, c, h, w)
+        return q if self.weight is None else project(q, self.projection())  # (b, c, h, w)
 
 
 def vae_forward(model, images, tau, alpha, zs=None):
@@ -351,7 +428,7 @@ def vae_forward(model, images, tau, alpha, zs=None):
         mse = F.mse_loss(r, t)
         codebook_loss, commit_loss = 0.0, 0.0
         for zk, qk in zip(p["z"], p["q"]):
-            a, b = vq_losses(zk, qk)
+            a, b = vq_losses(zk, qk, alpha=alpha)
             codebook_loss, commit_loss = codebook_loss + a, commit_loss + b
         loss = loss + mse + codebook_loss + commit_loss
         logs[f"recon{n}"], logs[f"codebook{n}"], logs[f"commit{n}"] = mse.detach(), codebook_loss.detach(), commit_loss.detach()

@@ -201,3 +201,18 @@ def test_data_cli_names_convert_py_for_a_real_dataset(tmp_path):
     with pytest.raises(SystemExit, match=r"python convert.py coco --src /x --out " + str(tmp_path)):
         data.main(["coco", "--src", "/x", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_select_split_is_held_out_of_train(tmp_path):
+    """`select` (model selection) = the last 10% of the stored training split, at least one and at most 1,000
+    records; `train` is the rest: disjoint, together the whole split, the same records for every run."""
+    data.write_shapes(tmp_path, 64, counts={"train": 30, "val": 2}, quiet=True)
+    train = data.load_dataset("shapes", "train", tmp_path)
+    select = data.load_dataset("shapes", "select", tmp_path)
+    assert len(train) == 27 and len(select) == 3 and select.meta["count"] == 30
+    assert [select[i]["index"] for i in range(3)] == [27, 28, 29]  # `index`: the record's number in the split
+    stored = data.LMDBDataset(tmp_path / "shapes" / "train")
+    assert torch.equal(select[0]["image"], stored[27]["image"]) and torch.equal(train[26]["image"], stored[26]["image"])
+    with pytest.raises(IndexError):
+        train[27]
+    assert [len(data.select_rows(n)) for n in (5, 30, 8000, 50000)] == [1, 3, 800, 1000]

@@ -204,3 +204,31 @@ def test_perplexity_of_codebook_usage():
     assert evaluate.perplexity(torch.zeros(10, dtype=torch.long), 8) == pytest.approx(1)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert evaluate.perplexity(torch.tensor([0, 0, 0, 5]), 8) == pytest.approx(math.exp(h))
+
+
+def test_authors_protocol_counts_predictions_on_unannotated_pixels_hand_computed():
+    """One 1x6 image: true = [0, 0, 1, 1, 255, 255], pred = [0, 0, 1, 1, 1, 1] (the prediction runs on into the
+    unannotated pixels). Ours: the 255 pixels leave both maps, every segment is perfect. The authors' protocol
+    counts them in the predicted area: IoU(object, pred 1) = 2 / 4; mBO = mIoU = (1 + 0.5) / 2. ARI and ARIfg
+    ignore them under both (the authors' ARI drops pixels without ground truth too)."""
+    true = torch.tensor([[[0, 0, 1, 1, 255, 255]]])
+    pred = torch.tensor([[[0, 0, 1, 1, 1, 1]]])
+    ours = evaluate.all_metrics(pred, true)
+    theirs = evaluate.all_metrics(pred, true, protocol="authors")
+    assert ours["miou"].item() == ours["mbo"].item() == 1.0
+    assert theirs["miou"].item() == pytest.approx(0.75) and theirs["mbo"].item() == pytest.approx(0.75)
+    assert ours["ari"].item() == theirs["ari"].item() == 1.0 and ours["ari_fg"].item() == theirs["ari_fg"].item()
+    assert evaluate.miou(pred, true, "authors").item() == pytest.approx(0.75)
+    assert evaluate.mbo(pred, true, "authors").item() == pytest.approx(0.75)
+
+
+def test_authors_protocol_reads_voc_void_as_background():
+    """VOC's void label (object boundaries) is background in the authors' evaluation, unannotated elsewhere: a
+    prediction that gives the boundary to the background then scores perfectly under their protocol."""
+    true = torch.tensor([[[0, 255, 1, 1]]])
+    pred = torch.tensor([[[0, 0, 1, 1]]])
+    voc = evaluate.authors_truth(true, "voc")
+    assert voc.tolist() == [[[0, 0, 1, 1]]] and torch.equal(evaluate.authors_truth(true, "coco"), true)
+    assert evaluate.all_metrics(pred, voc, "authors")["miou"].item() == 1.0
+    # counted in the union but not as background (COCO's unannotated pixels), the same prediction loses 1/3
+    assert evaluate.all_metrics(pred, true, "authors")["miou"].item() == pytest.approx((0.5 + 1) / 2)

@@ -13,6 +13,7 @@ import torch
 import data
 import decoders
 import evaluate
+import msf
 import train_common
 import train_ocl
 import train_vae
@@ -230,5 +231,59 @@ def test_format_1_checkpoint_evaluates_and_refuses_resume_by_name(tiny_root, tin
     assert old["metrics"] == new["metrics"]
     (tmp_path / "old_run").mkdir()
     (tmp_path / "old_last.pt").rename(tmp_path / "old_run" / "last.pt")
-    with pytest.raises(train_common.RunError, match=r"do not fit this model \(format 1, this code writes 2\)"):
+    with pytest.raises(train_common.RunError, match=r"older version of this code \(checkpoint format 1, this code "
+                                                    r"writes 3\)"):
         train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old_run", "transformer", "--steps", "2", "--resume"))
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "diffusion"])
+def test_validation_does_not_change_training(decoder, tiny_root, tiny_vaes, tmp_path):
+    """Validation needs the masks only (model.segment: no decoder loss, no noise) and its own data-loader
+    generator: validating every step or never in between gives the same training losses, bit for bit."""
+    a = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "a", decoder, "--steps", "4", "--val-every", "1"))
+    b = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "b", decoder, "--steps", "4", "--val-every", "4"))
+    la = [r["loss"] for r in map(json.loads, open(a / "metrics.jsonl")) if "loss" in r]
+    lb = [r["loss"] for r in map(json.loads, open(b / "metrics.jsonl")) if "loss" in r]
+    assert len(la) == 4 and la == lb
+
+
+def test_guidance_is_fp32_inside_autocast(tiny_root, tiny_vaes):
+    """The training step runs under autocast; the frozen guidance must be the same codes as outside it (the
+    GuidanceCache builds them outside). On the CPU, bfloat16 autocast stands in for the GPU's fp16."""
+    ckpt = train_common.load_checkpoint(tiny_vaes[256], "vae")
+    model = train_ocl.OCL(msf.load_vae(ckpt), "transformer", 7, 64, slot_dim=32, enc_channels=16, dec_dim=32,
+                          dec_layers=1)
+    image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
+    plain = model.targets(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.targets(image)
+        vae_bf16 = model.vae.guidance(image)  # what the guidance was before: computed in bfloat16
+    assert all(torch.equal(p, m) for p, m in zip(plain[0], mixed[0]))
+    assert all(p.dtype == torch.float32 and torch.equal(p, m) for p, m in zip(plain[1], mixed[1]))
+    assert not torch.equal(vae_bf16[1][0], plain[1][0])  # (so the check above is not vacuous)
+
+
+def test_run_folder_names_the_guidance(tiny_root, tiny_vaes, tmp_path):
+    """The default --out comes from the VAE checkpoint, not a fixed "msf": comparing guidances cannot collide."""
+    vq = train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--vae", "vqvae", "--out",
+                                               str(tmp_path / "vq"), "--channels", "16", "--batch-size", "8",
+                                               "--steps", "1", "--val-batches", "1"])) / "best.pt"
+    vae_args = {str(tiny_vaes[256]): train_common.load_checkpoint(tiny_vaes[256])["model_args"],
+                str(vq): train_common.load_checkpoint(vq)["model_args"]}
+    for decoder, vae, scales, name in [("transformer", tiny_vaes[256], "1", "ocl_shapes_transformer_msf"),
+                                       ("transformer", vq, "1", "ocl_shapes_transformer_vqvae"),
+                                       ("transformer", tiny_vaes[256], "1,2", "ocl_shapes_transformer_msf-g12"),
+                                       ("mlp", tiny_vaes[256], "1", "ocl_shapes_mlp_z1-msf")]:
+        args = train_ocl.parse_args(["--decoder", decoder, "--vae-ckpt", str(vae), "--guide-scales", scales])
+        assert train_ocl.run_folder(args, vae_args[str(vae)]) == f"runs/{name}"
+
+
+def test_diffusion_time_embedding_goes_through_silu_first():
+    """DDPM adds to each residual block Dense(nonlinearity(temb)); a Linear on the UNet's last Linear would
+    stack two linear maps."""
+    block = decoders.ResBlock(32, 32, time_dim=64, dropout=0.0)
+    seen = []
+    block.time.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    temb = torch.randn(2, 64)
+    block(torch.randn(2, 32, 4, 4), temb)
+    assert torch.equal(seen[0], torch.nn.functional.silu(temb))

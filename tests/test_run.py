@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import decoders
 import train_common
 import train_ocl
 import train_vae
@@ -225,3 +226,70 @@ def test_ocl_non_finite_loss_keeps_the_last_good_checkpoint(tiny_root, vae256, t
         train_ocl.train(args)
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
     assert sorted(p.name for p in out.glob("step_*.pt")) == ["step_0000001.pt", "step_0000002.pt"]
+
+
+def test_an_update_that_breaks_the_model_is_named_and_never_saved(tiny_root, tmp_path):
+    """--lr 1e30: step 1's loss is finite, its update makes the weights ~1e30 (finite) and the next loss inf. The
+    check before every checkpoint (train_common.check_weights) names step 1 and writes nothing."""
+    out = tmp_path / "huge"
+    args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(out), *VAE_TINY, "--steps", "3",
+                                 "--ckpt-every", "1", "--lr", "1e30", "--stabilisers", "off"])
+    with pytest.raises(FloatingPointError, match="the update of step 1 left the model non-finite"):
+        train_vae.train(args)
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists() and not list(out.glob("step_*.pt"))
+
+
+def test_under_amp_only_a_run_of_non_finite_losses_stops():
+    """With AMP the grad scaler skips an overflowing step; RunGuard stops only after `patience` in a row (without
+    AMP, at the first), and a finite loss in between starts the count again."""
+    d = train_common.Dist(0, 1, 0, torch.device("cpu"))
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    with train_common.RunGuard(d, amp=True, patience=3) as guard:
+        for step, loss in enumerate([nan, nan, one, nan, nan]):
+            assert guard.check(loss, step) is False
+        with pytest.raises(FloatingPointError, match=r"at step 6 \(3 in a row under AMP\)"):
+            guard.check(nan, 5)
+    with train_common.RunGuard(d, amp=False) as guard, pytest.raises(FloatingPointError, match="at step 1;"):
+        guard.check(nan, 0)
+
+
+def test_a_cpu_run_resumes_with_amp_on(tiny_root, vae256, tmp_path):
+    """A run started without AMP (CPU: an empty grad-scaler state in last.pt) continues where AMP is on (a GPU):
+    the scaler starts afresh instead of failing on the empty state. An enabled CPU scaler stands in for CUDA's."""
+    out = tmp_path / "r"
+    args = train_ocl.parse_args(["--data-root", str(tiny_root), "--out", str(out), "--vae-ckpt", str(vae256), *OCL_TINY,
+                                 "--steps", "2"])
+    train_ocl.train(args)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["train_state"]["scaler"] == {}
+    model = train_ocl.load_ocl(ckpt)[0].train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError):  # what the plain load does
+        scaler.load_state_dict({})
+    d = train_common.Dist(0, 1, 0, torch.device("cpu"))
+    vae_args = ckpt["vae"]["model_args"]
+    start, *_ = train_common.resume(out, "ocl", args, ckpt["model_args"], model, optimizer, scaler, d,
+                                    extra={"vae": vae_args})
+    assert start == 2 and scaler.is_enabled()
+
+
+def _global_std_worker(rank, world, init, part, result):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    result[rank] = decoders.global_std(part[rank]).item()
+    torch.distributed.destroy_process_group()
+
+
+def test_diffusion_scale_is_one_value_for_all_processes(tmp_path):
+    """Each process used to measure the diffusion decoder's latent scale on its own half batch; now every process
+    gets the std of the combined batch, the value a single process gets from the whole batch."""
+    x = torch.randn(8, 4, 16, 16) * 3 + 1
+    x[:4] *= 2  # the two halves differ, so per-process values would too
+    with torch.multiprocessing.Manager() as manager:
+        result = manager.dict()
+        torch.multiprocessing.spawn(_global_std_worker, args=(2, f"file://{tmp_path / 'rendezvous'}",
+                                                              [x[:4], x[4:]], result), nprocs=2)
+        values = [result[0], result[1]]
+    assert values[0] == values[1] == pytest.approx(x.std().item(), rel=1e-5)
+    assert decoders.global_std(x).item() == pytest.approx(x.std().item(), rel=1e-6)
+    assert abs(x[:4].std().item() - x.std().item()) > 0.1
