@@ -48,26 +48,18 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 
 # -----------------------------------------------------------------------------
 # Dataset presets: defaults that explicit flags override (paper A.4-A.5 for the real datasets).
-# vae_* feed train_vae.py, ocl_* feed train_ocl.py. `shapes` is sized for a 2-core CPU.
+# vae_* feed train_vae.py, ocl_* feed train_ocl.py.
+PAPER = dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,  # A.4-A.5
+             ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4)
+VIDEO = dict(PAPER, video=True, vae_batch=16, ocl_batch=8)  # MOVi: 16 clips per VAE step, 8 per OCL step (A.5)
 PRESETS = {
-    #            resolution  slots (objects + background)  video  VAE steps/batch/validation period
-    #            OCL steps/batch/validation period/learning rate
-    "shapes":   dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, vae_val=100,
-                     ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3),
-    "clevrtex": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
-                     ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
-    "coco":     dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
-                     ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
-    "voc":      dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
-                     ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
-    "movi_c":   dict(resolution=128, num_slots=11, video=True, vae_steps=30000, vae_batch=16, vae_val=600,
-                     ocl_steps=50000, ocl_batch=8, ocl_val=1000, ocl_lr=2e-4),
-    "movi_d":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, vae_val=600,
-                     ocl_steps=50000, ocl_batch=8, ocl_val=1000, ocl_lr=2e-4),
-    "movi_e":   dict(resolution=128, num_slots=21, video=True, vae_steps=30000, vae_batch=16, vae_val=600,
-                     ocl_steps=50000, ocl_batch=8, ocl_val=1000, ocl_lr=2e-4),
-    "openimages": dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,
-                       ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4),
+    # resolution, slots (objects + background), video?, VAE steps / batch / validation period, OCL steps / batch /
+    # validation period / learning rate; `shapes` is sized for a 2-core CPU
+    "shapes": dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, vae_val=100,
+                   ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3),
+    "clevrtex": PAPER, "coco": PAPER, "voc": PAPER,
+    "movi_c": VIDEO, "movi_d": dict(VIDEO, num_slots=21), "movi_e": dict(VIDEO, num_slots=21),
+    "openimages": PAPER,
 }
 # What --src of each converter is (`python convert.py <name> --src ...`), for the messages of both files.
 SOURCES = {

@@ -408,3 +408,9 @@ def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
     evaluate.main(["--ckpt", str(ocl_out / "best.pt"), "--semantic", "--json", str(tmp_path / "s.json")])
     semantic = json.loads((tmp_path / "s.json").read_text())["metrics"]
     assert "miou_small" not in semantic and semantic["miou"]["mean"] != metrics["miou"]["mean"]
+    # the authors' protocol on real COCO annotations (unannotated and crowd pixels = 255 here): a slot covering them
+    # only grows the union, so mIoU and mBO can only fall; ARI and ARIfg drop those pixels in both protocols
+    authors = evaluate.main(["--ckpt", str(ocl_out / "best.pt"), "--protocol", "authors"])["metrics"]
+    assert authors["ari"] == metrics["ari"] and authors["ari_fg"] == metrics["ari_fg"]
+    assert authors["miou"]["mean"] <= metrics["miou"]["mean"] and authors["mbo"]["mean"] <= metrics["mbo"]["mean"]
+    assert authors["mbo"]["mean"] < metrics["mbo"]["mean"]  # (this image has unannotated pixels the slots cover)
