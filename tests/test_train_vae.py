@@ -203,3 +203,21 @@ def test_replaced_codes_forget_their_adam_moments():
     for k, before in state.items():
         after = optimizer.state[weight][k]
         assert (after[[1, 3]] == 0).all() and torch.equal(after[[0, 2, 4]], before[[0, 2, 4]]) and before[1].abs().sum() > 0
+
+
+def test_validation_does_not_change_training(tmp_path, tiny_root):
+    """VAE validation (eval mode, its own data-loader generator) draws nothing from the training's random streams:
+    with Gumbel noise and code replacing on, validating every step gives the same losses as validating once."""
+    a, _ = run(tmp_path / "a", tiny_root, "--steps", "6", "--code-dim", "4", "--val-every", "1", "--replace-every", "2")
+    b, _ = run(tmp_path / "b", tiny_root, "--steps", "6", "--code-dim", "4", "--val-every", "6", "--replace-every", "2")
+    la, lb = ([r["loss"] for r in map(json.loads, open(o / "metrics.jsonl")) if "loss" in r] for o in (a, b))
+    assert len(la) == 6 and la == lb
+
+
+def test_presets_validate_as_a5_says():
+    """A.5: the VAE validates every 600 steps, the OCL model every 1,000; a shortened run validates 4 / 10 times."""
+    import train_ocl
+    assert train_vae.parse_args(["--dataset", "coco"]).val_every == 600
+    assert train_ocl.parse_args(["--dataset", "coco"]).val_every == 1000
+    assert train_vae.parse_args(["--dataset", "coco", "--steps", "100"]).val_every == 25
+    assert train_vae.parse_args([]).val_every == 100 and train_ocl.parse_args([]).val_every == 320
