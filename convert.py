@@ -24,7 +24,6 @@ Reading order: the shared crop/resize and `assemble`; one `<name>_samples` gener
 ClevrTex, MOVi with its TFRecord and protobuf readers, Open Images); `convert`, which streams one of them into
 data.write_lmdb; the CLI. Imports from the project: data (the record format and the writer) and nothing else.
 """
-import argparse
 import csv
 import io
 import json
@@ -139,6 +138,18 @@ def object_sample(image, res, assembled, class_dtype):
             "areas": np.array([a for _, a in extra], np.float32).reshape(-1)}
 
 
+def read_json(path):
+    """A JSON file of the download, or a ConversionError naming it (a truncated download or unzip is common)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path} is missing; it belongs to the official download (see the layout: "
+                              f"python convert.py --help)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); a truncated download or unzip? Get that file "
+                              f"again") from None
+
+
 def _skip(stats, path, err):
     """Count an unreadable sample; name the first few so the user can look at them."""
     stats["samples_unreadable_skipped"] = stats.get("samples_unreadable_skipped", 0) + 1
@@ -175,10 +186,10 @@ def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
     src = Path(src)
     ann_path = src / "annotations" / f"panoptic_{split}2017.json"
     png_dir, img_dir = src / "annotations" / f"panoptic_{split}2017", src / f"{split}2017"
-    js = json.loads(ann_path.read_text())
+    js = read_json(ann_path)
     categories = js.get("categories")
     if not categories:  # the cut-down JSONs some people share lack them; the official categories file has them
-        categories = json.loads((src / "annotations" / "panoptic_coco_categories.json").read_text())
+        categories = read_json(src / "annotations" / "panoptic_coco_categories.json")
     isthing = {c["id"]: bool(c["isthing"]) for c in categories}
     images = {im["id"]: im for im in js["images"]}
     stats["_total"] = len(js["annotations"])  # for the progress bar's ETA (not stored)
@@ -667,20 +678,22 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert an official dataset download into MSF's LMDB format.")
+    parser = data.ArgumentParser(description="Convert an official dataset download into MSF's LMDB format.")
     sub = parser.add_subparsers(dest="dataset", required=True)
     for name in CONVERTERS:
         p = sub.add_parser(name, help=f"convert the official {name} download (see the README's protocol card)")
         p.add_argument("--src", required=True, help=data.SOURCES[name])
         p.add_argument("--out", default=None, help=f"output folder (default data/{name})")
         p.add_argument("--split", default=None, help="convert only this split (train, val, test; default: all found)")
-        p.add_argument("--resolution", type=int, default=128, help="side of the stored square (paper: 128)")
-        p.add_argument("--limit", type=int, default=0, help="convert only the first N kept samples per split, for a look")
+        p.add_argument("--resolution", type=data.number(int, 8), default=128, help="side of the stored square (paper: 128)")
+        p.add_argument("--limit", type=data.number(int, 0), default=0,
+                       help="convert only the first N kept samples per split, for a look (0 = all)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
         if CONVERTERS[name][1]:  # the paper's object filters (A.4) apply to the real-world image datasets
-            p.add_argument("--min-object-bbox", type=int, default=16,
+            p.add_argument("--min-object-bbox", type=data.number(int, 0), default=16,
                            help="objects whose bounding box covers fewer pixels (at --resolution) are ignored (0: off)")
-            p.add_argument("--max-objects", type=int, default=10, help="drop samples with more objects (0: off)")
+            p.add_argument("--max-objects", type=data.number(int, 0), default=10,
+                           help="drop samples with more objects (0: off)")
         if name == "clevrtex":
             p.add_argument("--variant", default="full", help="full (train/val/test), or an evaluation set: outd, camo, ...")
     args = parser.parse_args(argv)

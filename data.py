@@ -77,6 +77,35 @@ class DatasetMissing(FileNotFoundError):
     """A dataset split that is not on disk; the message names the command that creates it."""
 
 
+class DatasetCorrupt(ValueError):
+    """A split on disk that cannot be read as written (cut short, corrupt pages, a record that contradicts the meta
+    record); the message names the split folder, the record and the command that rebuilds it."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every script, with one change: a bad flag is one line, `prog: error: ... (--help lists the
+    flags)`, not the whole usage block above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def number(kind=int, low=None, above=None):
+    """An argparse type for every script's numeric flags: a finite `kind` >= low (or > above), so that a bad value
+    is a one-line message at the command line, never a silent default or a traceback at step 10,000."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above):
+            bound = f">= {low}" if low is not None else f"> {above}" if above is not None else "finite"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 # -----------------------------------------------------------------------------
 # Sample records: raw arrays behind a small JSON header (never a pickle).
 
@@ -108,7 +137,10 @@ def decode_record(buf):
             raise ValueError(f"record array '{h['name']}' has disallowed dtype {h['dtype']}")
         dtype = np.dtype(h["dtype"])
         count = math.prod(h["shape"])
-        a = np.frombuffer(payload, dtype=dtype, count=count, offset=h["offset"])
+        start, end = h["offset"], h["offset"] + count * dtype.itemsize
+        if min(h["shape"], default=0) < 0 or start < 0 or end > len(payload):  # a header that lies about the bytes
+            raise ValueError(f"array '{h['name']}' claims bytes {start}..{end} of a {len(payload)}-byte payload")
+        a = np.frombuffer(payload, dtype=dtype, count=count, offset=start)
         out[h["name"]] = a.reshape(h["shape"])
     return out
 
@@ -124,6 +156,7 @@ def write_lmdb(path, samples, meta, overwrite=False, commit_every=256):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, f".{path.name}.tmp-*")  # what a killed earlier write left behind
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # hidden, and named by this process
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -154,14 +187,59 @@ def write_lmdb(path, samples, meta, overwrite=False, commit_every=256):
     return count
 
 
+def remove_stale_temporaries(folder, pattern):
+    """Delete the temporaries `pattern` (named `...tmp-<pid>` by this code) of processes that no longer run: a killed
+    write leaves its hidden folder or file behind. A live process's temporary is left alone. Returns the names."""
+    removed = []
+    for tmp in Path(folder).glob(pattern):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def rebuild_hint(path):
+    """The command that writes a split folder again (for the messages about a damaged one)."""
+    dataset = Path(path).parent
+    if dataset.name.startswith("shapes"):
+        res = dataset.name.partition("-")[2]
+        return f"python data.py shapes --root {dataset.parent}{f' --resolution {res}' if res else ''} --overwrite"
+    return f"python convert.py {dataset.name} --src <the official download> --out {dataset} --overwrite"
+
+
 _ENVS = {}  # (path, process id) -> read-only LMDB environment, shared: LMDB allows one per file per process
 
 
 def open_env(path):
-    """The read-only environment of a split, opened once per process (every DataLoader worker opens its own)."""
+    """The read-only environment of a split, opened once per process (every DataLoader worker opens its own).
+    A damaged one is a DatasetCorrupt naming the folder and the command that rebuilds it: in particular a data.mdb
+    cut short (a full disk, an interrupted copy) would otherwise kill the process with SIGBUS at the first read of a
+    page past its end, so the file's size is checked against the last page the environment says it uses."""
     key = (str(Path(path).resolve()), os.getpid())
     if key not in _ENVS:  # no lock file (read-only media work); no readahead (random access reads one record)
-        _ENVS[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True)
+        try:
+            env = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True)
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # bytes the environment's pages span
+        except lmdb.Error as e:
+            raise DatasetCorrupt(f"{path} is not a readable LMDB split ({type(e).__name__}: {e}); rebuild it: "
+                                 f"{rebuild_hint(path)}") from None
+        size = (Path(key[0]) / "data.mdb").stat().st_size
+        if size < needed:
+            env.close()
+            raise DatasetCorrupt(f"{path}/data.mdb is cut short ({size:,} bytes, its pages need {needed:,}); rebuild "
+                                 f"it: {rebuild_hint(path)}")
+        _ENVS[key] = env
     return _ENVS[key]
 
 
@@ -177,11 +255,20 @@ def read_meta(path):
     path = Path(path)
     if not (path / "data.mdb").exists():
         raise DatasetMissing(f"no dataset split at {path}")
-    with open_env(path).begin() as txn:
-        raw = txn.get(META_KEY)
-    if raw is None:
+    env = open_env(path)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(META_KEY)
+        meta = None if raw is None else json.loads(raw)
+        entries = env.stat()["entries"]
+    except (lmdb.Error, ValueError) as e:  # corrupt pages, or a meta record that is not JSON
+        raise DatasetCorrupt(f"{path}: its meta record cannot be read ({type(e).__name__}: {e}); rebuild it: "
+                             f"{rebuild_hint(path)}") from None
+    if meta is None:
         raise DatasetMissing(f"{path} has no meta record: it is not a complete MSF dataset split")
-    meta = json.loads(raw)
+    if not isinstance(meta, dict) or not isinstance(meta.get("count"), int) or entries != meta["count"] + 1:
+        raise DatasetCorrupt(f"{path}: the meta record says {meta.get('count') if isinstance(meta, dict) else '?'} "
+                             f"samples, the environment holds {entries - 1}; rebuild it: {rebuild_hint(path)}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta['format_version']}, newer than this code "
                          f"({FORMAT_VERSION}); update the code or re-create the dataset")
@@ -204,18 +291,49 @@ class LMDBDataset(Dataset):
         self.rows = range(self.count) if rows is None else rows  # the records this dataset yields
         self.semantic = semantic  # segment = class ids instead of instances (needs `classes`: VOC, COCO)
         self._env, self._pid = None, None
+        if self.count:  # on open, the first record against the meta record: a split that contradicts its meta
+            self.record(0)  # fails here, before any training step, not after the last one
 
     def __len__(self):
         return len(self.rows)  # from the meta record: no scan of the keys
 
     def record(self, i):
-        """The raw arrays of sample i, as stored."""
+        """The raw arrays of sample i, as stored, checked against the meta record: a damaged or inconsistent record
+        is a DatasetCorrupt naming the split folder, the key and what is wrong, never a silent wrong sample."""
         if not 0 <= i < self.count:
             raise IndexError(f"sample {i} out of range for {self.path} ({self.count} samples)")
         if self._pid != os.getpid():  # one environment per process (fork-safe), shared by datasets of one path
             self._env, self._pid = open_env(self.path), os.getpid()
-        with self._env.begin() as txn:
-            return decode_record(txn.get(f"{i:08d}".encode()))
+        key = f"{i:08d}".encode()
+        try:
+            with self._env.begin() as txn:
+                buf = txn.get(key)
+            if buf is None:
+                raise ValueError("the record is missing")
+            rec = decode_record(buf)
+            problem = self._contradiction(rec)
+        except (lmdb.Error, ValueError, KeyError, TypeError, struct.error) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise DatasetCorrupt(f"{self.path}, record {key.decode()}: {problem}; rebuild the split: "
+                                 f"{rebuild_hint(self.path)}")
+        return rec
+
+    def _contradiction(self, rec):
+        """What a record says that its split's meta record contradicts (None if nothing): image (..., res, res, 3)
+        uint8, segment of the same pixels in uint8, labels 1..max_objects or 255. A few comparisons per read."""
+        image, segment, res = rec.get("image"), rec.get("segment"), self.meta.get("resolution")
+        if image is None or segment is None:
+            return f"it holds {sorted(rec)}, not an image and a segment"
+        if image.dtype != np.uint8 or image.shape[-1:] != (3,) or (res and image.shape[-3:-1] != (res, res)):
+            return f"image {image.dtype} {tuple(image.shape)}, but the meta record says {res}x{res}x3 uint8"
+        if segment.dtype != np.uint8 or segment.shape != image.shape[:-1]:
+            return f"segment {segment.dtype} {tuple(segment.shape)} does not match image {tuple(image.shape)}"
+        k = self.meta.get("max_objects")
+        top = int(segment[segment != IGNORE].max(initial=0))
+        if k is not None and top > max(k, rec["bbox"].shape[1] if "bbox" in rec else 0):
+            return f"segment label {top}, but the meta record says at most {k} objects"
+        return None
 
     def __getstate__(self):  # an open LMDB handle must not travel to worker processes
         state = dict(self.__dict__)
@@ -420,6 +538,13 @@ def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=Fals
 # -----------------------------------------------------------------------------
 # The one entry point of the training and evaluation scripts.
 
+def splits_in(folder):
+    """The splits a dataset folder holds: its complete split folders (hidden temporaries of an interrupted write
+    are not splits), plus `select` where there is a `train`."""
+    found = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".") and (p / "data.mdb").exists())
+    return found + (["select"] if "train" in found else [])
+
+
 def dataset_dir(name, root="data", resolution=None):
     """Where dataset `name` lives: data/<name>; shapes keeps one folder per resolution (it is cheap to write)."""
     if name == "shapes":
@@ -440,23 +565,31 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
 
     Splits: what the conversion wrote (train, val, test, ClevrTex variants), where `train` is the stored training
     split minus its last 10% (at most 1,000 records), and `select` is that held-out slice (select_rows): the data
-    model selection uses. The built-in `shapes` is written on first use; a real dataset that is not converted yet
-    raises DatasetMissing naming the `python convert.py ...` command that converts it.
+    model selection uses. The built-in `shapes` is written on first use, when its folder does not exist (never over
+    an existing one); a real dataset that is not converted yet raises DatasetMissing naming the `python convert.py
+    ...` command that converts it, and a split that is not there names the splits that are.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(PRESETS)}")
+    folder = dataset_dir(name, root, resolution)
+    if name == "shapes" and (not folder.exists() or not splits_in(folder)):  # nothing complete there to lose
+        print(f"{folder} not found: writing the built-in shapes dataset (a few seconds)")
+        write_shapes(root, resolution or PRESETS["shapes"]["resolution"])
+    if not folder.exists():
+        raise DatasetMissing(
+            f"dataset '{name}' is not converted yet ({folder} not found).\n"
+            f"Convert the official download first:\n"
+            f"    python convert.py {name} --src /path/to/{name} --out {folder}\n"
+            f"where --src is {SOURCES[name]}.")
     stored = "train" if split == "select" else split  # `select` is a view of the stored training split
-    path = dataset_dir(name, root, resolution) / stored
+    path = folder / stored
     if not (path / "data.mdb").exists():
-        if name == "shapes":
-            print(f"{path} not found: writing the built-in shapes dataset (a few seconds)")
-            write_shapes(root, resolution or PRESETS["shapes"]["resolution"], overwrite=True)
-        else:
-            raise DatasetMissing(
-                f"dataset '{name}' split '{split}' is not converted yet ({path} not found).\n"
-                f"Convert the official download first:\n"
-                f"    python convert.py {name} --src /path/to/{name} --out {dataset_dir(name, root)}\n"
-                f"where --src is {SOURCES[name]}.")
+        found = splits_in(folder)
+        fix = (f"python data.py shapes --root {root} --overwrite writes it again" if name == "shapes" else
+               f"python convert.py {name} --src /path/to/{name} --out {folder} --split {stored} converts it")
+        usual = split in ("train", "val", "select", "test")
+        raise DatasetMissing(f"{folder} has no split '{split}' (its splits: {', '.join(found) or 'none'}). Give one "
+                             f"of those" + (f"; if '{split}' should be there, {fix}" if usual else ""))
     ds = LMDBDataset(path, semantic)
     if stored == "train":  # train without the held-out slice, or the slice itself
         held_out = select_rows(ds.count)
@@ -472,14 +605,16 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
 def main(argv=None):
     """`python data.py shapes` writes the built-in dataset; `python data.py info FOLDER` prints what a dataset
     folder holds (the meta record of each split: counts, resolution, source, filters, versions)."""
-    parser = argparse.ArgumentParser(description="Write or inspect MSF datasets (LMDB).")
+    parser = ArgumentParser(description="Write or inspect MSF datasets (LMDB).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="write the built-in synthetic dataset")
     p.add_argument("--root", default="data", help="folder that holds all datasets")
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels (paper: 128)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed; the same seed gives the same bytes")
-    p.add_argument("--train", type=int, default=SHAPES_SPLITS["train"][1], help="number of training samples")
-    p.add_argument("--val", type=int, default=SHAPES_SPLITS["val"][1], help="number of validation samples")
+    p.add_argument("--resolution", type=number(int, 32), default=64,
+                   help="image side in pixels, a multiple of 16 (paper: 128)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="generator seed; the same seed gives the same bytes")
+    p.add_argument("--train", type=number(int, 2), default=SHAPES_SPLITS["train"][1],
+                   help="number of training samples (the last 10%% are the `select` split)")
+    p.add_argument("--val", type=number(int, 1), default=SHAPES_SPLITS["val"][1], help="number of validation samples")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
     p.add_argument("path", help="e.g. data/shapes")
@@ -491,16 +626,27 @@ def main(argv=None):
 
     if args.command == "shapes":
         out = shapes_dir(args.root, args.resolution)
-        if out.exists() and not args.overwrite:
-            sys.exit(f"{out} already exists; pass --overwrite to write it again")
+        there = [s for s in SHAPES_SPLITS if (out / s / "data.mdb").exists()]
+        if there and not args.overwrite:
+            sys.exit(f"{out} already holds {' and '.join(there)}; pass --overwrite to write it again")
+        if args.resolution % 16:
+            sys.exit(f"--resolution {args.resolution}: the built-in dataset needs a multiple of 16 (64, 128, ...)")
         write_shapes(args.root, args.resolution, args.seed, {"train": args.train, "val": args.val}, args.overwrite)
     elif args.command == "info":
-        splits = sorted(p for p in Path(args.path).iterdir() if (p / "data.mdb").exists()) \
-            if Path(args.path).is_dir() else []
+        folder = Path(args.path)
+        if not folder.is_dir():
+            sys.exit(f"{folder} is not a dataset folder (e.g. data/shapes)")
+        for leftover in sorted(folder.glob(".*.tmp-*")):
+            print(f"{leftover}: ignored, the leftover of an interrupted write (the next write of that split removes "
+                  f"it; safe to delete)")
+        splits = [folder / s for s in splits_in(folder) if s != "select"]
         if not splits:
-            sys.exit(f"no dataset splits under {args.path}")
+            sys.exit(f"no dataset splits under {folder}")
         for split in splits:
-            print(f"{split}: {json.dumps(read_meta(split), indent=1)}")
+            try:
+                print(f"{split}: {json.dumps(read_meta(split), indent=1)}")
+            except (DatasetMissing, DatasetCorrupt, ValueError) as e:
+                print(f"{split}: {e}")
 
 
 if __name__ == "__main__":

@@ -569,7 +569,7 @@ def _figure_dir(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate an OCL checkpoint (ARI, ARIfg, mIoU, mBO) or a VAE checkpoint "
+    p = data.ArgumentParser(description="Evaluate an OCL checkpoint (ARI, ARIfg, mIoU, mBO) or a VAE checkpoint "
                                             "(separability).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="runs/ocl_shapes_transformer_msf/best.pt",
                    help="best.pt or last.pt of train_ocl.py or train_vae.py (default: the quick start's OCL run)")
@@ -582,18 +582,24 @@ def main(argv=None):
     p.add_argument("--semantic", action="store_true",
                    help="score against object classes instead of instances (VOC, COCO, Open Images conversions)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained with)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N samples (0 = all)")
-    p.add_argument("--viz", type=int, default=0, help="write figures for the first N samples (Fig. 2 for OCL, Fig. 3 for VAE)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=32, help="images per batch")
+    p.add_argument("--limit", type=data.number(int, 0), default=0, help="score only the first N samples (0 = all)")
+    p.add_argument("--viz", type=data.number(int, 0), default=0,
+                   help="write figures for the first N samples (Fig. 2 for OCL, Fig. 3 for VAE)")
     p.add_argument("--out", default=None, help="folder for figures (default: the checkpoint's folder)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--separability", action="store_true", help="VAE checkpoints: Tab. 4 separability (always computed)")
-    p.add_argument("--clusters", type=int, default=0, help="k of the separability k-means (default: the dataset's slots)")
-    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of any sampling")
+    p.add_argument("--clusters", type=data.number(int, 0), default=0,
+                   help="k of the separability k-means (0: the dataset's slots)")
+    p.add_argument("--seed", type=data.number(int, 0), default=0, help="seed of k-means and of any sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = p.parse_args(argv)
 
     device = train_common.pick_device(args.device)
+    if args.viz and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        sys.exit(f"--out {args.out} is a file; --viz writes its figures into a folder: give a folder")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        sys.exit(f"--json {args.json}: the folder {Path(args.json).parent} does not exist; create it or give another path")
     if not Path(args.ckpt).exists():
         sys.exit(f"no checkpoint at {args.ckpt}: train one first (python train_vae.py && python train_ocl.py) "
                  f"or pass --ckpt PATH")

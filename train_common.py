@@ -214,16 +214,19 @@ def _gather(t, d):
 
 def add_run_args(p, val_default):
     """The flags both training scripts share: seeds, devices, data loading, logging, checkpoints, resume."""
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (weights, data order, sampling)")
+    p.add_argument("--seed", type=data.number(int, 0), default=0, help="seed of everything (weights, data order, sampling)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (under torchrun: each process's GPU)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=data.number(int, 0), default=None,
                    help="DataLoader worker processes per training process (default: 4 on GPU, 0 on CPUs with <= 4 cores)")
-    p.add_argument("--log-every", type=int, default=50, help="print and log every this many steps")
-    p.add_argument("--val-every", type=int, default=None, help=f"validate every this many steps (default {val_default})")
-    p.add_argument("--val-batches", type=int, default=8, help="validation batches (of --batch-size) per validation")
-    p.add_argument("--ckpt-every", type=int, default=None,
+    p.add_argument("--log-every", type=data.number(int, 1), default=50, help="print and log every this many steps")
+    p.add_argument("--val-every", type=data.number(int, 1), default=None,
+                   help=f"validate every this many steps (default {val_default})")
+    p.add_argument("--val-batches", type=data.number(int, 1), default=8,
+                   help="validation batches (of --batch-size) per validation")
+    p.add_argument("--ckpt-every", type=data.number(int, 1), default=None,
                    help="write last.pt (with the training state) every this many steps (default: min(--val-every, 1000))")
-    p.add_argument("--keep", type=int, default=3, help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
+    p.add_argument("--keep", type=data.number(int, 0), default=3,
+                   help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
 
@@ -234,19 +237,16 @@ def apply_preset(p, args, stage, val_parts):
     if args.dataset not in data.PRESETS:
         p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
     preset = data.PRESETS[args.dataset]
-    # a flag the user gave wins; what they left out comes from the preset (paper recipe, or CPU-sized for shapes)
-    args.steps = args.steps or preset[f"{stage}_steps"]
-    args.batch_size = args.batch_size or preset[f"{stage}_batch"]
+    # a flag the user gave wins (None = not given); what they left out comes from the preset (paper recipe, or
+    # CPU-sized for shapes)
+    args.steps = preset[f"{stage}_steps"] if args.steps is None else args.steps
+    args.batch_size = preset[f"{stage}_batch"] if args.batch_size is None else args.batch_size
     # validation: the preset's period (A.5: every 600 VAE / 1,000 OCL steps) when the steps are the preset's,
     # else steps / val_parts, so that a shortened run still validates a few times
     every = preset[f"{stage}_val"] if args.steps == preset[f"{stage}_steps"] else max(1, args.steps // val_parts)
-    args.val_every = args.val_every or every
-    args.ckpt_every = args.ckpt_every or min(args.val_every, 1000)  # a kill loses at most 1,000 steps
-    for name in ("log_every", "val_every", "val_batches", "ckpt_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.keep < 0 or (args.workers is not None and args.workers < 0):
-        p.error("--keep and --workers must be >= 0")
+    args.val_every = every if args.val_every is None else args.val_every
+    if args.ckpt_every is None:
+        args.ckpt_every = min(args.val_every, 1000)  # a kill loses at most 1,000 steps
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
     return preset
@@ -265,10 +265,15 @@ class TrainingStopped(Exception):
 
 
 def save_checkpoint(path, obj):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint, and a failed
+    write (a full disk) removes its temporary and leaves the previous file as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -278,12 +283,20 @@ def load_checkpoint(path, expect_kind=None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise ValueError(f"{path} is a folder, not a checkpoint; give a file inside it"
+                         + (f" ({', '.join(inside)})" if inside else " (it holds no .pt file)"))
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): a write that never finished; use another checkpoint of the "
+                         f"run (last.pt, best.pt, step_*.pt) or train again")
     # map_location="cpu": a GPU checkpoint opens on any machine; the caller moves the model where it runs
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or something that needs unpickling code
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         f"it may be truncated or corrupt: re-create it") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); it may be truncated or "
+                         f"corrupt: use another checkpoint of the run, or train again") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this code (no 'kind' entry)")
     if ckpt.get("format_version", 0) > CKPT_VERSION:
@@ -294,9 +307,21 @@ def load_checkpoint(path, expect_kind=None):
     return ckpt
 
 
-def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True):
-    """Fail before training, not after an hour: --out must be writable, have room for the checkpoints, and not
-    hold another run unless --resume (continue it) or --overwrite (start over) says what to do with it."""
+RUN_FILES = ("last.pt", "best.pt", "step_*.pt", "metrics.jsonl")  # what a run writes into --out (and --overwrite deletes)
+
+
+def checkpoint_bytes(model, params, extra=0):
+    """What last.pt will take on disk: the model's state, Adam's two moments of every trained parameter, `extra`
+    bytes of the script's own training state (the VAE's code-replacing pools), and 1 MiB for arguments, metrics and
+    the random generators' states. (best.pt holds the model's state alone.)"""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state + 2 * sum(p.numel() * p.element_size() for p in params) + extra + 2 ** 20
+
+
+def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True, last_bytes=None):
+    """Fail before training, not after an hour: --out must be writable, have room for the checkpoints (`last_bytes`:
+    checkpoint_bytes), and not hold another run (any of RUN_FILES) unless --resume (continue it) or --overwrite
+    (start over) says what to do with it. Temporaries that killed runs left behind are removed (and named)."""
     out = Path(out)
     try:  # write 4 KiB and delete them: permissions and read-only mounts show up now, not at the first checkpoint
         out.mkdir(parents=True, exist_ok=True)
@@ -305,20 +330,26 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True):
         probe.unlink()
     except OSError as e:
         raise RunError(f"--out {out} is not writable ({e.strerror or e}); choose a folder you can write to") from None
-    # last.pt carries the model and Adam's two moments (~3x the weights); best.pt and the numbered copies too
+    if main:
+        for name in data.remove_stale_temporaries(out, ".*.tmp-*"):
+            print(f"removed {out / name}, a temporary a killed run left behind")
+    # last.pt (+ a temporary copy while it is replaced), the numbered copies (hard links where the file system
+    # has them; counted as copies) and best.pt (the model's state)
+    last = last_bytes or checkpoint_bytes(model, model.parameters())
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    need, free = (keep + 2) * 3 * weights + 2 ** 20, shutil.disk_usage(out).free
+    need, free = (keep + 2) * last + weights, shutil.disk_usage(out).free
     if free < need:
         raise RunError(f"--out {out} has {free / 2 ** 20:.0f} MiB free, but this run's checkpoints need about "
                        f"{need / 2 ** 20:.0f} MiB (last.pt, best.pt and --keep {keep} numbered copies); free space, "
                        f"lower --keep, or choose another --out")
-    if (out / "last.pt").exists() and not resume:
+    found = sorted(p.name for pattern in RUN_FILES for p in out.glob(pattern))
+    if found and not resume:
         if not overwrite:
-            raise RunError(f"{out} already holds a run (last.pt). Continue it with --resume, start over with "
-                           f"--overwrite (deletes its checkpoints and log), or choose another --out")
+            raise RunError(f"{out} already holds a run ({', '.join(found)}). Continue it with --resume, start over "
+                           f"with --overwrite (deletes these files), or choose another --out")
         if main:  # what this code wrote there, nothing else of the folder
-            for f in [*out.glob("step_*.pt"), out / "last.pt", out / "best.pt", out / "metrics.jsonl"]:
-                f.unlink(missing_ok=True)
+            for name in found:
+                (out / name).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()  # nobody starts before process 0 has cleared the folder
     return out
@@ -528,7 +559,18 @@ class Log:
             return
         path = Path(out_dir) / "metrics.jsonl"
         if start_step and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            lines, kept = path.read_text().splitlines(), []
+            for n, line in enumerate(lines):
+                try:
+                    record = json.loads(line) if line else None
+                except ValueError:  # a kill in the middle of a write leaves a partial last line: drop it, say so
+                    if n < len(lines) - 1:
+                        raise RunError(f"{path}, line {n + 1}, is not JSON; delete that line (or the file) and run "
+                                       f"again with --resume") from None
+                    print(f"note: dropped the partial last line of {path} (the run was killed while writing it)")
+                    continue
+                if record is not None and record.get("step", 0) <= start_step:
+                    kept.append(line)
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 

@@ -76,9 +76,9 @@ class OCL(nn.Module):
         if decoder == "transformer":
             grids = [(token // 2 ** (n - 1),) * 2 for n in self.guide_scales]  # the token grid of each guide scale
             self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, slot_dim, dec_dim, dec_layers, dec_heads)
-        elif decoder == "diffusion":  # attention heads of 16 channels on small UNets, 8 heads at paper size
+        elif decoder == "diffusion":
             self.decoder = decoders.DiffusionDecoder(code_dim, slot_dim, base=unet_base, layers=unet_layers,
-                                                     heads=max(1, unet_base // 16) if unet_base < 128 else 8)
+                                                     heads=unet_heads(unet_base))
         elif decoder == "mlp":
             self.decoder = decoders.MLPDecoder(slot_dim, code_dim, token * token, hidden=mlp_hidden)
         else:
@@ -142,6 +142,11 @@ class OCL(nn.Module):
         if self.decoder_kind == "mlp":
             _, masks = self.decoder(slots, self.token_grid)  # (b, s, h, w)
         return {"slots": slots, "masks": masks}
+
+
+def unet_heads(base):
+    """Attention heads of the diffusion UNet: heads of 16 channels on small (CPU) UNets, 8 at paper size."""
+    return max(1, base // 16) if base < 128 else 8
 
 
 class GuidanceCache:
@@ -208,8 +213,9 @@ def train(args):
                           mlp_hidden=args.mlp_hidden)
         model = OCL(msf.load_vae(vae_ckpt), **model_args).to(device)
         model.train()
-        out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main)
         params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
+        out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
+                                           train_common.checkpoint_bytes(model, params))
         optimizer = torch.optim.Adam(params, lr=args.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on GPUs (A.5); a no-op on CPUs
         train_common.reseed_for_rank(args.seed, d)
@@ -297,7 +303,7 @@ def checkpoint(args, model_args, model, step, metrics, vae_ckpt):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 2: Slot Attention OCL guided by a frozen (MSF) VAE.",
+    p = data.ArgumentParser(description="Stage 2: Slot Attention OCL guided by a frozen (MSF) VAE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(data.PRESETS)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
@@ -306,22 +312,28 @@ def parse_args(argv=None):
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
-    p.add_argument("--slots", type=int, default=None, help="number of slots (default: dataset preset)")
+    p.add_argument("--slots", type=data.number(int, 1), default=None, help="number of slots (default: dataset preset)")
     p.add_argument("--guide-scales", default="1", choices=["1", "1,2", "2"], help="VAE scales used as guidance (Tab. 5)")
     p.add_argument("--size", default=None, choices=list(SIZES), help="model widths (default: cpu for shapes, paper otherwise)")
-    for name, kind in [("slot-dim", int), ("enc-channels", int), ("enc-stride", int), ("dec-dim", int),
-                       ("dec-layers", int), ("dec-heads", int), ("unet-base", int), ("unet-layers", int), ("mlp-hidden", int)]:
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"override the --size value of {name.replace('-', '_')}")
-    p.add_argument("--iters", type=int, default=3, help="Slot Attention iterations")
+    for name in ("slot-dim", "enc-channels", "dec-dim", "dec-layers", "dec-heads", "unet-base", "unet-layers",
+                 "mlp-hidden"):
+        p.add_argument(f"--{name}", type=data.number(int, 1), default=None,
+                       help=f"override the --size value of {name.replace('-', '_')}")
+    p.add_argument("--enc-stride", type=int, choices=[1, 2, 4], default=None,
+                   help="encoder stride r: masks at H/r (override the --size value)")
+    p.add_argument("--iters", type=data.number(int, 1), default=3, help="Slot Attention iterations")
     p.add_argument("--bilevel", action="store_true",
                    help="BO-QSA's truncated gradient (the authors' code): backpropagate through the last iteration only")
     # optimisation (A.5)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: dataset preset; paper 50000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: dataset preset (paper 32)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--steps", type=data.number(int, 1), default=None,
+                   help="training steps (default: dataset preset; paper 50000)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: dataset preset (paper 32)")
+    p.add_argument("--lr", type=data.number(float, above=0), default=None,
                    help="Adam learning rate (default: dataset preset; paper 2e-4, shapes 2e-3 for its short CPU schedule)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (paper 1.0 for images)")
-    p.add_argument("--sigma", type=float, default=1.0, help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
+    p.add_argument("--clip", type=data.number(float, above=0), default=1.0,
+                   help="gradient clipping norm (paper 1.0 for images)")
+    p.add_argument("--sigma", type=data.number(float, 0), default=1.0,
+                   help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_vae.py
     train_common.add_run_args(p, val_default="the preset's: 1000 (A.5), shapes 320; steps/10 with other --steps")
@@ -336,12 +348,20 @@ def parse_args(argv=None):
         p.error(f"{args.dataset} is a video dataset, and video OCL (STEVE: slots carried from frame to frame by a "
                 f"transition transformer, bounding-box queries) is not implemented yet (README, 'Status'). Its stage 1 "
                 f"works: python train_vae.py --dataset {args.dataset}")
-    args.slots = args.slots or preset["num_slots"]
-    args.lr = args.lr or preset["ocl_lr"]
+    args.slots = preset["num_slots"] if args.slots is None else args.slots
+    args.lr = preset["ocl_lr"] if args.lr is None else args.lr
     args.size = args.size or ("cpu" if args.dataset == "shapes" else "paper")
     for key, value in SIZES[args.size].items():  # --size fills every width no flag gave
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.dec_dim % args.dec_heads:  # attention splits its width over the heads
+        p.error(f"--dec-heads {args.dec_heads} does not divide --dec-dim {args.dec_dim}: each attention head "
+                f"takes dec-dim / heads channels")
+    widths = [args.unet_base * mult for mult in (1, 2, 3, 4)]  # the UNet's levels (decoders.UNet mults)
+    if any(w % 8 or w % unet_heads(args.unet_base) for w in widths):
+        p.error(f"--unet-base {args.unet_base}: the UNet's group norms and its {unet_heads(args.unet_base)} attention "
+                f"heads need every level width ({', '.join(map(str, widths))}) divisible by 8 and by the heads; "
+                f"use a multiple of 32 (e.g. 32, 128)")
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
     if args.vae_ckpt is None:  # where `python train_vae.py --dataset D --code-dim c` writes (its default --out)

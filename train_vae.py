@@ -49,7 +49,6 @@ def train(args):
         # the model: every kind of VAE comes from msf.build_vae, which the checkpoint can call again
         model_args = model_args_of(args)
         model = msf.build_vae(**model_args).to(device)
-        out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main)
         # GDR's stabilisers (A.3): annealed residual, Gumbel matching and code replacing; the paper's baseline
         # VQ-VAE has none of them (--stabilisers on gives them to it)
         stabilise = args.stabilisers == "on" or (args.stabilisers == "auto" and args.vae != "vqvae")
@@ -57,6 +56,9 @@ def train(args):
         if not replacing:
             for cb in model.codebooks:
                 cb.pool = 0  # no code replacing: no pool of recent vectors to keep (and no random draws for it)
+        pools = sum(cb.pool * cb.weight.shape[1] * 4 for cb in model.codebooks)  # code-replacing samples, fp32
+        out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
+                                           train_common.checkpoint_bytes(model, model.parameters(), pools))
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on GPUs (A.5); a no-op on CPUs
         train_common.reseed_for_rank(args.seed, d)
@@ -184,19 +186,24 @@ def checkpoint(args, model_args, model, step, metrics):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Stage 1: train an MSF (or baseline) VQ-VAE.",
+    p = data.ArgumentParser(description="Stage 1: train an MSF (or baseline) VQ-VAE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(data.PRESETS)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
-    p.add_argument("--resolution", type=int, default=None, help="image side (default: the dataset preset; shapes: 64)")
+    p.add_argument("--resolution", type=data.number(int, 4), default=None,
+                   help="image side (default: the dataset preset; shapes: 64)")
     p.add_argument("--vae", default="msf", choices=["msf", "vqvae", "gdr", "multiscale"],
                    help="msf: Sect. 3.3; vqvae: single scale, 4096 codes; gdr: 2 groups x 64 codes; "
                         "multiscale: pyramid + one shared codebook (Sect. 3.2)")
     # the VAE (A.3): which kind, its width, and the pyramid
-    p.add_argument("--code-dim", type=int, default=256, help="c: 256 guides the transformer decoder, 4 the diffusion decoder")
-    p.add_argument("--scales", type=int, default=None, help="N, number of pyramid scales (msf, multiscale; default 3)")
-    p.add_argument("--channels", type=int, default=64, help="width of the VAE encoder/decoder CNN")
-    p.add_argument("--num-codes", type=int, default=4096, help="vocabulary: codes, or combinations of grouped codes")
+    p.add_argument("--code-dim", type=data.number(int, 1), default=256,
+                   help="c: 256 guides the transformer decoder, 4 the diffusion decoder")
+    p.add_argument("--scales", type=data.number(int, 1), default=None,
+                   help="N, number of pyramid scales (msf, multiscale; default 3)")
+    p.add_argument("--channels", type=data.number(int, 16), default=64,
+                   help="width of the VAE encoder/decoder CNN, a multiple of 16 (its group norms)")
+    p.add_argument("--num-codes", type=data.number(int, 4), default=4096,
+                   help="vocabulary: codes, or combinations of grouped codes")
     # ablations of Tab. 5-6 (--vae msf only; a combination that means nothing stops with a message)
     p.add_argument("--no-inter", action="store_true", help="ablation: disable inter-scale fusion (Tab. 5)")
     p.add_argument("--no-intra", action="store_true",
@@ -208,17 +215,19 @@ def parse_args(argv=None):
                    help="Tab. 6: our fusion, or channel-concat / element-wise-sum of continuous scales (one shared "
                         "4096-code codebook; the inter/intra/sv flags do not apply)")
     # optimisation (A.5)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: dataset preset; paper 30000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: dataset preset (paper 64)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (paper 2e-3)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (paper 1.0)")
-    p.add_argument("--clip-frames", type=int, default=6,
+    p.add_argument("--steps", type=data.number(int, 1), default=None,
+                   help="training steps (default: dataset preset; paper 30000)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: dataset preset (paper 64)")
+    p.add_argument("--lr", type=data.number(float, above=0), default=2e-3, help="Adam learning rate (paper 2e-3)")
+    p.add_argument("--clip", type=data.number(float, above=0), default=1.0, help="gradient clipping norm (paper 1.0)")
+    p.add_argument("--clip-frames", type=data.number(int, 1), default=6,
                    help="video datasets: consecutive frames taken from each clip per step (authors: 6); a batch is "
                         "--batch-size clips x this many frames")
     # GDR's stabilisers (A.3), which the MSF VAE inherits from its base
     p.add_argument("--stabilisers", default="auto", choices=["auto", "on", "off"],
                    help="GDR's annealed residual + Gumbel matching + code replacing; auto = on for gdr/msf/multiscale")
-    p.add_argument("--replace-every", type=int, default=20, help="code-replacing trick period in steps (0 = never)")
+    p.add_argument("--replace-every", type=data.number(int, 0), default=20,
+                   help="code-replacing trick period in steps (0 = never)")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_ocl.py
     train_common.add_run_args(p, val_default="the preset's: 600 (A.5), shapes 100; steps/4 with other --steps")
     p.add_argument("--out", default=None, help="run folder (default runs/vae_<dataset>_<vae>_c<code-dim>)")
@@ -230,14 +239,12 @@ def parse_args(argv=None):
     check_ablation_flags(p, args)
     if args.scales is None:  # single-scale baselines: no pyramid; the others: N = 3 (A.3)
         args.scales = 1 if args.vae in ("vqvae", "gdr") else 3
-    if args.scales < 1:
-        p.error(f"--scales must be >= 1, got {args.scales}")
     factor = 4 * 2 ** (args.scales - 1)  # 4x VAE down-sampling at the coarsest of N halvings
+    if args.channels % 16:
+        p.error(f"--channels {args.channels}: the VAE's group norms need a multiple of 16 (e.g. 16, 32, 64)")
     if args.resolution % factor:
         p.error(f"--resolution {args.resolution} is not divisible by 4 * 2^(N-1) = {factor} for --scales {args.scales}; "
                 f"use a multiple of {factor} or fewer scales")
-    if args.code_dim < 1 or args.steps < 1 or args.batch_size < 1 or args.clip_frames < 1:
-        p.error("--code-dim, --steps, --batch-size and --clip-frames must be positive")
     grouped = args.vae == "gdr" or (args.vae == "msf" and args.fusion == "msf" and not args.no_intra)
     if grouped and round(args.num_codes ** 0.5) ** 2 != args.num_codes:  # 2 groups of sqrt(m) codes each
         p.error(f"--num-codes {args.num_codes}: {args.vae} splits the vocabulary into 2 codebooks of sqrt(m) codes, "

@@ -76,7 +76,7 @@ def test_schedules_closed_form():
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "imagenet"], "known datasets: shapes"),
-    (["--scales", "0"], "--scales must be >= 1"),
+    (["--scales", "0"], "argument --scales: must be >= 1, got 0"),
     (["--resolution", "72"], "not divisible by 4 \\* 2\\^\\(N-1\\) = 16"),
     # ablation flags that would change nothing stop with a message (Tab. 5-6 apply to --vae msf only)
     (["--vae", "vqvae", "--no-inter"], "--no-inter: the ablations of Tab. 5-6 change the MSF VAE; --vae vqvae"),
