@@ -508,10 +508,16 @@ def _shapes_samples(seed, split_id, count, res):
         # one generator per sample: sample i is the same whatever the count or the order of generation
         rng = np.random.default_rng([seed, split_id, i])
         image, segment = render_shapes_sample(rng, res)
-        yield {"image": image, "segment": segment}
+        # each object's visible area in pixels (COCO's "area"), for the size split of Tab. 7 (evaluate.miou_by_size)
+        areas = np.bincount(segment.ravel(), minlength=segment.max() + 1)[1:].astype(np.float32)  # (K,)
+        yield {"image": image, "segment": segment, "areas": areas}
 
 
 SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in the seed, default count)
+# Tab. 7's size split on shapes: small < 12^2 <= medium < 20^2 <= large visible pixels at 64x64 (about the
+# terciles of the objects: 36% / 38% / 26%), scaled with the image area at other resolutions. COCO's thresholds
+# (32^2, 96^2 of the original image) do not fit 64 px images.
+SHAPES_SIZES = (12 ** 2, 20 ** 2)
 
 
 def shapes_dir(root="data", resolution=64):
@@ -528,7 +534,8 @@ def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=Fals
         count = (counts or {}).get(split, default_count)
         start = time.time()
         meta = dict(name="shapes", split=split, resolution=resolution, max_objects=6, seed=seed,
-                    source="built-in synthetic generator (data.render_shapes_sample)")
+                    source="built-in synthetic generator (data.render_shapes_sample)",
+                    size_thresholds=[t * (resolution / 64) ** 2 for t in SHAPES_SIZES])
         n = write_lmdb(out / split, _shapes_samples(seed, split_id, count, resolution), meta, overwrite=overwrite)
         if not quiet:
             print(f"wrote {out / split}: {n} samples at {resolution}x{resolution} in {time.time() - start:.1f}s")

@@ -432,10 +432,12 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
 
 
 @torch.no_grad()
-def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=True, protocol="ours", name=""):
+def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=True, protocol="ours", name="",
+                 thresholds=(COCO_SMALL, COCO_LARGE)):
     """Stage 2 on the first `max_batches` batches of `dataset` (0 = all of it): the slots' masks (model.segment: no
     decoder, no noise) -> labels at the ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample; datasets that
-    store object areas (COCO, Open Images) add the size split of Tab. 7 (`size_split`). `protocol`: "ours" or
+    store object areas (COCO, Open Images, shapes) add the size split of Tab. 7 (`size_split`; `thresholds` of
+    area: COCO's, or the dataset's meta record's `size_thresholds`, see size_thresholds). `protocol`: "ours" or
     "authors" (PROTOCOLS; `name` = the dataset's, for authors_truth). Returns ({metric: (N,) values}, the last
     batch's (image, segment, pred, masks) for figures); the model's mode and every random generator are kept."""
     was_training = model.training
@@ -453,11 +455,18 @@ def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=T
         for k, v in all_metrics(pred, segment, protocol).items():
             values[k].append(v)
         if "areas" in batch and size_split:  # areas[:, k-1] = original area of object k
-            for k, v in miou_by_size(pred, segment, batch["areas"], protocol=protocol).items():
+            for k, v in miou_by_size(pred, segment, batch["areas"], thresholds, protocol).items():
                 values.setdefault(f"miou_{k}", []).append(v)
         last = (image, segment, pred, masks)
     model.train(was_training)
     return {k: torch.cat(v) for k, v in values.items()}, last
+
+
+def size_thresholds(dataset):
+    """The (small, large) area thresholds of Tab. 7 for a dataset (or a Subset of one): its meta record's
+    `size_thresholds` where it has them (shapes), else COCO's 32^2 and 96^2."""
+    meta = getattr(dataset, "meta", None) or getattr(getattr(dataset, "dataset", None), "meta", {})
+    return tuple(meta.get("size_thresholds", (COCO_SMALL, COCO_LARGE)))
 
 
 def summary(values):
@@ -520,12 +529,12 @@ def evaluate_ocl(ckpt, args, device):
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
     dataset = _first(dataset, args.limit)
     values, _ = validate_ocl(model, dataset, device, args.batch_size, size_split=not args.semantic,
-                             protocol=args.protocol, name=a["dataset"])
+                             protocol=args.protocol, name=a["dataset"], thresholds=size_thresholds(dataset))
     stats = summary(values)
     print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE, step {ckpt['step']}, "
           f"{a['dataset']}/{args.split}" + (", the authors' metric protocol" if args.protocol == "authors" else ""))
     columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
-    if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (COCO area thresholds)
+    if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (size_thresholds)
         columns += [("mIoU_S", "miou_small"), ("mIoU_M", "miou_medium"), ("mIoU_L", "miou_large")]
     for row in (columns[:4], columns[4:]):
         if row:

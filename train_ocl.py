@@ -211,7 +211,9 @@ def train(args):
                           bilevel=args.bilevel, dec_dim=args.dec_dim, dec_layers=args.dec_layers,
                           dec_heads=args.dec_heads, unet_base=args.unet_base, unet_layers=args.unet_layers,
                           mlp_hidden=args.mlp_hidden)
-        model = OCL(msf.load_vae(vae_ckpt), **model_args).to(device)
+        vae = msf.load_vae(vae_ckpt)  # building it draws from the random generators, as many draws as its kind needs:
+        train_common.seed_everything(args.seed)  # seed again, so seed k starts the same encoder, queries and Slot
+        model = OCL(vae, **model_args).to(device)  # Attention whatever the VAE (paired comparisons of guidances)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
@@ -281,7 +283,8 @@ def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: ARI, ARIfg, mIoU, mBO (evaluate.validate_ocl) on the first --val-batches batches,
     logged and printed x100, and masks.png (Fig. 2 of 8 validation images). Returns the metric means."""
     values, (image, segment, pred, masks) = evaluate.validate_ocl(model, val_data, device, args.batch_size,
-                                                                  args.val_batches)
+                                                                  args.val_batches,
+                                                                  thresholds=evaluate.size_thresholds(val_data))
     metrics = {k: mean for k, (mean, _) in evaluate.summary(values).items()}
     log(step + 1, **{f"val_{k}": round(v, 5) for k, v in metrics.items()})
     print("  val | " + " | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()), flush=True)

@@ -216,3 +216,19 @@ def test_select_split_is_held_out_of_train(tmp_path):
     with pytest.raises(IndexError):
         train[27]
     assert [len(data.select_rows(n)) for n in (5, 30, 8000, 50000)] == [1, 3, 800, 1000]
+
+
+def test_shapes_records_carry_object_areas_and_size_thresholds(tmp_path):
+    """Tab. 7's size split on shapes: each record stores its objects' visible areas (the generator knows every
+    object), and the meta record the thresholds (12^2 and 20^2 pixels at 64 px, scaled with the image area)."""
+    data.write_shapes(tmp_path, 64, counts={"train": 3, "val": 2}, quiet=True)
+    data.write_shapes(tmp_path, 128, counts={"train": 2, "val": 2}, quiet=True)
+    ds = data.LMDBDataset(tmp_path / "shapes" / "val")
+    for i in range(2):
+        rec = ds.record(i)
+        visible = np.bincount(rec["segment"].ravel(), minlength=7)[1:]
+        assert rec["areas"].tolist() == visible[:len(rec["areas"])].tolist() and (visible[len(rec["areas"]):] == 0).all()
+        item = ds[i]
+        assert item["areas"].shape == (6,) and torch.isnan(item["areas"][len(rec["areas"]):]).all()
+    assert ds.meta["size_thresholds"] == [144, 400]
+    assert data.read_meta(tmp_path / "shapes-128" / "val")["size_thresholds"] == [576, 1600]

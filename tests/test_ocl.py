@@ -155,7 +155,8 @@ def test_each_decoder_trains_and_evaluate_scores_it(decoder, tiny_root, tiny_vae
     assert all(torch.equal(ckpt["model"][f"vae.{k}"], v) for k, v in vae_state.items())
     result = evaluate.main(["--ckpt", str(out / "best.pt"), "--viz", "2", "--json", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
-    assert set(metrics) == {"ari", "ari_fg", "miou", "mbo"} and metrics["ari"]["count"] == 16
+    assert set(metrics) == {"ari", "ari_fg", "miou", "mbo", "miou_small", "miou_medium", "miou_large"}
+    assert metrics["ari"]["count"] == 16  # all 16 val images; shapes records carry areas, so Tab. 7's split too
     assert 0 <= metrics["mbo"]["mean"] <= 1 and result["decoder"] == decoder
     assert (out / "fig2.png").exists() and (out / "masks.png").exists()
 
@@ -287,3 +288,23 @@ def test_diffusion_time_embedding_goes_through_silu_first():
     temb = torch.randn(2, 64)
     block(torch.randn(2, 32, 4, 4), temb)
     assert torch.equal(seen[0], torch.nn.functional.silu(temb))
+
+
+def test_seed_k_starts_the_same_slot_model_whatever_the_vae(tiny_root, tiny_vaes, tmp_path, monkeypatch):
+    """Paired comparisons of guidances (benchmarks/compare_guidance.py): building a VAE draws from the random
+    generators (a VQ-VAE as many draws as its 4,096 codes need), so train_ocl seeds again before the OCL model."""
+    vq = train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--vae", "vqvae", "--out",
+                                               str(tmp_path / "vq"), "--channels", "16", "--batch-size", "8",
+                                               "--steps", "1", "--val-batches", "1"])) / "best.pt"
+    seen, build = [], train_ocl.OCL.__init__
+
+    def recording(self, *a, **k):
+        build(self, *a, **k)
+        seen.append({k: v.clone() for k, v in self.state_dict().items() if k.startswith(("encoder", "queries",
+                                                                                          "slot_attention"))})
+    monkeypatch.setattr(train_ocl.OCL, "__init__", recording)
+    for vae, out in ((tiny_vaes[256], "a"), (vq, "b")):
+        args = ocl_args(tiny_root, tiny_vaes, tmp_path / out, "transformer", "--steps", "1")
+        args.vae_ckpt = str(vae)
+        train_ocl.train(args)
+    assert seen[0].keys() == seen[1].keys() and all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
