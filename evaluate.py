@@ -525,6 +525,7 @@ def evaluate_ocl(ckpt, args, device):
     the dataset stores object areas, and --viz figures (Fig. 2; diffusion: reconstructions through the sampler)."""
     import train_ocl  # the one import of a training script: the OCL model is defined there
     model, ckpt = train_ocl.load_ocl(ckpt, device)
+    # EXERCISE: test-iters (EXERCISES.md 7): model.slot_attention.iters = 5 (trained with 3) before scoring
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
     dataset = _first(dataset, args.limit)
@@ -577,7 +578,7 @@ def _figure_dir(args):
     return out_dir
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = data.ArgumentParser(description="Evaluate an OCL checkpoint (ARI, ARIfg, mIoU, mBO) or a VAE checkpoint "
                                             "(separability).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="runs/ocl_shapes_transformer_msf/best.pt",
@@ -602,8 +603,12 @@ def main(argv=None):
                    help="k of the separability k-means (0: the dataset's slots)")
     p.add_argument("--seed", type=data.number(int, 0), default=0, help="seed of k-means and of any sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None):
+    """The command line: score a checkpoint of either stage; errors a user can fix are one-line messages."""
+    args = parse_args(argv)
     device = train_common.pick_device(args.device)
     if args.viz and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         sys.exit(f"--out {args.out} is a file; --viz writes its figures into a folder: give a folder")

@@ -35,6 +35,7 @@ def image_pyramid(image, num_scales=3):
     """
     levels = [image]
     for _ in range(num_scales - 1):
+        # EXERCISE: scales (EXERCISES.md 3): `--scales 4` adds a level here; what does the 4th scale see at 64 px?
         levels.append(F.interpolate(levels[-1], scale_factor=0.5, mode="bilinear", align_corners=False))
     return levels
 
@@ -47,6 +48,7 @@ def resample(z, src, dst):
     Z[i / 2^(src-dst), j / 2^(src-dst)], i.e. nearest up-sampling. z (b, c, h_src, w_src) -> (b, c, h_dst, w_dst).
     """
     if src < dst:
+        # EXERCISE: vote-pool (EXERCISES.md 2): F.max_pool2d instead of the mean "voting" of the paper
         return F.avg_pool2d(z, 2 ** (dst - src))
     if src > dst:
         return F.interpolate(z, scale_factor=2 ** (src - dst), mode="nearest")
@@ -92,6 +94,7 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
         conf = conf.unflatten(0, (len(sources), b))  # (N', b, h, w): P of each candidate's chosen code
         cand_idx = flat_idx.unflatten(0, (len(sources), b))  # (N', b, h, w): each candidate's code
         # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel
+        # EXERCISE: soft-scales (EXERCISES.md 1): weight the candidates by softmax(conf / T) instead of the argmax
         win = conf.argmax(dim=0)  # (b, h, w) index into `sources`
         idx_si = cand_idx.gather(0, win[None])[0]  # (b, h, w)
         z_si = cands.gather(0, win[None, :, None].expand(1, b, c, h, w))[0]  # (b, c, h, w) the winner's continuous vector
@@ -177,6 +180,7 @@ class MSFVAE(nn.Module):
     def projection(self):
         """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal), or free as checkpoints before
         format 3 trained it (pin_w=False)."""
+        # EXERCISE: no-projection (EXERCISES.md 4): return a fixed W (e.g. [I; I] / sqrt(2)) and see what W learns
         if self.weight is None or not self.pin_w:
             return self.weight
         return vae.orthonormal(self.weight)

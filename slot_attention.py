@@ -55,6 +55,7 @@ class CNNEncoder(nn.Module):
         self.convs = nn.Sequential(
             nn.Conv2d(3, ch, k, stride=r, padding=pad), nn.ReLU(),  # (b, ch, H/r, W/r)
             nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(),
+            # EXERCISE: encoder-relu (EXERCISES.md 8): add nn.ReLU() after this last convolution, as Locatello et al.
             nn.Conv2d(ch, ch, 3, padding=1),  # (b, ch, H/r, W/r); at r = 2 a cell sees 12 px across
         )
         self.pos = nn.Linear(4, ch)  # soft position embedding
@@ -123,6 +124,7 @@ class SlotAttention(nn.Module):
             attn = logits.softmax(dim=1)  # softmax over slots: competition for every input
             weights = (attn + self.eps) / (attn + self.eps).sum(dim=2, keepdim=True)  # weighted mean over inputs
             updates = weights @ v  # (b, s, d)
+            # EXERCISE: slot-update (EXERCISES.md 9): slots = prev + updates instead of the GRU
             slots = self.gru(updates.reshape(b * s, d), prev.reshape(b * s, d)).view(b, s, d)  # (b, s, d)
             slots = slots + self.mlp(self.norm_mlp(slots))  # (b, s, d)
         return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots

@@ -51,6 +51,7 @@ def train(args):
         model = msf.build_vae(**model_args).to(device)
         # GDR's stabilisers (A.3): annealed residual, Gumbel matching and code replacing; the paper's baseline
         # VQ-VAE has none of them (--stabilisers on gives them to it)
+        # EXERCISE: stabilisers (EXERCISES.md 10): --stabilisers off, then look at the codebook usage
         stabilise = args.stabilisers == "on" or (args.stabilisers == "auto" and args.vae != "vqvae")
         replacing = stabilise and args.replace_every > 0
         if not replacing:

@@ -5,18 +5,24 @@
 Run:  python benchmarks/compare_guidance.py                        # the main table: 3 seeds (hours on a 2-core CPU)
       python benchmarks/compare_guidance.py --cells ablations --seeds 0,1
       python benchmarks/compare_guidance.py --cells msf,vqvae --decoders transformer --seeds 0   # a few cells
+      python benchmarks/compare_guidance.py --cells all --device cuda --jobs 15   # on one GPU: 15 cells side by side
       python benchmarks/compare_guidance.py --table                # only rebuild the table from the cells on disk
       python benchmarks/compare_guidance.py --dataset clevrtex --data-root data --vae-steps 30000 --ocl-steps 50000
 
 Resumable and incremental: each finished (variant, decoder, seed) cell is one JSON file in --results (never
 recomputed; delete it to recompute); an interrupted training run is continued with --resume. Stopped and restarted
-any number of times, it ends in the same table. The runs themselves go to --work (not committed).
+any number of times, it ends in the same table. The runs themselves go to --work (not committed), each with its log
+beside it (<run>.log). A cell that fails is named with its log, the others go on, and the next invocation retries it.
+Each cell records where it ran (the GPU's name or the CPU, and how many cells ran side by side); the table says it
+per row, because a GPU (AMP, other kernels) gives other digits than a CPU for the same seed.
 
 Pairing: seed k of every variant uses --seed k in both stages, so all see the same data order, and the OCL model's
 encoder, queries and Slot Attention start from the same weights (train_ocl seeds again after loading the VAE).
 Budget: the quick start's (VAE 400 steps, OCL 3,200 steps at batch 16) unless --vae-steps / --ocl-steps say otherwise.
 """
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -24,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,34 +68,44 @@ METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 
 def cells(args):
-    """(variant, decoder, seed) of the cells asked for, seed-major: a partial run has every variant of seed 0 first."""
-    names = MAIN if args.cells == "main" else ABLATIONS if args.cells == "ablations" else \
-        MAIN + ABLATIONS if args.cells == "all" else args.cells.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    """(variant, decoder, seed) of the cells asked for, in the order they start: the main table before the ablations
+    (`--cells all`), each seed-major, so a partial run has every variant of seed 0 first."""
+    groups = {"main": [MAIN], "ablations": [ABLATIONS], "all": [MAIN, ABLATIONS]}.get(args.cells)
+    if groups is None:
+        groups = [args.cells.split(",")]
+    unknown = [n for names in groups for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     out = []
-    for seed in args.seeds:
-        for decoder in args.decoders:
-            for name in names:
-                if decoder == "diffusion" and name not in DIFFUSION and args.cells in ("main", "all"):
-                    continue  # the main table's diffusion rows are those of the paper
-                out.append((name, decoder, seed))
+    for names in groups:
+        for seed in args.seeds:
+            for decoder in args.decoders:
+                for name in names:
+                    if args.cells in ("main", "ablations", "all") and decoder == "diffusion" and name not in DIFFUSION:
+                        continue  # the diffusion rows are those of the paper (Tab. 1-2); ablations use SLATE (Tab. 5-6)
+                    out.append((name, decoder, seed))
     return out
 
 
-def run(cmd, log):
-    """A script of the project in its own process, its output appended to `log`; a failure stops everything."""
+class Failed(Exception):
+    """A run of a project script ended with an error; the cell is left for the next invocation."""
+
+
+def run(cmd, log, threads):
+    """A script of the project in its own process, its output appended to `log`; a failure raises `Failed`.
+    `threads`: torch's CPU threads (OMP_NUM_THREADS), fixed because the digits depend on it (README)."""
     with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
+        f.write(f"$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
         f.flush()
-        done = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
-        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+        raise Failed(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
 
 
-def train(script, out, flags, steps, log):
-    """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted."""
+def train(script, out, flags, steps, threads):
+    """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted. Its output
+    goes to `out`.log (one log per run, so that runs side by side do not interleave)."""
     import torch
     last = out / "last.pt"
     if last.exists():
@@ -96,28 +113,50 @@ def train(script, out, flags, steps, log):
             return 0.0
         flags = [*flags, "--resume"]
     start = time.time()
-    run([str(ROOT / script), *flags, "--out", str(out)], log)
+    run([str(ROOT / script), *flags, "--out", str(out)], out.with_suffix(".log"), threads)
     return time.time() - start
+
+
+_vae_locks, _locks_lock = {}, threading.Lock()
+
+
+def vae_lock(folder):
+    """One lock per VAE run: cells that share a VAE (msf, msf-g12, msf-g2) and run side by side (--jobs) wait for the
+    one that trains it instead of training it twice into the same folder."""
+    with _locks_lock:
+        return _vae_locks.setdefault(folder, threading.Lock())
+
+
+def where(device):
+    """What the runs of this invocation run on, for the cell's record and the table: the GPU's name or the CPU."""
+    import torch
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda"))
 
 
 def run_cell(args, name, decoder, seed):
     vae_flags, ocl_flags, _ = VARIANTS[name]
     code = 4 if decoder == "diffusion" else 256
-    common = ["--dataset", args.dataset, "--data-root", str(args.data_root), "--seed", str(seed)]
+    common = ["--dataset", args.dataset, "--data-root", str(args.data_root), "--seed", str(seed),
+              "--device", args.device, "--workers", str(args.workers)]
     vae_key = "_".join(vae_flags).replace("-", "") or "msf"
     vae_dir = args.work / f"vae_{vae_key}_c{code}_s{seed}"
     ocl_dir = args.work / f"ocl_{name}_{decoder}_s{seed}"
-    log = args.work / "log.txt"
-    vae_time = train("train_vae.py", vae_dir, [*common, *vae_flags, "--code-dim", str(code), "--steps",
-                                               str(args.vae_steps), "--log-every", "100"], args.vae_steps, log)
+    with vae_lock(vae_dir):
+        vae_time = train("train_vae.py", vae_dir, [*common, *vae_flags, "--code-dim", str(code), "--steps",
+                                                   str(args.vae_steps), "--log-every", "100"], args.vae_steps,
+                         args.threads)
     ocl_time = train("train_ocl.py", ocl_dir, [*common, *ocl_flags, "--decoder", decoder, "--vae-ckpt",
                                                str(vae_dir / "best.pt"), "--steps", str(args.ocl_steps),
-                                               "--log-every", "200"], args.ocl_steps, log)
+                                               "--log-every", "200"], args.ocl_steps, args.threads)
     scores = {}
-    for kind, ckpt in (("vae", vae_dir / "best.pt"), ("ocl", ocl_dir / "best.pt")):
+    for kind, ckpt, lock in (("vae", vae_dir / "best.pt", vae_lock(vae_dir)), ("ocl", ocl_dir / "best.pt", None)):
         target = args.work / f"{ckpt.parent.name}_val.json"
-        if not target.exists():
-            run([str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--json", str(target)], log)
+        with lock or contextlib.nullcontext():
+            if not target.exists():
+                run([str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--device", args.device, "--json", str(target)],
+                    ckpt.parent.with_suffix(".log"), args.threads)
         scores[kind] = json.loads(target.read_text())
     import torch
     ckpt = torch.load(ocl_dir / "best.pt", map_location="cpu", weights_only=True)
@@ -127,11 +166,19 @@ def run_cell(args, name, decoder, seed):
             "counts": {k: v["count"] for k, v in scores["ocl"]["metrics"].items()},
             "vae": {"reconstruction_mse": scores["vae"]["reconstruction_mse"],
                     "codebook_usage": scores["vae"]["codebook_usage"], "separability": scores["vae"]["separability"]},
-            "minutes": {"vae": round(vae_time / 60, 2), "ocl": round(ocl_time / 60, 2)},
+            "minutes": {"vae": round(vae_time / 60, 2), "ocl": round(ocl_time / 60, 2)}, "threads": args.threads,
+            "jobs": args.jobs, "ran_on": args.ran_on,
             "machine": f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cpus | "
                        f"torch {torch.__version__}",
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip()}
+
+
+def write_atomic(path, text):
+    """Write a file whole or not at all (a cell copied or committed mid-write must never be half a JSON)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -166,8 +213,8 @@ def table(results):
     for c in found:
         rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
     lines = [f"| decoder | guidance | seeds | ARI | ARIfg | mIoU | mBO | ARIfg - {BASELINE} (paired) | recon (sum) | "
-             "perplexity / used | inter / intra (Tab. 4) | mIoU S / M / L | min / seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "perplexity / used | inter / intra (Tab. 4) | mIoU S / M / L | min / seed | ran on |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
                                                                          order.index(kv[0][1]))):
         seeds = sorted(by_seed)
@@ -186,11 +233,20 @@ def table(results):
                      f"{mean_std(get('miou'))} | {mean_std(get('mbo'))} | {diff} | {statistics.mean(recon):.4f} | "
                      f"{statistics.mean(perp):.1f} / {min(used):.2f} | "
                      f"{statistics.mean(a for a, _ in sep):.3f} / {statistics.mean(b for _, b in sep):.3f} | "
-                     f"{sizes} | {minutes:.1f} |")
+                     f"{sizes} | {minutes:.1f} | {', '.join(sorted({short(by_seed[s]) for s in seeds}))} |")
     first = found[0]
+    machines = sorted({f"{short(c)}: {c.get('ran_on', 'CPU')} on {c['machine']}, {c.get('jobs', 1)} cell(s) side by "
+                       f"side, {c.get('threads', 1)} torch thread(s) per run, commit {c['commit']}" for c in found})
     return ("\n".join(lines) + "\n\n"
             f"Budget: VAE {first['vae_steps']} steps, OCL {first['ocl_steps']} steps; best.pt chosen on `select`, scored "
-            f"on all of `val`; x100, mean +- std over seeds. Machine: {first['machine']}.\n")
+            f"on all of `val`; x100, mean +- std over seeds; minutes are wall time with the cells side by side as "
+            f"stated. Where the cells ran:\n" + "".join(f"- {m}\n" for m in machines))
+
+
+def short(cell):
+    """The table's 'ran on' column: CPU, or the GPU's name without the vendor."""
+    ran_on = cell.get("ran_on", "CPU")
+    return "CPU" if ran_on.startswith("CPU") else ran_on.replace("NVIDIA ", "")
 
 
 def main(argv=None):
@@ -204,6 +260,15 @@ def main(argv=None):
     p.add_argument("--ocl-steps", type=int, default=3200)
     p.add_argument("--results", type=Path, default=None, help="cells and table (default results/compare_<dataset>)")
     p.add_argument("--work", type=Path, default=None, help="training runs (default runs/compare_<dataset>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda: where every run of this invocation runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run side by side (one process each). A GPU is mostly idle under one small CPU-size "
+                        "run, so there 8-14 fill it; on a CPU keep jobs x threads <= cores")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (1: two cells may run side by side on 2 cores, and the digits of "
+                        "a cell do not depend on how busy the machine was)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers per run (shapes at 64 px decodes >20,000 samples/s in the main process)")
     p.add_argument("--table", action="store_true", help="only write the table from the cells on disk")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -212,19 +277,31 @@ def main(argv=None):
     args.work = args.work or ROOT / "runs" / f"compare_{args.dataset}"
     args.results.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    failed = []
     if not args.table:
-        for name, decoder, seed in cells(args):
-            path = args.results / f"{name}__{decoder}__s{seed}.json"
-            if path.exists():
-                continue
-            print(f"cell {name} / {decoder} / seed {seed} ...", flush=True)
-            cell = run_cell(args, name, decoder, seed)
-            path.write_text(json.dumps(cell, indent=1))
-            print(f"  ARIfg {100 * cell['metrics']['ari_fg']:.2f} -> {path}", flush=True)
-            (args.results / "table.md").write_text(table(args.results))
+        todo = [c for c in cells(args) if not (args.results / f"{c[0]}__{c[1]}__s{c[2]}.json").exists()]
+        args.ran_on = where(args.device)
+        print(f"{len(todo)} cells to run on {args.ran_on}, {args.jobs} at a time", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            running = {pool.submit(run_cell, args, *c): c for c in todo}  # started in this order
+            for done in concurrent.futures.as_completed(running):
+                name, decoder, seed = running[done]
+                try:
+                    cell = done.result()
+                except Failed as e:  # the other cells go on; this one is left for the next invocation
+                    print(f"cell {name} / {decoder} / seed {seed}: {e}", flush=True)
+                    failed.append(running[done])
+                    continue
+                path = args.results / f"{name}__{decoder}__s{seed}.json"
+                write_atomic(path, json.dumps(cell, indent=1))
+                write_atomic(args.results / "table.md", table(args.results))
+                print(f"cell {name} / {decoder} / seed {seed}: ARIfg {100 * cell['metrics']['ari_fg']:.2f} -> {path}",
+                      flush=True)
     text = table(args.results)
-    (args.results / "table.md").write_text(text)
+    write_atomic(args.results / "table.md", text)
     print(text)
+    if failed:
+        sys.exit(f"{len(failed)} cell(s) failed (their logs are named above); run the same command again to retry them")
 
 
 if __name__ == "__main__":
