@@ -212,7 +212,7 @@ def table(results):
     rows, order = {}, [n for n in VARIANTS]
     for c in found:
         rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
-    lines = [f"| decoder | guidance | seeds | ARI | ARIfg | mIoU | mBO | ARIfg - {BASELINE} (paired) | recon (sum) | "
+    lines = [f"| decoder | guidance | seeds | ARI | ARIfg | mIoU | mBO | ARIfg - {BASELINE} (paired) | recon MSE (scale 1) | "
              "perplexity / used | inter / intra (Tab. 4) | mIoU S / M / L | min / seed | ran on |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
@@ -222,7 +222,7 @@ def table(results):
         base = rows.get((decoder, BASELINE), {})  # the same decoder and seeds on the baseline's guidance
         paired = [100 * (by_seed[s]["metrics"]["ari_fg"] - base[s]["metrics"]["ari_fg"]) for s in seeds if s in base]
         diff = "-" if name == BASELINE or not paired else mean_std(paired) + f" ({len(paired)})"
-        recon = [sum(by_seed[s]["vae"]["reconstruction_mse"].values()) for s in seeds]
+        recon = [by_seed[s]["vae"]["reconstruction_mse"]["recon1"] for s in seeds]  # scale 1: the same image for all
         perp, used = zip(*(usage(by_seed[s]["vae"]) for s in seeds))
         sep = [(by_seed[s]["vae"]["separability"]["inter_cluster"], by_seed[s]["vae"]["separability"]["intra_cluster"])
                for s in seeds]
