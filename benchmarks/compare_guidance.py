@@ -212,16 +212,14 @@ def table(results):
     rows, order = {}, [n for n in VARIANTS]
     for c in found:
         rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
-    lines = [f"| decoder | guidance | seeds | ARI | ARIfg | mIoU | mBO | ARIfg - {BASELINE} (paired) | recon MSE (scale 1) | "
+    lines = [f"| decoder | guidance | seeds | ARI | ARIfg | mIoU | mBO | ARIfg - {BASELINE} (paired) | ARIfg - msf | recon MSE (scale 1) | "
              "perplexity / used | inter / intra (Tab. 4) | mIoU S / M / L | min / seed | ran on |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
                                                                          order.index(kv[0][1]))):
         seeds = sorted(by_seed)
         get = lambda k: [100 * by_seed[s]["metrics"][k] for s in seeds]  # noqa: E731
-        base = rows.get((decoder, BASELINE), {})  # the same decoder and seeds on the baseline's guidance
-        paired = [100 * (by_seed[s]["metrics"]["ari_fg"] - base[s]["metrics"]["ari_fg"]) for s in seeds if s in base]
-        diff = "-" if name == BASELINE or not paired else mean_std(paired) + f" ({len(paired)})"
+        diff, diff_msf = (paired_difference(rows, decoder, name, by_seed, against) for against in (BASELINE, "msf"))
         recon = [by_seed[s]["vae"]["reconstruction_mse"]["recon1"] for s in seeds]  # scale 1: the same image for all
         perp, used = zip(*(usage(by_seed[s]["vae"]) for s in seeds))
         sep = [(by_seed[s]["vae"]["separability"]["inter_cluster"], by_seed[s]["vae"]["separability"]["intra_cluster"])
@@ -230,7 +228,7 @@ def table(results):
                            for k in ("small", "medium", "large"))
         minutes = statistics.mean(by_seed[s]["minutes"]["vae"] + by_seed[s]["minutes"]["ocl"] for s in seeds)
         lines.append(f"| {decoder} | {name} | {len(seeds)} | {mean_std(get('ari'))} | {mean_std(get('ari_fg'))} | "
-                     f"{mean_std(get('miou'))} | {mean_std(get('mbo'))} | {diff} | {statistics.mean(recon):.4f} | "
+                     f"{mean_std(get('miou'))} | {mean_std(get('mbo'))} | {diff} | {diff_msf} | {statistics.mean(recon):.4f} | "
                      f"{statistics.mean(perp):.1f} / {min(used):.2f} | "
                      f"{statistics.mean(a for a, _ in sep):.3f} / {statistics.mean(b for _, b in sep):.3f} | "
                      f"{sizes} | {minutes:.1f} | {', '.join(sorted({short(by_seed[s]) for s in seeds}))} |")
@@ -241,6 +239,14 @@ def table(results):
             f"Budget: VAE {first['vae_steps']} steps, OCL {first['ocl_steps']} steps; best.pt chosen on `select`, scored "
             f"on all of `val`; x100, mean +- std over seeds; minutes are wall time with the cells side by side as "
             f"stated. Where the cells ran:\n" + "".join(f"- {m}\n" for m in machines))
+
+
+def paired_difference(rows, decoder, name, by_seed, against):
+    """ARIfg of this row minus that of row `against` (same decoder), seed by seed over the seeds both have (x100):
+    mean +- std (number of pairs). Pairing removes what the seed does to both (data order, initial queries)."""
+    base = rows.get((decoder, against), {})
+    paired = [100 * (by_seed[s]["metrics"]["ari_fg"] - base[s]["metrics"]["ari_fg"]) for s in by_seed if s in base]
+    return "-" if name == against or not paired else mean_std(paired) + f" ({len(paired)})"
 
 
 def short(cell):

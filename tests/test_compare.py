@@ -1,0 +1,83 @@
+"""benchmarks/compare_guidance.py: the table's paired differences against hand-computed values, and the resumable,
+incremental driver (a finished cell is never recomputed, a failed one is named and retried next time)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_guidance as cg  # noqa: E402
+
+
+def fake_cell(variant, seed, ari_fg, ran_on="CPU (x86_64, 2 cores)"):
+    vae = {"reconstruction_mse": {"recon1": 0.02, "recon2": 0.03}, "separability": {"inter_cluster": 0.5,
+                                                                                     "intra_cluster": 0.1},
+           "codebook_usage": {"perplexity1_0": 40.0, "used1_0": 0.9, "perplexity1_1": 60.0, "used1_1": 0.8}}
+    metrics = {"ari": 0.5, "ari_fg": ari_fg, "miou": 0.4, "mbo": 0.45, "miou_small": 0.1, "miou_medium": 0.3,
+               "miou_large": 0.5}
+    return {"variant": variant, "decoder": "transformer", "seed": seed, "vae_steps": 400, "ocl_steps": 3200,
+            "metrics": metrics, "vae": vae, "minutes": {"vae": 1.0, "ocl": 2.0}, "threads": 1, "jobs": 1,
+            "ran_on": ran_on, "machine": "m", "commit": "abc"}
+
+
+def write(folder, cell):
+    path = folder / f"{cell['variant']}__{cell['decoder']}__s{cell['seed']}.json"
+    path.write_text(json.dumps(cell))
+
+
+def row(text, variant):
+    line = next(line for line in text.splitlines() if line.startswith(f"| transformer | {variant} |"))
+    return [c.strip() for c in line.strip("|").split("|")]  # decoder, guidance, seeds, ARI, ARIfg, ...
+
+
+def test_table_pairs_seed_by_seed(tmp_path):
+    # baseline 0.50 / 0.60 / 0.40, msf 0.55 / 0.62 / 0.47 -> differences 5, 2, 7 points: mean 4.67, std 2.52
+    for seed, (base, ours) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
+        write(tmp_path, fake_cell("vqvae+stab", seed, base))
+        write(tmp_path, fake_cell("msf", seed, ours, ran_on="NVIDIA H200"))
+    write(tmp_path, fake_cell("msf-N2", 1, 0.52))  # one seed: paired with seed 1 only (0.52 - 0.60, 0.52 - 0.62)
+    text = cg.table(tmp_path)
+    msf, base, n2 = row(text, "msf"), row(text, "vqvae+stab"), row(text, "msf-N2")
+    assert msf[2] == "3" and msf[4] == "54.67 +- 7.51" and msf[7] == "4.67 +- 2.52 (3)" and msf[8] == "-"
+    assert base[7] == "-" and base[8] == "-4.67 +- 2.52 (3)"
+    assert n2[7] == "-8.00 (1)" and n2[8] == "-10.00 (1)"
+    assert msf[9] == "0.0200" and msf[10] == "50.0 / 0.80"  # scale-1 MSE; mean perplexity / smallest share used
+    assert msf[-1] == "H200" and base[-1] == "CPU"
+
+
+def test_finished_cells_are_never_recomputed_and_failures_are_retried(tmp_path, monkeypatch):
+    results, work = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    write(results, fake_cell("msf", 0, 0.6))  # finished earlier
+    calls = []
+
+    def run_cell(args, name, decoder, seed):
+        calls.append((name, seed))
+        if name == "gdr" and len(calls) == 1:  # fails the first time only
+            raise cg.Failed(f"failed (1): train_ocl.py ...; see {work}/x.log")
+        return {**fake_cell(name, seed, 0.5), "decoder": decoder}
+
+    monkeypatch.setattr(cg, "run_cell", run_cell)
+    monkeypatch.setattr(cg, "where", lambda device: "CPU")
+    argv = ["--cells", "msf,gdr", "--decoders", "transformer", "--seeds", "0", "--results", str(results), "--work",
+            str(work), "--jobs", "2"]
+    with pytest.raises(SystemExit, match="1 cell\\(s\\) failed"):
+        cg.main(argv)
+    assert calls == [("gdr", 0)] and not (results / "gdr__transformer__s0.json").exists()
+    cg.main(argv)  # the next invocation retries the failed cell only
+    assert calls == [("gdr", 0), ("gdr", 0)] and (results / "gdr__transformer__s0.json").exists()
+    assert json.loads((results / "msf__transformer__s0.json").read_text())["metrics"]["ari_fg"] == 0.6
+    assert "| transformer | gdr | 1 |" in (results / "table.md").read_text()
+    cg.main(argv)  # nothing left to do
+    assert len(calls) == 2
+
+
+def test_main_table_before_ablations_and_diffusion_only_on_the_papers_rows():
+    args = cg.argparse.Namespace(cells="all", seeds=[0, 1], decoders=["transformer", "diffusion"])
+    order = cg.cells(args)
+    first_ablation = next(i for i, c in enumerate(order) if c[0] in cg.ABLATIONS)
+    assert all(c[0] in cg.MAIN for c in order[:first_ablation])
+    assert all(c[0] in cg.ABLATIONS for c in order[first_ablation:])
+    assert {c[0] for c in order if c[1] == "diffusion"} == set(cg.DIFFUSION)
+    assert len(order) == 2 * (len(cg.MAIN) + len(cg.DIFFUSION)) + 2 * len(cg.ABLATIONS)
