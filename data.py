@@ -50,13 +50,13 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 # Dataset presets: defaults that explicit flags override (paper A.4-A.5 for the real datasets).
 # vae_* feed train_vae.py, ocl_* feed train_ocl.py.
 PAPER = dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,  # A.4-A.5
-             ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4)
+             ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4, encoder="dino")  # A.3: DINO big-little
 VIDEO = dict(PAPER, video=True, vae_batch=16, ocl_batch=8)  # MOVi: 16 clips per VAE step, 8 per OCL step (A.5)
 PRESETS = {
     # resolution, slots (objects + background), video?, VAE steps / batch / validation period, OCL steps / batch /
-    # validation period / learning rate; `shapes` is sized for a 2-core CPU
+    # validation period / learning rate, primary encoder; `shapes` is sized for a 2-core CPU
     "shapes": dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, vae_val=100,
-                   ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3),
+                   ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3, encoder="cnn"),
     "clevrtex": PAPER, "coco": PAPER, "voc": PAPER,
     "movi_c": VIDEO, "movi_d": dict(VIDEO, num_slots=21), "movi_e": dict(VIDEO, num_slots=21),
     "openimages": PAPER,

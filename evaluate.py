@@ -524,7 +524,7 @@ def evaluate_ocl(ckpt, args, device):
     """An OCL checkpoint on a split: the metrics table (x100, two decimals, as in the paper), the size split where
     the dataset stores object areas, and --viz figures (Fig. 2; diffusion: reconstructions through the sampler)."""
     import train_ocl  # the one import of a training script: the OCL model is defined there
-    model, ckpt = train_ocl.load_ocl(ckpt, device)
+    model, ckpt = train_ocl.load_ocl(ckpt, device, args.dino_weights)
     # EXERCISE: test-iters (EXERCISES.md 7): model.slot_attention.iters = 5 (trained with 3) before scoring
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
@@ -532,7 +532,9 @@ def evaluate_ocl(ckpt, args, device):
     values, _ = validate_ocl(model, dataset, device, args.batch_size, size_split=not args.semantic,
                              protocol=args.protocol, name=a["dataset"], thresholds=size_thresholds(dataset))
     stats = summary(values)
-    print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE, step {ckpt['step']}, "
+    encoder = {"cnn": "", "dino": ", DINO big-little encoder"}[ckpt["model_args"].get("encoder", "cnn")]
+    encoder += " (RANDOM DINO weights: a smoke run)" if a.get("dino_weights") == "random" else ""
+    print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE{encoder}, step {ckpt['step']}, "
           f"{a['dataset']}/{args.split}" + (", the authors' metric protocol" if args.protocol == "authors" else ""))
     columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
     if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (size_thresholds)
@@ -603,6 +605,9 @@ def parse_args(argv=None):
                    help="k of the separability k-means (0: the dataset's slots)")
     p.add_argument("--seed", type=data.number(int, 0), default=0, help="seed of k-means and of any sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--dino-weights", default=None,
+                   help="big-little OCL checkpoints: DINO's weights file (default: where the run took them); "
+                        "weights other than the run's are refused")
     return p.parse_args(argv)
 
 
@@ -620,7 +625,7 @@ def main(argv=None):
     try:
         ckpt = train_common.load_checkpoint(args.ckpt)
         result = (evaluate_vae if ckpt["kind"] == "vae" else evaluate_ocl)(ckpt, args, device)
-    except (ValueError, data.DatasetMissing) as e:
+    except (ValueError, FileNotFoundError, data.DatasetMissing) as e:  # DatasetMissing is a FileNotFoundError
         sys.exit(str(e))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -9,7 +9,8 @@ primary encoder", which is our default.
 Notation (paper -> code): F `features` (b, n, d_in) with n = h*w; S0 `queries` (b, s, d); S `slots` (b, s, d);
 M `masks` (b, s, h, w) = the attention of the last iteration. Letters: b batch, s slots, n inputs, d channels.
 
-Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, SlotAttention.
+Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, SlotAttention (+ attend), SysBinder;
+then DinoViT.
 
 Differences: the naive CNN of Kipf et al. runs four 5x5 convolutions at full resolution (the authors' CNN branch
 gives 128x128 features at 128 px: `stride=1`, the `--size paper` default). A 2-core CPU cannot afford that, so the
@@ -17,10 +18,16 @@ CPU size reads overlapping 4x4 windows 2 px apart (`stride=2`: masks at H/2); `s
 (masks at H/4). What each costs and scores on the built-in dataset is in the README ("How the CPU quick start was
 tuned"). `bilevel=True` (train_ocl.py --bilevel) adds the truncated-gradient trick of BO-QSA that the authors'
 code uses: the last iteration starts from detached slots, with a straight-through path to the queries. It is off
-by default, as in Locatello et al. The DINO big-little encoder of A.3 (frozen DINO + naive CNN, summed) belongs
-next to CNNEncoder; the line of train_ocl.OCL that builds the encoder is where it will be chosen.
+by default, as in Locatello et al.
+
+The paper's primary encoder (A.3, every main table) is "big-little": a frozen DINO ViT-S/8 (`DinoViT`, built by
+`dino_vit_s8`) runs beside the naive CNN, and its map is projected (3x3 conv), up-sampled to the CNN's grid and added
+to the CNN's output: dino() -> conv(k3 s1 p1) -> upsample + naivecnn(). `CNNEncoder(..., dino=...)` is that encoder;
+without `dino` it is the naive CNN alone, the paper's ablation encoder (Tab. 5) and the default on `shapes`.
 """
+import hashlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -46,7 +53,7 @@ class CNNEncoder(nn.Module):
     nonlinearity (every number in the README was measured this way; a ReLU there is a one-line exercise).
     """
 
-    def __init__(self, out_dim, channels=64, stride=4):
+    def __init__(self, out_dim, channels=64, stride=4, dino=None):
         super().__init__()
         first = {1: (3, 1), 2: (4, 1), 4: (4, 0)}  # stride -> (kernel, padding) of the first convolution
         if stride not in first:
@@ -61,13 +68,45 @@ class CNNEncoder(nn.Module):
         self.pos = nn.Linear(4, ch)  # soft position embedding
         self.norm = nn.LayerNorm(ch)
         self.mlp = nn.Sequential(nn.Linear(ch, ch), nn.ReLU(), nn.Linear(ch, out_dim))
+        # big-little (A.3): a frozen DINO beside the CNN; only its 3x3 projection learns
+        self.dino = None if dino is None else dino.eval().requires_grad_(False)
+        self.dino_proj = None if dino is None else nn.Conv2d(dino.dim, ch, 3, padding=1)
+        if dino is not None:  # checkpoints name DINO's weights (sha256) instead of holding 87 MB of them again
+            self.register_state_dict_post_hook(_leave_out_dino)
+            self.register_load_state_dict_post_hook(_dino_is_not_missing)
 
-    def forward(self, image):
+    def train(self, mode=True):
+        """nn.Module.train, except for DINO: frozen, it stays in eval mode whatever the rest does."""
+        super().train(mode)
+        if self.dino is not None:
+            self.dino.eval()
+        return self
+
+    def forward(self, image, dino_features=None):
+        """image (b, 3, H, W) -> features (b, n, d), grid (h, w). dino_features: DINO's map of these images
+        (b, 384, H/8, W/8) if already known (the feature cache); computed here otherwise."""
         f = self.convs(image)  # (b, ch, h, w)
+        if self.dino is not None:  # dino() -> conv(k3 s1 p1) -> upsample (x 8/r, nearest) + naivecnn()
+            if dino_features is None:  # fp16 in both paths: the feature cache stores exactly this
+                with torch.no_grad():
+                    dino_features = self.dino(image).half()  # (b, 384, H/8, W/8), frozen
+            up = F.interpolate(self.dino_proj(dino_features.to(f.dtype)), size=f.shape[-2:], mode="nearest")
+            f = f + up  # (b, ch, h, w)
         b, ch, h, w = f.shape
         f = f.permute(0, 2, 3, 1) + self.pos(position_grid(h, w, f.device))  # (b, h, w, ch)
         f = self.mlp(self.norm(f.reshape(b, h * w, ch)))  # (b, n, d)
         return f, (h, w)
+
+
+def _leave_out_dino(module, state, prefix, local_metadata):
+    """state_dict hook of a big-little CNNEncoder: drop the frozen DINO's weights (they come from their own file)."""
+    for key in [k for k in state if k.startswith(prefix + "dino.")]:
+        del state[key]
+
+
+def _dino_is_not_missing(module, incompatible):
+    """load_state_dict hook of a big-little CNNEncoder: a state dict without DINO's weights is complete."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if "dino" not in k.split(".")]
 
 
 class GaussianQueries(nn.Module):
@@ -119,12 +158,194 @@ class SlotAttention(nn.Module):
                 # BO-QSA: no gradient through the earlier iterations, a straight-through one to the queries
                 slots = slots.detach() + queries - queries.detach()
             prev = slots
-            q = self.to_q(self.norm_slots(slots))  # (b, s, d)
-            logits = q @ k.transpose(1, 2) / math.sqrt(d)  # (b, s, n)
-            attn = logits.softmax(dim=1)  # softmax over slots: competition for every input
-            weights = (attn + self.eps) / (attn + self.eps).sum(dim=2, keepdim=True)  # weighted mean over inputs
-            updates = weights @ v  # (b, s, d)
+            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps)  # (b, s, d), (b, s, n)
             # EXERCISE: slot-update (EXERCISES.md 9): slots = prev + updates instead of the GRU
             slots = self.gru(updates.reshape(b * s, d), prev.reshape(b * s, d)).view(b, s, d)  # (b, s, d)
             slots = slots + self.mlp(self.norm_mlp(slots))  # (b, s, d)
         return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
+
+
+def attend(q, k, v, eps=1e-8):
+    """One Slot Attention read-out: logits between slot queries q (b, s, d) and input keys k (b, n, d), softmax
+    over SLOTS (slots compete for each input), then each slot's update is the attention-weighted MEAN of the values
+    v (b, n, d). Returns updates (b, s, d) and the attention (b, s, n), which sums to 1 over slots."""
+    attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(dim=1)  # (b, s, n)
+    weights = (attn + eps) / (attn + eps).sum(dim=2, keepdim=True)  # weighted mean over inputs
+    return weights @ v, attn  # (b, s, d), (b, s, n)
+
+
+class SysBinder(nn.Module):
+    """Block-slot attention (SysBinder, Singh et al. 2022b), the paper's first competitor (Tab. 1-2, A.3: "group
+    number two" = 2 blocks per slot): (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d), masks (b, s, n).
+
+    A slot is M blocks of d/M channels. Each iteration reads the inputs as Slot Attention does (`attend`), then
+    1. block-wise update: block m of the update goes through block m's own GRU and residual MLP;
+    2. block coupling: the M blocks of a slot exchange information through one transformer layer over the M blocks
+       (learned block positions say which block is which);
+    3. block binding: every block becomes an attention-weighted mixture of its own K learned prototypes (the
+       prototypes pass through a small MLP first), which pushes each block towards one factor of the object.
+    Masks are the attention of the last iteration, as Slot Attention's. Same interface as SlotAttention.
+    """
+
+    def __init__(self, dim, input_dim, iters=3, blocks=2, prototypes=64, eps=1e-8):
+        super().__init__()
+        if dim % blocks:
+            raise ValueError(f"SysBinder: {blocks} blocks do not divide the slot width {dim}")
+        self.dim, self.iters, self.blocks, self.eps = dim, iters, blocks, eps
+        db = dim // blocks  # channels per block
+        self.norm_inputs, self.norm_slots = nn.LayerNorm(input_dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(input_dim, dim, bias=False)
+        self.to_v = nn.Linear(input_dim, dim, bias=False)
+        self.grus = nn.ModuleList(nn.GRUCell(db, db) for _ in range(blocks))  # 1. one GRU and one MLP per block
+        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(db), nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
+                                  for _ in range(blocks))
+        self.block_pos = nn.Parameter(torch.zeros(1, blocks, db))  # 2. coupling: a transformer layer over blocks
+        self.coupling = nn.TransformerEncoderLayer(db, nhead=1, dim_feedforward=4 * db, dropout=0.0,
+                                                   batch_first=True, norm_first=True)
+        self.prototypes = nn.Parameter(torch.empty(blocks, prototypes, db))  # 3. binding: K prototypes per block
+        nn.init.trunc_normal_(self.prototypes)
+        self.prototype_mlp = nn.Sequential(nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
+        self.norm_bind = nn.LayerNorm(db)
+
+    def forward(self, queries, inputs):
+        b, s, d = queries.shape
+        m, db = self.blocks, d // self.blocks
+        inputs = self.norm_inputs(inputs)  # (b, n, d_in)
+        k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each
+        slots = queries
+        for _ in range(self.iters):
+            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps)  # (b, s, d), (b, s, n)
+            u = updates.reshape(b * s, m, db)  # the update's blocks
+            prev = slots.reshape(b * s, m, db)  # the slot's blocks
+            new = []
+            for j in range(m):  # 1. block j: its own GRU and residual MLP
+                block = self.grus[j](u[:, j], prev[:, j])  # (b*s, db)
+                new.append(block + self.mlps[j](block))
+            blocks = torch.stack(new, dim=1)  # (b*s, m, db)
+            blocks = self.coupling(blocks + self.block_pos)  # 2. the blocks of a slot attend to each other
+            memory = self.prototypes + self.prototype_mlp(self.prototypes)  # 3. (m, K, db)
+            logits = torch.einsum("xmc,mkc->xmk", self.norm_bind(blocks), memory) / math.sqrt(db)  # (b*s, m, K)
+            blocks = torch.einsum("xmk,mkc->xmc", logits.softmax(dim=-1), memory)  # mixtures of prototypes
+            slots = blocks.reshape(b, s, d)  # (b, s, d)
+        return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
+
+
+# -----------------------------------------------------------------------------
+# The paper's primary encoder (A.3): a frozen DINO ViT-S/8 beside the naive CNN ("big-little")
+
+DINO_FILE = "dino_deitsmall8_pretrain.pth"  # the official release of Caron et al. 2021 (backbone only, 21.7M)
+DINO_URL = f"https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/{DINO_FILE}"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO's input normalization
+
+
+class ViTBlock(nn.Module):
+    """One pre-norm transformer block of ViT (Dosovitskiy et al. 2021): x + MSA(LN(x)), then x + MLP(LN(x)) with
+    MLP = fc2(GELU(fc1(.))), 4x wide. The parameter names are those of DINO's release (norm1, attn.qkv, attn.proj,
+    norm2, mlp.fc1, mlp.fc2; ModuleDicts give the dotted names without a class per part)."""
+
+    def __init__(self, dim=384, heads=6):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))
+
+    def forward(self, x):
+        b, n, d = x.shape  # (b, 1 + patches, d)
+        qkv = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads)  # (b, n, 3, heads, d/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (b, heads, n, d/heads)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d/heads)) v: (b, heads, n, d/heads)
+        x = x + self.attn.proj(a.transpose(1, 2).reshape(b, n, d))  # heads concatenated, projected: (b, n, d)
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))  # (b, n, d)
+
+
+class DinoViT(nn.Module):
+    """DINO ViT-S/8: 8x8 patches embedded to 384 channels, a [CLS] token, learned position embeddings (for the 28x28
+    patches of a 224-px image), 12 blocks of 6 heads, a final LayerNorm. Built randomly; the official state dict
+    (DINO_FILE) loads into it as is (strict). Called on our images (b, 3, H, W) in [-1, 1], it applies DINO's
+    ImageNet normalization itself and returns the last block's patch tokens after the final LayerNorm as a map
+    (b, 384, H/8, W/8). Other grids than 28x28 get the position embeddings resized bicubically (128 px: 16x16)."""
+
+    def __init__(self, dim=384, depth=12, heads=6, patch=8, native=224):
+        super().__init__()
+        self.dim = dim
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, dim, patch, stride=patch)))  # (b, d, H/8, W/8)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (native // patch) ** 2, dim))  # [CLS] + 28 x 28
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # not in the state dict (persistent=False), so the official file loads strictly
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def position(self, h, w):
+        """Position embeddings for an h x w patch grid (1, 1 + h*w, d): the [CLS] one as is, the patch ones resized
+        bicubically from the native grid; at the native grid they are returned untouched (no resampling)."""
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, d), (1, 28*28, d)
+        side = math.isqrt(grid.shape[1])
+        if (h, w) != (side, side):
+            grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, d, 28, 28)
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # (1, d, h, w)
+            grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, d)
+        return torch.cat([cls, grid], dim=1)
+
+    def forward(self, image):
+        x = ((image + 1) / 2 - self.mean) / self.std  # [-1, 1] -> [0, 1] -> ImageNet-normalized, (b, 3, H, W)
+        x = self.patch_embed.proj(x)  # (b, d, h, w), h = H/8
+        b, d, h, w = x.shape
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)  # (b, 1 + h*w, d)
+        x = x + self.position(h, w)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)  # (b, 1 + h*w, d)
+        # the patch tokens as a map (b, 384, H/8, W/8), in contiguous memory: a strided view would send the
+        # big-little projection down another convolution kernel than cached maps (other float rounding)
+        return x[:, 1:].transpose(1, 2).reshape(b, d, h, w).contiguous()
+
+
+def weights_digest(model):
+    """sha256 of a model's weights themselves (names, shapes and values in state-dict order): the same for the same
+    weights whatever file they came from, so a checkpoint can name the DINO it was trained with."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dino_vit_s8(weights=None):
+    """DINO ViT-S/8, frozen (eval mode, no gradients), and where its weights came from: (model, source, sha256 of
+    the weights). weights: None = the official file through torch's hub cache (downloaded there on first use, never
+    at import), a path to that file, or "random" (fixed random weights: smoke runs only; logs and checkpoints say so).
+    Building it never touches the global random generators (seed k of a run starts the same whatever the encoder)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # "random" is the same random DINO every time, so evaluate.py can rebuild it
+        model = DinoViT()
+    if weights == "random":
+        return model.eval().requires_grad_(False), "random", weights_digest(model)
+    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / DINO_FILE
+    if weights is None and not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(DINO_URL, str(path), progress=True)
+        except Exception as e:  # offline, a proxy, a full disk: say what to do
+            raise FileNotFoundError(
+                f"the DINO ViT-S/8 weights {DINO_FILE} are not in {path.parent} and could not be downloaded from "
+                f"{DINO_URL} ({type(e).__name__}); put the file there or pass --dino-weights PATH "
+                f"(--dino-weights random: random weights, for smoke runs only)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"--dino-weights {path}: no such file (the official file is {DINO_FILE}: {DINO_URL})")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("teacher", state)  # a whole DINO training checkpoint: its teacher's backbone
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the DINO projection head is not used
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"--dino-weights {path} is not a DINO ViT-S/8 state dict ({lines[-1][:200]})") from None
+    return model.eval().requires_grad_(False), str(path), weights_digest(model)

@@ -26,9 +26,11 @@ keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.
 first.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import lmdb
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,7 +40,8 @@ import decoders
 import evaluate
 import msf
 import train_common
-from slot_attention import CNNEncoder, GaussianQueries, SlotAttention
+import slot_attention
+from slot_attention import CNNEncoder, GaussianQueries, SlotAttention, SysBinder
 
 # Model sizes: "paper" follows the authors' settings (official-spec sect. 4-5), "cpu" shrinks every width so that
 # the built-in dataset trains on a 2-core CPU, "class" is "cpu" on a 16x16 grid (encoder stride 4) for classroom runs
@@ -66,15 +69,31 @@ class OCL(nn.Module):
 
     def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), iters=3, bilevel=False,
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
-                 unet_base=128, unet_layers=2, mlp_hidden=2048):
+                 unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
+                 grouping="sa"):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
         self.decoder_kind, self.guide_scales = decoder, list(guide_scales)
         code_dim = vae.code_dim
-        # EXERCISE: encoder (a project, not in EXERCISES.md): the DINO big-little encoder of A.3 goes here
-        self.encoder = CNNEncoder(slot_dim, enc_channels, enc_stride)
+        # EXERCISE: encoder (a project, not in EXERCISES.md): another primary encoder goes here
+        # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
+        # `dino`: the frozen DinoViT (slot_attention.dino_vit_s8); `dino_sha256` names its weights in checkpoints,
+        # which do not hold them (CNNEncoder leaves them out of state_dict).
+        if encoder not in ("cnn", "dino") or (encoder == "dino") != (dino is not None):
+            raise ValueError(f"encoder '{encoder}' with{'out' if dino is None else ''} a DINO model: 'cnn' takes none, "
+                             f"'dino' takes slot_attention.dino_vit_s8()")
+        self.dino_sha256 = dino_sha256
+        self.encoder = CNNEncoder(slot_dim, enc_channels, enc_stride, dino=dino)
         self.queries = GaussianQueries(num_slots, slot_dim)
-        self.slot_attention = SlotAttention(slot_dim, slot_dim, iters, bilevel=bilevel)
+        # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3)
+        if grouping == "sysbinder":
+            if bilevel:
+                raise ValueError("--bilevel is Slot Attention's (BO-QSA); SysBinder has no such option")
+            self.slot_attention = SysBinder(slot_dim, slot_dim, iters, blocks=2)
+        elif grouping == "sa":
+            self.slot_attention = SlotAttention(slot_dim, slot_dim, iters, bilevel=bilevel)
+        else:
+            raise ValueError(f"unknown --slot-attention '{grouping}'; choose sa or sysbinder")
         token = resolution // 4  # the VAE's scale-1 token grid (4x down-sampling)
         self.token_grid = (token, token)
         # EXERCISE: decoder (EXERCISES.md 5): --decoder diffusion on the same kind of VAE (with --code-dim 4)
@@ -116,19 +135,21 @@ class OCL(nn.Module):
                 return self.guide(image)
             return indices, [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]
 
-    def encode(self, image, sigma=0.0):
+    def encode(self, image, sigma=0.0, dino_features=None):
         """phi_e and phi_sa (Sect. 3.1): image (b, 3, H, W) -> slots (b, s, d) and Slot Attention's masks
-        (b, s, h, w), from queries with noise sigma (0: the means, as at evaluation)."""
+        (b, s, h, w), from queries with noise sigma (0: the means, as at evaluation). dino_features: the frozen
+        DINO's map of these images if already known (the feature cache; big-little encoder only)."""
         b = image.shape[0]
-        features, grid = self.encoder(image)  # phi_e: (b, n, d), (h, w)
+        features, grid = self.encoder(image, dino_features)  # phi_e: (b, n, d), (h, w)
         slots, attn = self.slot_attention(self.queries(b, sigma), features)  # phi_sa: (b, s, d), (b, s, n)
         return slots, attn.view(b, -1, *grid)  # (b, s, d), (b, s, h, w)
 
-    def forward(self, image, sigma=0.0, indices=None):
+    def forward(self, image, sigma=0.0, indices=None, dino_features=None):
         """image (b, 3, H, W) -> dict(loss, masks (b, s, h, w), slots (b, s, d)). `indices`: the guidance indices
-        if already known (GuidanceCache); X is then rebuilt from them instead of running the VAE."""
+        if already known (GuidanceCache); X is then rebuilt from them instead of running the VAE. `dino_features`:
+        DINO's map of the images if already known (the feature cache)."""
         indices, xs = self.targets(image, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
-        slots, masks = self.encode(image, sigma)
+        slots, masks = self.encode(image, sigma, dino_features)
         if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
             loss = self.decoder.loss(self.decoder(xs, slots), indices)
         elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X
@@ -176,18 +197,125 @@ class GuidanceCache:
                 for s in range(len(model.guide_scales))]  # per guide scale (b, g, h, w)
 
 
-def load_ocl(path_or_ckpt, device="cpu"):
+class FeatureCache:
+    """--cache-features: the frozen DINO's map of every training image (big-little encoder), computed once into an
+    LMDB next to the dataset (data/<dataset>_features/dino_train, fp16; not inside the dataset's folder, where it
+    would pass for a split) and read back in later epochs and later runs. The frozen
+    backbone dominates a big-little step (benchmarks/encoder_speed.py), and training images are not augmented (A.4):
+    a sample's features never change. DINO's features are fp16 in both paths (CNNEncoder rounds them), so what is
+    read back is bit for bit what the encoder would compute in the same batch.
+
+    A header record names what the features depend on: DINO's weights (sha256), the resolution, the dataset's meta
+    record. A cache made with anything else is refused with a message, never used, never overwritten. One writer:
+    process 0 fills it (DataLoader workers and the other DDP processes only read, after it is complete). A fill cut
+    short is continued where it stopped. Memory stays bounded: records are written and read per batch."""
+
+    def __init__(self, dataset, dino_sha256, folder=None):
+        split = Path(dataset.path)  # data/<dataset>/<split>: the cache is data/<dataset>_features/dino_<split>, beside
+        self.folder = Path(folder or split.parent.with_name(f"{split.parent.name}_features") / f"dino_{split.name}")
+        self.header = {"dino_sha256": dino_sha256, "resolution": dataset.meta["resolution"],
+                       "dataset_meta": json.dumps(dataset.meta, sort_keys=True), "dtype": "float16"}
+        self.dataset, self.env = dataset, None
+
+    def open(self, model, device, batch_size, d):
+        """Check the header of an existing cache, fill what is missing (process 0), then open it for reading."""
+        if d.main:
+            self.fill(model, device, batch_size)
+        if d.world > 1:
+            torch.distributed.barrier()  # the others wait until process 0 has filled it
+        self.env = lmdb.open(str(self.folder), readonly=True, lock=False, readahead=False)
+        return self
+
+    def check(self, txn):
+        """The stored header against ours: None if there is none yet; a ValueError naming the difference if stale."""
+        raw = txn.get(b"header")
+        if raw is None:
+            return None
+        theirs = json.loads(raw)
+        diffs = [k for k in self.header if theirs.get(k) != self.header[k]]
+        if diffs:
+            raise ValueError(f"the DINO feature cache {self.folder} was made for another {' and '.join(diffs)} than "
+                             f"this run's; it is left as it is. Delete it to rebuild it (rm -r {self.folder}), or run "
+                             f"without --cache-features")
+        return theirs
+
+    @torch.no_grad()
+    def fill(self, model, device, batch_size):
+        dino = model.encoder.dino
+        h = w = self.header["resolution"] // 8
+        record = dino.dim * h * w * 2  # fp16 bytes of one image's map (384, H/8, W/8)
+        size = int(1.2 * len(self.dataset) * (record + 4096)) + (1 << 24)  # the records, LMDB's pages, room
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(self.folder), map_size=size, subdir=True, readahead=False)
+        try:
+            self._fill(env, dino, device, batch_size)
+        finally:
+            env.close()
+
+    def _fill(self, env, dino, device, batch_size):
+        with env.begin(write=True) as txn:
+            stored = self.check(txn)  # a stale cache stops here, untouched
+            if stored is None:
+                txn.put(b"header", json.dumps({**self.header, "complete": False}).encode())
+        if stored is not None and stored.get("complete"):
+            return
+        with env.begin() as txn:
+            todo = [j for j, i in enumerate(self.dataset.rows) if txn.get(str(i).encode()) is None]
+        print(f"caching DINO features of {len(todo)} training images into {self.folder}", flush=True)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, todo), batch_size=batch_size)
+        for batch in loader:  # one write transaction per batch: a stop loses at most one batch
+            image = batch["image"].to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                maps = dino(image).half().cpu()  # (b, 384, H/8, W/8), as CNNEncoder computes them
+            with env.begin(write=True) as txn:
+                for i, m in zip(batch["index"].tolist(), maps):
+                    txn.put(str(i).encode(), m.numpy().tobytes())
+        with env.begin(write=True) as txn:
+            txn.put(b"header", json.dumps({**self.header, "complete": True}).encode())
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def __call__(self, index, device):
+        """DINO's maps of a batch (b, 384, H/8, W/8), fp16, read back from the cache."""
+        h = w = self.header["resolution"] // 8
+        with self.env.begin() as txn:
+            maps = [torch.frombuffer(bytearray(txn.get(str(int(i)).encode())), dtype=torch.float16)
+                    for i in index]
+        return torch.stack(maps).view(len(maps), -1, h, w).to(device, non_blocking=True)
+
+
+def load_ocl(path_or_ckpt, device="cpu", dino_weights=None):
     """(model in eval mode, checkpoint dict) from an OCL checkpoint (a path or a loaded dict): the VAE it embeds
-    (msf.load_vae of its arguments and weights), then the OCL model around it."""
+    (msf.load_vae of its arguments and weights), DINO (big-little encoder) from its own file, then the OCL model
+    around them. dino_weights: where DINO's weights are (default: where the run found them); other weights than
+    the run's are refused."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else train_common.load_checkpoint(path_or_ckpt, "ocl")
+    dino = load_dino(ckpt, dino_weights)
     weights = ckpt["model"]
     if ckpt.get("format_version", 1) < 2:  # format 1 called the transformer decoder's classifiers `heads`
         weights = {k.replace("decoder.heads.", "decoder.classifiers."): v for k, v in weights.items()}
     vae = msf.load_vae({"model_args": ckpt["vae"]["model_args"],
                         "model": {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}})
-    model = OCL(vae, **ckpt["model_args"])
+    model = OCL(vae, **ckpt["model_args"], dino=dino)
     model.load_state_dict(weights)
     return model.to(device).eval(), ckpt
+
+
+def load_dino(ckpt, dino_weights=None):
+    """The frozen DINO an OCL checkpoint was trained with (None for the naive CNN): from `dino_weights`, else from
+    where the run took it (its --dino-weights, else torch's hub cache); refused unless its sha256 is the run's."""
+    wanted = ckpt["model_args"].get("dino_sha256")
+    if ckpt["model_args"].get("encoder", "cnn") != "dino":
+        return None
+    source = dino_weights or ckpt["args"].get("dino_weights")
+    dino, found, digest = slot_attention.dino_vit_s8(source)
+    if digest != wanted:
+        raise ValueError(f"this checkpoint was trained with other DINO weights (sha256 {wanted[:16]}...) than "
+                         f"{found} (sha256 {digest[:16]}...); pass --dino-weights with the file the run used")
+    return dino
 
 
 # -----------------------------------------------------------------------------
@@ -215,10 +343,13 @@ def train(args):
                           enc_channels=args.enc_channels, enc_stride=args.enc_stride, iters=args.iters,
                           bilevel=args.bilevel, dec_dim=args.dec_dim, dec_layers=args.dec_layers,
                           dec_heads=args.dec_heads, unet_base=args.unet_base, unet_layers=args.unet_layers,
-                          mlp_hidden=args.mlp_hidden)
+                          mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention)
+        dino = None
+        if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
+            dino, _, model_args["dino_sha256"] = slot_attention.dino_vit_s8(args.dino_weights)
         vae = msf.load_vae(vae_ckpt)  # building it draws from the random generators, as many draws as its kind needs:
         train_common.seed_everything(args.seed)  # seed again, so seed k starts the same encoder, queries and Slot
-        model = OCL(vae, **model_args).to(device)  # Attention whatever the VAE (paired comparisons of guidances)
+        model = OCL(vae, **model_args, dino=dino).to(device)  # Attention whatever the VAE (paired comparisons)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
@@ -240,6 +371,9 @@ def train(args):
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
         cache = None if args.no_cache or args.decoder == "mlp" else GuidanceCache()  # mlp needs Z_1, not indices
+        features = None  # --cache-features: DINO's maps of the training images, computed once (FeatureCache)
+        if args.cache_features:
+            features = FeatureCache(train_data, model_args["dino_sha256"]).open(model, device, args.batch_size, d)
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr.") as guard:
             for step in range(start, args.steps):
                 lr = train_common.set_lr(optimizer, step, args.steps, args.lr)  # warmup, then cosine (A.5)
@@ -248,9 +382,10 @@ def train(args):
                 batch = next(batches)
                 image = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W), this process's share
                 indices = cache(model, image, batch["index"]) if cache else None  # the guidance, if seen before
+                maps = features(batch["index"], device) if features else None  # DINO's, if cached
 
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                    loss = ddp(image, sigma, indices)["loss"]  # guidance -> slots -> decoder -> loss
+                    loss = ddp(image, sigma, indices, maps)["loss"]  # guidance -> slots -> decoder -> loss
                 stopping = guard.check(loss, step)  # non-finite loss, stop signal
                 train_common.optimizer_step(loss, optimizer, scaler, params, args.clip)
 
@@ -279,7 +414,12 @@ def train(args):
 
 def describe(args, params, vae_ckpt, resolution, device, start):
     """The run's first line: what trains on what, guided by which VAE, for how long, where."""
-    return (f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
+    encoder = "naive CNN" if args.encoder == "cnn" else (
+        "big-little: frozen DINO ViT-S/8 + CNN" + (" with RANDOM DINO weights (smoke run only)"
+                                                   if args.dino_weights == "random" else ""))
+    grouping = "SysBinder (2 blocks)" if args.slot_attention == "sysbinder" else "Slot Attention"
+    return (f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | {encoder} | "
+            f"{grouping} | "
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
             f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size} on {device}"
             + (f" | resumed at step {start}" if start else ""))
@@ -330,6 +470,18 @@ def parse_args(argv=None):
                        help=f"override the --size value of {name.replace('-', '_')}")
     p.add_argument("--enc-stride", type=int, choices=[1, 2, 4], default=None,
                    help="encoder stride r: masks at H/r (override the --size value)")
+    p.add_argument("--encoder", default=None, choices=["cnn", "dino"],
+                   help="primary encoder: the naive CNN, or A.3's big-little (frozen DINO ViT-S/8 + the CNN) "
+                        "(default: dataset preset; dino for the paper's datasets, cnn for shapes)")
+    p.add_argument("--dino-weights", default=None,
+                   help=f"--encoder dino: the official {slot_attention.DINO_FILE} (default: torch's hub cache, "
+                        f"downloaded on first use), or 'random' (smoke runs only)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="--encoder dino: compute DINO's features of the training images once into an LMDB beside the "
+                        "dataset (data/<dataset>_features/dino_train) and read them back (this run and later ones)")
+    p.add_argument("--slot-attention", default="sa", choices=["sa", "sysbinder"],
+                   help="sa: Slot Attention (Locatello et al.); sysbinder: block-slot attention with 2 blocks "
+                        "(SysBinder, the paper's competitor, A.3)")
     p.add_argument("--iters", type=data.number(int, 1), default=3, help="Slot Attention iterations")
     p.add_argument("--bilevel", action="store_true",
                    help="BO-QSA's truncated gradient (the authors' code): backpropagate through the last iteration only")
@@ -359,6 +511,11 @@ def parse_args(argv=None):
                 f"works: python train_vae.py --dataset {args.dataset}")
     args.slots = preset["num_slots"] if args.slots is None else args.slots
     args.lr = preset["ocl_lr"] if args.lr is None else args.lr
+    args.encoder = preset["encoder"] if args.encoder is None else args.encoder
+    if args.cache_features and args.encoder != "dino":
+        p.error(f"--cache-features caches DINO's features: it needs --encoder dino (this run's is {args.encoder})")
+    if args.dino_weights is not None and args.encoder != "dino":
+        p.error(f"--dino-weights {args.dino_weights} is for --encoder dino (this run's encoder is {args.encoder})")
     args.size = args.size or ("cpu" if args.dataset == "shapes" else "paper")
     for key, value in SIZES[args.size].items():  # --size fills every width no flag gave
         if getattr(args, key) is None:
@@ -382,13 +539,16 @@ def run_folder(args, vae_args):
     """The default --out: runs/ocl_<dataset>_<decoder>_<target>, the target being what the decoder reconstructs:
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
     for other --guide-scales), or for mlp `z1-<vae>`, that VAE's continuous encoder features Z_1 (the fusion is
-    bypassed). The quick start's run is runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
+    bypassed). The model's name adds -dino (big-little encoder) and -sysbinder. The quick start's run is
+    runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = msf.vae_name(vae_args)
     if args.decoder == "mlp":
         target = f"z1-{target}"
     elif args.guide_scales != "1":
         target += "-g" + args.guide_scales.replace(",", "")
-    return f"runs/ocl_{args.dataset}_{args.decoder}_{target}"
+    model = args.decoder + ("-dino" if args.encoder == "dino" else "") + \
+        ("-sysbinder" if args.slot_attention == "sysbinder" else "")
+    return f"runs/ocl_{args.dataset}_{model}_{target}"
 
 
 def load_frozen_vae(args):

@@ -15,6 +15,14 @@ SHARED_DATA = ROOT.parent / "shared" / "data"  # real sample files of the offici
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """No test downloads anything (DINO's weights in particular): a test that would is a failing test."""
+    def refuse(url, *args, **kwargs):
+        raise AssertionError(f"a test tried to download {url}")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """data root holding shapes/{train,val} with 48/16 samples at 64x64."""
@@ -22,3 +30,21 @@ def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     data.write_shapes(root, 64, seed=0, counts={"train": 48, "val": 16}, quiet=True)
     return root
+
+
+# a tiny OCL model for short real runs (tests/test_ocl.py, tests/test_dino.py)
+TINY_OCL = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--unet-base", "16",
+            "--mlp-hidden", "32", "--batch-size", "4", "--val-batches", "1", "--log-every", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_vaes(tiny_root, tmp_path_factory):
+    """Two-step stage-1 runs: an MSF VAE with c = 256 and one with c = 4."""
+    import train_vae
+    out = tmp_path_factory.mktemp("vaes")
+    paths = {}
+    for c in (256, 4):
+        args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(out / f"c{c}"), "--code-dim", str(c),
+                                     "--channels", "16", "--batch-size", "8", "--steps", "2", "--val-batches", "1"])
+        paths[c] = train_vae.train(args) / "best.pt"
+    return paths

@@ -399,7 +399,7 @@ def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
                     "--steps", "2", "--batch-size", "4", "--val-batches", "1"])
     train_ocl.main(["--dataset", "coco", "--data-root", str(root), "--vae-ckpt", str(vae_out / "best.pt"),
                     "--out", str(ocl_out), "--size", "cpu", "--slot-dim", "32", "--dec-dim", "32", "--dec-layers", "1",
-                    "--steps", "2", "--batch-size", "4", "--val-batches", "1"])
+                    "--steps", "2", "--batch-size", "4", "--val-batches", "1", "--encoder", "cnn"])  # the data is tested
     evaluate.main(["--ckpt", str(ocl_out / "best.pt"), "--json", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert metrics["ari"]["count"] == 4 and -1 <= metrics["ari"]["mean"] <= 1

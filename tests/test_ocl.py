@@ -17,22 +17,9 @@ import msf
 import train_common
 import train_ocl
 import train_vae
-from slot_attention import CNNEncoder, GaussianQueries, SlotAttention
+from slot_attention import CNNEncoder, GaussianQueries, SlotAttention, SysBinder
 
-TINY_OCL = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--unet-base", "16",
-            "--mlp-hidden", "32", "--batch-size", "4", "--val-batches", "1", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_vaes(tiny_root, tmp_path_factory):
-    """Two-step stage-1 runs: an MSF VAE with c = 256 and one with c = 4."""
-    out = tmp_path_factory.mktemp("vaes")
-    paths = {}
-    for c in (256, 4):
-        args = train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(out / f"c{c}"), "--code-dim", str(c),
-                                     "--channels", "16", "--batch-size", "8", "--steps", "2", "--val-batches", "1"])
-        paths[c] = train_vae.train(args) / "best.pt"
-    return paths
+from conftest import TINY_OCL
 
 
 def ocl_args(tiny_root, tiny_vaes, out, decoder="transformer", *extra):
@@ -308,3 +295,35 @@ def test_seed_k_starts_the_same_slot_model_whatever_the_vae(tiny_root, tiny_vaes
         args.vae_ckpt = str(vae)
         train_ocl.train(args)
     assert seen[0].keys() == seen[1].keys() and all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+
+
+# ----------------------------------------------------------------------------- SysBinder (the competitor)
+
+def test_sysbinder_blocks_bind_to_prototypes_and_slots_are_equivariant():
+    torch.manual_seed(0)
+    sb = SysBinder(32, 8, iters=3, blocks=2, prototypes=5).eval()
+    queries, inputs = torch.randn(2, 4, 32), torch.randn(2, 30, 8)
+    with torch.no_grad():
+        slots, attn = sb(queries, inputs)
+        perm = torch.tensor([2, 0, 3, 1])
+        slots_p, attn_p = sb(queries[:, perm], inputs)
+    assert slots.shape == (2, 4, 32) and attn.shape == (2, 4, 30)
+    torch.testing.assert_close(attn.sum(1), torch.ones(2, 30))  # softmax over slots
+    torch.testing.assert_close(slots_p, slots[:, perm], atol=1e-5, rtol=1e-5)  # permuting queries permutes slots
+    torch.testing.assert_close(attn_p, attn[:, perm], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # every block is a convex mixture of its own 5 prototypes: inside their per-channel range
+        memory = sb.prototypes + sb.prototype_mlp(sb.prototypes)  # (2 blocks, 5, 16)
+    blocks = slots.reshape(2, 4, 2, 16)
+    for m in range(2):
+        lo, hi = memory[m].min(0).values, memory[m].max(0).values
+        assert (blocks[:, :, m] >= lo - 1e-5).all() and (blocks[:, :, m] <= hi + 1e-5).all()
+
+
+def test_slate_with_sysbinder_trains_and_evaluate_scores_it(tiny_root, tiny_vaes, tmp_path):
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "sb", "transformer", "--slot-attention",
+                                   "sysbinder", "--steps", "2"))
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["model_args"]["grouping"] == "sysbinder" and "slot_attention.prototypes" in ckpt["model"]
+    evaluate.main(["--ckpt", str(out / "best.pt"), "--json", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert {"ari", "ari_fg", "miou", "mbo"} <= set(metrics) and -1 <= metrics["ari_fg"]["mean"] <= 1
