@@ -228,6 +228,11 @@ def open_env(path):
     page past its end, so the file's size is checked against the last page the environment says it uses."""
     key = (str(Path(path).resolve()), os.getpid())
     if key not in _ENVS:  # no lock file (read-only media work); no readahead (random access reads one record)
+        # A DataLoader worker is a fork of the training process and inherits its open environments; py-lmdb (>= 3)
+        # refuses to open files this process already holds open, so close the inherited copies first (closing them
+        # here unmaps this process's view only; the parent keeps reading through its own)
+        for inherited in [k for k in _ENVS if k[1] != os.getpid()]:
+            _ENVS.pop(inherited).close()
         try:
             env = lmdb.open(key[0], readonly=True, lock=False, readahead=False, subdir=True)
             needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # bytes the environment's pages span

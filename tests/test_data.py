@@ -232,3 +232,16 @@ def test_shapes_records_carry_object_areas_and_size_thresholds(tmp_path):
         assert item["areas"].shape == (6,) and torch.isnan(item["areas"][len(rec["areas"]):]).all()
     assert ds.meta["size_thresholds"] == [144, 400]
     assert data.read_meta(tmp_path / "shapes-128" / "val")["size_thresholds"] == [576, 1600]
+
+
+def test_dataloader_workers_read_a_split_the_main_process_holds_open(tmp_path):
+    """Workers are forks of a process that holds the split open; py-lmdb refuses a second open of the same files in
+    one process, so a worker must close its inherited copy first (every GPU run has workers: default 4)."""
+    root = data.write_shapes(tmp_path, 64, counts={"train": 8, "val": 4}, quiet=True)
+    ds = data.LMDBDataset(root / "train")
+    first = ds[0]["image"]  # the main process reads: its environment is open
+    for _ in range(2):  # two epochs: new workers each time
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+        batches = list(loader)
+        assert len(batches) == 2 and torch.equal(batches[0]["image"][0], first)
+    assert torch.equal(ds[0]["image"], first)  # the main process still reads after its workers closed theirs
