@@ -1,11 +1,12 @@
-"""Datasets for MSF object-centric learning: the LMDB sample format, dataset presets, the built-in `shapes`
-dataset, and the torch `Dataset` that every script reads through `load_dataset`.
+"""Datasets for MSF object-centric learning: the LMDB sample format, dataset presets, the built-in `shapes` and
+`shapes_video` datasets, and the torch `Dataset` that every script reads through `load_dataset`.
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Appendix A.4
 ("converting all datasets into the LMDB database format ... center-cropped and resized to 128x128 ...
 stored in the uint8 data type"; inputs normalised by "subtracting 127.5 and dividing by 127.5").
 
 Run:  python data.py shapes                  # writes data/shapes/{train,val} (64x64) in seconds
+      python data.py shapes_video            # writes data/shapes_video/{train,val}: 12-frame clips (64x64)
       python data.py shapes --resolution 128 # the paper's resolution, written to data/shapes-128/
       python data.py info data/shapes        # prints the meta record of every split
 The real datasets (ClevrTex, COCO, VOC, MOVi-C/D/E, Open Images) are made from their official downloads by
@@ -22,8 +23,8 @@ On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   A split is written to a hidden temporary folder and renamed when complete, so a half-written dataset is
   never mistaken for a complete one.
 
-Reading order: PRESETS, encode_record/decode_record, write_lmdb, LMDBDataset, video_frames, render_shapes_sample,
-write_shapes, load_dataset (the one entry point of the scripts), the CLI. Imports nothing of the project.
+Reading order: PRESETS, encode_record/decode_record, write_lmdb, LMDBDataset, video_frames, clip_starts,
+render_shapes_sample, write_shapes, render_shapes_video, write_shapes_video, load_dataset (the one entry point of the scripts), the CLI. Imports nothing of the project.
 """
 import argparse
 import json
@@ -51,12 +52,19 @@ ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 # vae_* feed train_vae.py, ocl_* feed train_ocl.py.
 PAPER = dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,  # A.4-A.5
              ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4, encoder="dino")  # A.3: DINO big-little
-VIDEO = dict(PAPER, video=True, vae_batch=16, ocl_batch=8)  # MOVi: 16 clips per VAE step, 8 per OCL step (A.5)
+VIDEO = dict(PAPER, video=True, vae_batch=16, ocl_batch=8, ocl_val_batch=4,  # MOVi: 16 clips per VAE step, 8 / 4
+            ocl_clip=0.02, ocl_iters=1, ocl_clip_frames=6)  # per OCL step (A.5); clipping 0.02, crops of 6 frames (A.4),
+# 1 Slot Attention iteration per frame (the authors' STEVE config)
 PRESETS = {
     # resolution, slots (objects + background), video?, VAE steps / batch / validation period, OCL steps / batch /
     # validation period / learning rate, primary encoder; `shapes` is sized for a 2-core CPU
     "shapes": dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, vae_val=100,
                    ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3, encoder="cnn"),
+    # shapes_video: 8 clips x 3 frames per step and the image recipe's lr, clipping and 3 iterations: what bound on
+    # the CPU (README, "Video"); 6,000 steps fill the issue's 30 minutes with stage 1
+    "shapes_video": dict(resolution=64, num_slots=6, video=True, vae_steps=400, vae_batch=8, vae_clip_frames=2,
+                         vae_val=100, ocl_steps=6000, ocl_batch=8, ocl_val_batch=4, ocl_val=600, ocl_lr=2e-3,
+                         ocl_clip_frames=3, encoder="cnn"),
     "clevrtex": PAPER, "coco": PAPER, "voc": PAPER,
     "movi_c": VIDEO, "movi_d": dict(VIDEO, num_slots=21), "movi_e": dict(VIDEO, num_slots=21),
     "openimages": PAPER,
@@ -213,8 +221,8 @@ def rebuild_hint(path):
     """The command that writes a split folder again (for the messages about a damaged one)."""
     dataset = Path(path).parent
     if dataset.name.startswith("shapes"):
-        res = dataset.name.partition("-")[2]
-        return f"python data.py shapes --root {dataset.parent}{f' --resolution {res}' if res else ''} --overwrite"
+        name, _, res = dataset.name.partition("-")
+        return f"python data.py {name} --root {dataset.parent}{f' --resolution {res}' if res else ''} --overwrite"
     return f"python convert.py {dataset.name} --src <the official download> --out {dataset} --overwrite"
 
 
@@ -390,6 +398,16 @@ def video_frames(image, clip=0, generator=None):
     return image.flatten(0, 1)  # (b * clip, 3, H, W)
 
 
+def clip_starts(frames, window, count, generator=None):
+    """The first frame of `count` random strided temporal crops (A.4) of `window` frames from clips of `frames`:
+    drawn from {0, w, 2w, ...} (windows that do not overlap: the authors' StridedRandomSlice, {0, 6, 12, 18} on
+    MOVi's 24 frames). A window as long as the clip or longer: the whole clip, start 0. Returns (count,) long."""
+    if window >= frames:
+        return torch.zeros(count, dtype=torch.long)
+    choices = torch.arange(0, frames - window + 1, window)  # (c,) the windows' first frames
+    return choices[torch.randint(len(choices), (count,), generator=generator)]  # (count,)
+
+
 # -----------------------------------------------------------------------------
 # The built-in dataset `shapes`: 2-6 textured objects on a textured background, sizes spread 8x.
 # MSF exists for objects of different scales, so the side length of an object spans [3/32, 3/4] of the image
@@ -461,6 +479,17 @@ def _texture(rng, kind, base, xx, yy, res):
     return np.where(on[..., None], base, other)
 
 
+def _background(rng, xx, yy, res):
+    """(res, res, 3) float: one colour shaded by a smooth gradient, with faint low-frequency waves (the texture)."""
+    bg_a = _random_colour(rng) * 0.5
+    bg_b = bg_a * rng.uniform(0.55, 0.8)  # a darker shade of the same colour: shading, not a second region
+    g_angle = rng.uniform(0, 2 * np.pi)
+    t = ((np.cos(g_angle) * xx + np.sin(g_angle) * yy) / res)[..., None]  # (res, res, 1)
+    t = np.clip(t - t.min(), 0, 1)
+    waves = 6 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) / res)[..., None]
+    return bg_a * (1 - t) + bg_b * t + waves
+
+
 def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objects=False):
     """One `shapes` scene: image (res, res, 3) uint8 and exact instance masks segment (res, res) uint8.
 
@@ -468,15 +497,9 @@ def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objec
     inside no later shape: the image is painted with the same boolean masks, so the segment is exact.
     """
     yy, xx = np.mgrid[0:res, 0:res] + 0.5  # pixel centres, (res, res) each
-    # background: one colour shaded by a smooth gradient, with faint low-frequency waves (the texture)
-    bg_a = _random_colour(rng) * 0.5
-    bg_b = bg_a * rng.uniform(0.55, 0.8)  # a darker shade of the same colour: shading, not a second region
-    g_angle = rng.uniform(0, 2 * np.pi)
-    t = ((np.cos(g_angle) * xx + np.sin(g_angle) * yy) / res)[..., None]  # (res, res, 1)
-    t = np.clip(t - t.min(), 0, 1)
-    waves = 6 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) / res)[..., None]
+    background = _background(rng, xx, yy, res)  # (res, res, 3) float
     for _ in range(100):  # resample until every object keeps enough visible pixels
-        image = bg_a * (1 - t) + bg_b * t + waves  # (res, res, 3) float
+        image = background.copy()  # (res, res, 3) float
         segment = np.zeros((res, res), dtype=np.uint8)
         n = int(rng.integers(min_objects, max_objects + 1))
         # side = smallest * 8^(u^0.6), u uniform: every size from 6 to 48 px occurs, skewed towards larger objects
@@ -525,9 +548,112 @@ SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in th
 SHAPES_SIZES = (12 ** 2, 20 ** 2)
 
 
-def shapes_dir(root="data", resolution=64):
-    """data/shapes for the default 64x64, data/shapes-<res> for other resolutions."""
-    return Path(root) / ("shapes" if resolution == 64 else f"shapes-{resolution}")
+# -----------------------------------------------------------------------------
+# The built-in video dataset `shapes_video`: `shapes` objects that move, turn, approach or recede (their size changes
+# over a clip) and occlude each other; some enter or leave the frame. Records have MOVi's layout (image (T, H, W, 3),
+# segment (T, H, W), bbox (T, K, 4)): object k keeps label k in every frame, so a slot must keep its object.
+
+def render_shapes_video(rng, res=64, frames=12, min_objects=2, max_objects=5):
+    """One clip: image (T, res, res, 3) uint8, exact instance masks segment (T, res, res) uint8 (label k = object k
+    in every frame), boxes bbox (T, K, 4) float32 of each object's visible pixels, normalised (x0, y0, x1, y1), zeros
+    in the frames where it is not visible (MOVi's convention).
+
+    Object k has a depth z_t (linear in t): its side is size / z_t, and objects are drawn far to near, so the drawing
+    order, hence who occludes whom, can change within a clip. Positions move with a constant velocity (0.5-2 px per
+    frame at 64 px); about one object in five starts outside the frame and enters, and fast ones leave. Textures are
+    painted in the object's own frame, so they move and turn with it."""
+    yy, xx = np.mgrid[0:res, 0:res] + 0.5  # pixel centres, (res, res) each
+    background = _background(rng, xx, yy, res)  # (res, res, 3) float, static over the clip
+    for _ in range(100):  # resample until every object is seen well in some frames, and one in the first
+        n = int(rng.integers(min_objects, max_objects + 1))
+        objects = []
+        for k in range(n):
+            # side at depth 1: 6 to 48 px at 64 px, skewed towards larger objects as in `shapes` (median 23 px), so
+            # that objects, not the background, hold much of what a slot must explain
+            size = res * 3 / 32 * 8 ** (rng.uniform() ** 0.6)
+            z0 = rng.uniform(0.8, 1.25)
+            z1 = z0 * rng.uniform(0.7, 1.4)  # depth at the last frame: the side changes by up to 1.4x
+            speed, heading = rng.uniform(0.5, 2.0) * res / 64, rng.uniform(0, 2 * np.pi)
+            vx, vy = speed * np.cos(heading), speed * np.sin(heading)
+            if rng.uniform() < 0.2:  # enters: starts outside, a few frames before the border, moving inwards
+                side = size / z0 / 2 + rng.uniform(0, 3) * speed
+                cx, cy = rng.choice([-side, res + side]), rng.uniform(0, res)
+                vx = abs(vx) * (1 if cx < 0 else -1)
+            else:
+                cx, cy = rng.uniform(0.15 * res, 0.85 * res), rng.uniform(0.15 * res, 0.85 * res)
+            colour = _random_colour(rng, avoid=background[int(min(max(cy, 0), res - 1)), int(min(max(cx, 0), res - 1))])
+            objects.append(dict(kind=SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))], size=size, z0=z0, z1=z1,
+                                cx=cx, cy=cy, vx=vx, vy=vy, angle=rng.uniform(0, 2 * np.pi),
+                                spin=rng.uniform(-0.08, 0.08), colour=colour,
+                                texture=TEXTURES[rng.integers(len(TEXTURES))], texture_seed=int(rng.integers(2 ** 31))))
+        image = np.empty((frames, res, res, 3), np.float64)
+        segment = np.zeros((frames, res, res), np.uint8)
+        for t in range(frames):
+            image[t] = background
+            u = t / max(1, frames - 1)
+            depth = [o["z0"] + (o["z1"] - o["z0"]) * u for o in objects]
+            for k in sorted(range(n), key=lambda j: -depth[j]):  # far to near: the nearer occludes
+                o = objects[k]
+                side, cx, cy = o["size"] / depth[k], o["cx"] + o["vx"] * t, o["cy"] + o["vy"] * t
+                angle = o["angle"] + o["spin"] * t
+                r = 0.6 * side + 1
+                win = (slice(max(0, int(cy - r)), max(0, min(res, int(cy + r) + 1))),
+                       slice(max(0, int(cx - r)), max(0, min(res, int(cx + r) + 1))))
+                mask = _shape_mask(o["kind"], cx, cy, side, angle, xx[win], yy[win])  # (h_win, w_win) bool
+                if not mask.any():
+                    continue
+                c, s = np.cos(angle), np.sin(angle)  # the texture in the object's frame: it moves and turns along
+                scale = o["size"] / side
+                u_obj = (c * (xx[win] - cx) + s * (yy[win] - cy)) * scale
+                v_obj = (-s * (xx[win] - cx) + c * (yy[win] - cy)) * scale
+                paint = _texture(np.random.default_rng(o["texture_seed"]), o["texture"], o["colour"], u_obj, v_obj, res)
+                image[t][win] = np.where(mask[..., None], paint, image[t][win])
+                segment[t][win][mask] = k + 1
+        visible = np.stack([np.bincount(s.ravel(), minlength=n + 1)[1:] for s in segment])  # (T, n) pixels
+        if (visible[0] >= 6).any() and ((visible >= 6).sum(0) >= 3).all():
+            break
+    bbox = np.zeros((frames, n, 4), np.float32)
+    for t in range(frames):
+        for k in range(n):
+            ys, xs = np.nonzero(segment[t] == k + 1)
+            if len(ys):  # (x0, y0, x1, y1) of the visible pixels, normalised by the frame size
+                bbox[t, k] = (xs.min() / res, ys.min() / res, (xs.max() + 1) / res, (ys.max() + 1) / res)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), segment, bbox
+
+
+def _shapes_video_samples(seed, split_id, count, res, frames):
+    for i in range(count):
+        rng = np.random.default_rng([seed, split_id, i, 1])  # one generator per clip (the 1: not a `shapes` stream)
+        image, segment, bbox = render_shapes_video(rng, res, frames)
+        yield {"image": image, "segment": segment, "bbox": bbox}
+
+
+SHAPES_VIDEO_SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (id used in the seed, default count)
+SHAPES_VIDEO_FRAMES = 12  # frames per clip: training crops 6 from {0, 6} (the authors' 24 from {0, 6, 12, 18})
+
+
+def write_shapes_video(root="data", resolution=64, seed=0, counts=None, frames=SHAPES_VIDEO_FRAMES, overwrite=False,
+                       quiet=False):
+    """Write data/shapes_video[-res]/{train,val}. `counts` maps split -> number of clips."""
+    if resolution % 16 != 0 or resolution < 32:
+        raise ValueError(f"--resolution must be a multiple of 16 and >= 32, got {resolution}")
+    out = shapes_dir(root, resolution, "shapes_video")
+    for split, (split_id, default_count) in SHAPES_VIDEO_SPLITS.items():
+        count = (counts or {}).get(split, default_count)
+        start = time.time()
+        meta = dict(name="shapes_video", split=split, resolution=resolution, max_objects=5, frames=frames, seed=seed,
+                    source="built-in synthetic generator (data.render_shapes_video)")
+        n = write_lmdb(out / split, _shapes_video_samples(seed, split_id, count, resolution, frames), meta,
+                       overwrite=overwrite)
+        if not quiet:
+            print(f"wrote {out / split}: {n} clips of {frames} frames at {resolution}x{resolution} "
+                  f"in {time.time() - start:.1f}s")
+    return out
+
+
+def shapes_dir(root="data", resolution=64, name="shapes"):
+    """data/<name> (shapes, shapes_video) for the default 64x64, data/<name>-<res> for other resolutions."""
+    return Path(root) / (name if resolution == 64 else f"{name}-{resolution}")
 
 
 def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=False, quiet=False):
@@ -547,6 +673,8 @@ def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=Fals
     return out
 
 
+BUILTIN = {"shapes": write_shapes, "shapes_video": write_shapes_video}  # written on first use by load_dataset
+
 # -----------------------------------------------------------------------------
 # The one entry point of the training and evaluation scripts.
 
@@ -558,9 +686,9 @@ def splits_in(folder):
 
 
 def dataset_dir(name, root="data", resolution=None):
-    """Where dataset `name` lives: data/<name>; shapes keeps one folder per resolution (it is cheap to write)."""
-    if name == "shapes":
-        return shapes_dir(root, resolution or PRESETS["shapes"]["resolution"])
+    """Where dataset `name` lives: data/<name>; the built-in ones keep one folder per resolution (cheap to write)."""
+    if name in BUILTIN:
+        return shapes_dir(root, resolution or PRESETS[name]["resolution"], name)
     return Path(root) / name
 
 
@@ -584,9 +712,9 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
     if name not in PRESETS:
         raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(PRESETS)}")
     folder = dataset_dir(name, root, resolution)
-    if name == "shapes" and (not folder.exists() or not splits_in(folder)):  # nothing complete there to lose
-        print(f"{folder} not found: writing the built-in shapes dataset (a few seconds)")
-        write_shapes(root, resolution or PRESETS["shapes"]["resolution"])
+    if name in BUILTIN and (not folder.exists() or not splits_in(folder)):  # nothing complete there to lose
+        print(f"{folder} not found: writing the built-in {name} dataset (a few seconds)")
+        BUILTIN[name](root, resolution or PRESETS[name]["resolution"])
     if not folder.exists():
         raise DatasetMissing(
             f"dataset '{name}' is not converted yet ({folder} not found).\n"
@@ -597,7 +725,7 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
     path = folder / stored
     if not (path / "data.mdb").exists():
         found = splits_in(folder)
-        fix = (f"python data.py shapes --root {root} --overwrite writes it again" if name == "shapes" else
+        fix = (f"python data.py {name} --root {root} --overwrite writes it again" if name in BUILTIN else
                f"python convert.py {name} --src /path/to/{name} --out {folder} --split {stored} converts it")
         usual = split in ("train", "val", "select", "test")
         raise DatasetMissing(f"{folder} has no split '{split}' (its splits: {', '.join(found) or 'none'}). Give one "
@@ -615,35 +743,42 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
 # Command line
 
 def main(argv=None):
-    """`python data.py shapes` writes the built-in dataset; `python data.py info FOLDER` prints what a dataset
+    """`python data.py shapes` (or shapes_video) writes a built-in dataset; `python data.py info FOLDER` prints what a dataset
     folder holds (the meta record of each split: counts, resolution, source, filters, versions)."""
     parser = ArgumentParser(description="Write or inspect MSF datasets (LMDB).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the built-in synthetic dataset")
-    p.add_argument("--root", default="data", help="folder that holds all datasets")
-    p.add_argument("--resolution", type=number(int, 32), default=64,
-                   help="image side in pixels, a multiple of 16 (paper: 128)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="generator seed; the same seed gives the same bytes")
-    p.add_argument("--train", type=number(int, 2), default=SHAPES_SPLITS["train"][1],
-                   help="number of training samples (the last 10%% are the `select` split)")
-    p.add_argument("--val", type=number(int, 1), default=SHAPES_SPLITS["val"][1], help="number of validation samples")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    for name, splits in (("shapes", SHAPES_SPLITS), ("shapes_video", SHAPES_VIDEO_SPLITS)):
+        p = sub.add_parser(name, help=f"write the built-in synthetic {'video ' if name != 'shapes' else ''}dataset")
+        p.add_argument("--root", default="data", help="folder that holds all datasets")
+        p.add_argument("--resolution", type=number(int, 32), default=64,
+                       help="image side in pixels, a multiple of 16 (paper: 128)")
+        p.add_argument("--seed", type=number(int, 0), default=0, help="generator seed; the same seed gives the same bytes")
+        p.add_argument("--train", type=number(int, 2), default=splits["train"][1],
+                       help="number of training samples (the last 10%% are the `select` split)")
+        p.add_argument("--val", type=number(int, 1), default=splits["val"][1], help="number of validation samples")
+        if name == "shapes_video":
+            p.add_argument("--frames", type=number(int, 2), default=SHAPES_VIDEO_FRAMES, help="frames per clip")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
     p.add_argument("path", help="e.g. data/shapes")
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PRESETS and argv[0] != "shapes":  # the converters have their own script now
-        sys.exit(f"data.py writes the built-in dataset only; convert {argv[0]} with: "
+    if argv and argv[0] in PRESETS and argv[0] not in BUILTIN:  # the converters have their own script now
+        sys.exit(f"data.py writes the built-in datasets only; convert {argv[0]} with: "
                  f"python convert.py {' '.join(argv)}")
     args = parser.parse_args(argv)
 
-    if args.command == "shapes":
-        out = shapes_dir(args.root, args.resolution)
-        there = [s for s in SHAPES_SPLITS if (out / s / "data.mdb").exists()]
+    if args.command in BUILTIN:
+        out = shapes_dir(args.root, args.resolution, args.command)
+        there = [s for s in ("train", "val") if (out / s / "data.mdb").exists()]
         if there and not args.overwrite:
             sys.exit(f"{out} already holds {' and '.join(there)}; pass --overwrite to write it again")
         if args.resolution % 16:
-            sys.exit(f"--resolution {args.resolution}: the built-in dataset needs a multiple of 16 (64, 128, ...)")
-        write_shapes(args.root, args.resolution, args.seed, {"train": args.train, "val": args.val}, args.overwrite)
+            sys.exit(f"--resolution {args.resolution}: the built-in datasets need a multiple of 16 (64, 128, ...)")
+        counts = {"train": args.train, "val": args.val}
+        if args.command == "shapes":
+            write_shapes(args.root, args.resolution, args.seed, counts, args.overwrite)
+        else:
+            write_shapes_video(args.root, args.resolution, args.seed, counts, args.frames, args.overwrite)
     elif args.command == "info":
         folder = Path(args.path)
         if not folder.is_dir():

@@ -435,7 +435,8 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
 def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=True, protocol="ours", name="",
                  thresholds=(COCO_SMALL, COCO_LARGE)):
     """Stage 2 on the first `max_batches` batches of `dataset` (0 = all of it): the slots' masks (model.segment: no
-    decoder, no noise) -> labels at the ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample; datasets that
+    decoder, no noise) -> labels at the ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample (video: per
+    whole clip, all frames jointly, plus `ari_fg_frame`, ARIfg per frame averaged over the clip); datasets that
     store object areas (COCO, Open Images, shapes) add the size split of Tab. 7 (`size_split`; `thresholds` of
     area: COCO's, or the dataset's meta record's `size_thresholds`, see size_thresholds). `protocol`: "ours" or
     "authors" (PROTOCOLS; `name` = the dataset's, for authors_truth). Returns ({metric: (N,) values}, the last
@@ -447,13 +448,18 @@ def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=T
     for i, batch in enumerate(_loader(dataset, batch_size)):
         if max_batches and i == max_batches:
             break
-        image, segment = batch["image"].to(device), batch["segment"]  # (b, 3, H, W), (b, H, W)
+        image, segment = batch["image"].to(device), batch["segment"]  # (b, 3, H, W), (b, H, W); video: (b, t, ...)
+        bbox = batch["bbox"].to(device) if "bbox" in batch else None  # video (b, t, K, 4): box queries
         if protocol == "authors":
             segment = authors_truth(segment, name)
-        masks = model.segment(image)["masks"]  # (b, s, h, w)
-        pred = masks_to_labels(masks, segment.shape[-2:]).cpu()  # (b, H, W)
-        for k, v in all_metrics(pred, segment, protocol).items():
+        masks = model.segment(image, bbox)["masks"]  # (b, s, h, w), video (b, t, s, h, w): whole clips
+        pred = masks_to_labels(masks, segment.shape[-2:]).cpu()  # (b, H, W), video (b, t, H, W)
+        for k, v in all_metrics(pred, segment, protocol).items():  # video: all frames of a clip jointly
             values[k].append(v)
+        if pred.dim() == 4:  # video: also ARIfg frame by frame (mean over a clip's frames): the gap to the clip's
+            # ARIfg is what slots that change objects between frames cost
+            per_frame = ari(pred.flatten(0, 1), segment.flatten(0, 1), foreground_only=True)  # (b*t,)
+            values.setdefault("ari_fg_frame", []).append(per_frame.view(len(pred), -1).nanmean(1))
         if "areas" in batch and size_split:  # areas[:, k-1] = original area of object k
             for k, v in miou_by_size(pred, segment, batch["areas"], thresholds, protocol).items():
                 values.setdefault(f"miou_{k}", []).append(v)
@@ -486,7 +492,7 @@ def evaluate_vae(ckpt, args, device):
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], a["resolution"])
     dataset = _first(dataset, args.limit)
     k = args.clusters or data.PRESETS[a["dataset"]]["num_slots"]
-    m = validate_vae(model, dataset, device, args.batch_size, clusters=k, seed=args.seed)
+    m = validate_vae(model, dataset, device, args.batch_size or 32, clusters=k, seed=args.seed)
     first = dataset[0]["image"]  # (3, H, W), or (T, 3, H, W) for a video: every frame was scored
     count = len(dataset) * (len(first) if first.dim() == 4 else 1)
     result = {"ckpt": str(args.ckpt), "kind": "vae", "split": args.split, "samples": count,
@@ -529,7 +535,8 @@ def evaluate_ocl(ckpt, args, device):
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
     dataset = _first(dataset, args.limit)
-    values, _ = validate_ocl(model, dataset, device, args.batch_size, size_split=not args.semantic,
+    batch_size = args.batch_size or (a.get("val_batch_size", 4) if model.video else 32)
+    values, _ = validate_ocl(model, dataset, device, batch_size, size_split=not args.semantic,
                              protocol=args.protocol, name=a["dataset"], thresholds=size_thresholds(dataset))
     stats = summary(values)
     encoder = {"cnn": "", "dino": ", DINO big-little encoder"}[ckpt["model_args"].get("encoder", "cnn")]
@@ -537,9 +544,13 @@ def evaluate_ocl(ckpt, args, device):
     print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE{encoder}, step {ckpt['step']}, "
           f"{a['dataset']}/{args.split}" + (", the authors' metric protocol" if args.protocol == "authors" else ""))
     columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
+    if "ari_fg_frame" in stats:  # video: the metrics are over whole clips; ARIfg frame by frame beside them
+        print(f"  video: metrics over whole clips ({len(dataset[0]['image'])} frames jointly); ARIfg_t = ARIfg of "
+              f"each frame alone, averaged (ARIfg_t - ARIfg: what slots changing objects between frames cost)")
+        columns.insert(4, ("ARIfg_t", "ari_fg_frame"))
     if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (size_thresholds)
         columns += [("mIoU_S", "miou_small"), ("mIoU_M", "miou_medium"), ("mIoU_L", "miou_large")]
-    for row in (columns[:4], columns[4:]):
+    for row in (columns[:5], columns[5:]) if "ari_fg_frame" in stats else (columns[:4], columns[4:]):
         if row:
             print(f"{'':>8} " + " ".join(f"{name:>7}" for name, _ in row))
             print(f"{'x100':>8} " + " ".join(f"{100 * stats[k][0]:7.2f}" for _, k in row))
@@ -547,9 +558,15 @@ def evaluate_ocl(ckpt, args, device):
     if args.viz:
         out_dir = _figure_dir(args)
         batch = next(iter(_loader(dataset, args.viz)))
-        image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W)
-        out = model.segment(image)  # slots (v, s, d), masks (v, s, h, w)
-        pred = masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (v, H, W)
+        image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W); video (v, t, ...)
+        out = model.segment(image, batch["bbox"].to(device) if "bbox" in batch else None)  # masks (v(, t), s, h, w)
+        pred = masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (v, H, W), video (v, t, H, W)
+        if model.video:  # a strip per clip: one row per frame, a slot keeps its colour in every row
+            for i in range(len(image)):
+                fig2(out_dir / f"clip_{i:03d}.png", image[i], segment[i], pred[i], out["masks"][i])
+            print(f"wrote {len(image)} clip strips clip_NNN.png to {out_dir} (rows: frames; columns: image | ground "
+                  f"truth | prediction | one column per slot)")
+            return _ocl_result(args, a, ckpt, stats)
         fig2(out_dir / "fig2.png", image, segment, pred, out["masks"])
         print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
         if model.decoder_kind == "diffusion":  # slots -> X' through the DDIM sampler -> pixels through the VAE decoder
@@ -559,6 +576,11 @@ def evaluate_ocl(ckpt, args, device):
             rows = [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
             save_rows_png(out_dir / "diffusion_recon.png", rows)
             print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
+    return _ocl_result(args, a, ckpt, stats)
+
+
+def _ocl_result(args, a, ckpt, stats):
+    """What evaluate_ocl returns and --json writes."""
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
 
@@ -594,7 +616,8 @@ def parse_args(argv=None):
     p.add_argument("--semantic", action="store_true",
                    help="score against object classes instead of instances (VOC, COCO, Open Images conversions)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained with)")
-    p.add_argument("--batch-size", type=data.number(int, 1), default=32, help="images per batch")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=None,
+                   help="images or clips per batch (default: 32 images; for a video OCL run, its validation batch)")
     p.add_argument("--limit", type=data.number(int, 0), default=0, help="score only the first N samples (0 = all)")
     p.add_argument("--viz", type=data.number(int, 0), default=0,
                    help="write figures for the first N samples (Fig. 2 for OCL, Fig. 3 for VAE)")

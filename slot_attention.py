@@ -3,14 +3,16 @@
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 (phi_e: T -> F,
 phi_sa: (S0, F) -> (S, M)), A.3 ("Slot Attention: we adhere to the standard design outlined in Locatello et al.
 2020"), A.5 (random query initialization: trainable Gaussian means, one shared non-trainable sigma, cosine-annealed
-from 1 to 0 over training, 0 at evaluation). Ablations of Sect. 4.3 use "naive CNN (Kipf et al., 2022) as the
+from 1 to 0 over training, 0 at evaluation; video: queries from the first frame's bounding boxes through a 2-layer
+MLP), A.3 (STEVE: "an additional transformer encoder block to bridge current and subsequent queries"). Ablations of
+Sect. 4.3 use "naive CNN (Kipf et al., 2022) as the
 primary encoder", which is our default.
 
 Notation (paper -> code): F `features` (b, n, d_in) with n = h*w; S0 `queries` (b, s, d); S `slots` (b, s, d);
 M `masks` (b, s, h, w) = the attention of the last iteration. Letters: b batch, s slots, n inputs, d channels.
 
-Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, SlotAttention (+ attend), SysBinder;
-then DinoViT.
+Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, BoxQueries and Predictor (video: STEVE),
+SlotAttention (+ attend), SysBinder; then DinoViT.
 
 Differences: the naive CNN of Kipf et al. runs four 5x5 convolutions at full resolution (the authors' CNN branch
 gives 128x128 features at 128 px: `stride=1`, the `--size paper` default). A 2-core CPU cannot afford that, so the
@@ -127,6 +129,65 @@ class GaussianQueries(nn.Module):
         if sigma == 0:
             return mu
         return mu + sigma * torch.randn_like(mu)  # (b, s, d)
+
+
+class BoxQueries(nn.Module):
+    """Box-conditioned query initialization for video (A.5, as in SAVi and STEVE): the bounding boxes of the objects
+    in the FIRST frame, normalised by the frame size, (x0, y0, x1, y1), each through a 2-layer MLP with GELU to a
+    query, S0 (b, s, d). Each visible object's slot comes with its box, so slots start with an identity.
+    Two additions of ours, both measured on shapes_video (README, "Video"): the box enters the MLP as 2 * box - 1
+    (centred, so that different boxes do not share a large common input), and during training the box queries get
+    the same annealed noise sigma * N(0, I) as the Gaussian queries (sigma 1 -> 0, 0 at evaluation). Without the
+    noise the slots of a frame started nearly parallel (cosine 0.97) and the predictor made them identical.
+
+    Slots without a box (more slots than objects in the first frame: the background, and spares for objects that
+    enter later) start from learned per-slot queries, the image model's GaussianQueries (trainable means, the
+    annealed sigma). The authors give them the zero box instead, which makes them identical: in our runs those 1-4
+    identical slots took 2-4 times an object slot's share of every pixel and the model collapsed (README, "Video").
+    Boxes are compacted: the slots of the visible objects come first, in record order, then the box-less ones.
+    More visible objects than s - 1: the s - 1 largest keep their boxes, so that one slot always starts free for the
+    background (MOVi-E: up to 23 objects, 21 slots; the authors' code stops with an assertion there).
+    """
+
+    def __init__(self, num_slots, dim):
+        super().__init__()
+        self.num_slots = num_slots
+        self.mlp = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.free = GaussianQueries(num_slots, dim)  # the queries of slots without a box
+
+    def forward(self, boxes, sigma=0.0):
+        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d)."""
+        b, k = boxes.shape[:2]
+        s = self.num_slots
+        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0)  # (b, K), 0: none
+        top = area.argsort(dim=1, descending=True, stable=True)[:, :s - 1]  # (b, m) the largest, m = min(K, s-1)
+        visible = area.gather(1, top) > 0  # (b, m)
+        top = top.gather(1, torch.where(visible, top, top + k).argsort(dim=1))  # visible first, in record order
+        visible = area.gather(1, top) > 0  # (b, m)
+        m = top.shape[1]
+        boxed = self.mlp(2 * boxes.gather(1, top[..., None].expand(-1, -1, 4)) - 1)  # (b, m, d), boxes in [-1, 1]
+        if sigma:  # the same annealed noise as the free slots': it keeps slots apart early in training
+            boxed = boxed + sigma * torch.randn_like(boxed)
+        boxed = F.pad(boxed, (0, 0, 0, s - m))  # (b, s, d)
+        visible = F.pad(visible, (0, s - m))  # (b, s)
+        return torch.where(visible[..., None], boxed, self.free(b, sigma))  # (b, s, d)
+
+
+class Predictor(nn.Module):
+    """STEVE's transition (A.3: "an additional transformer encoder block to bridge current and subsequent queries"):
+    the slots of frame t, (b, s, d), attend to each other in one transformer encoder layer and become the queries of
+    frame t+1. GELU, FFN 4d, dropout 0.1 as the authors' `transit`, but pre-norm (x + attn(LN(x)), as STEVE's own
+    blocks) where the authors' layer is post-norm: in our runs the post-norm layer mapped all slots of a frame to one
+    query (cosine 1.0 from the second frame on) and the model never bound. It sees only frame t's slots, so the
+    recurrence is causal: frame t's slots depend on frames 0..t alone."""
+
+    def __init__(self, dim, heads=4, dropout=0.1):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+                                                norm_first=True)
+
+    def forward(self, slots):
+        return self.layer(slots)  # (b, s, d)
 
 
 class SlotAttention(nn.Module):

@@ -1,5 +1,6 @@
 """Stage 2: object-centric learning guided by the frozen (MSF) VAE: Slot Attention + a transformer (SLATE),
-diffusion (SlotDiffusion) or MLP (DINOSAUR) decoder.
+diffusion (SlotDiffusion) or MLP (DINOSAUR) decoder; on videos STEVE and video SlotDiffusion (slots carried from
+frame to frame by a predictor, queries from the first frame's boxes).
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 (OCL with VAE guidance),
 Sect. 3.2 ("During OCL training, only scale n = 1 is used as guidance"), Tab. 5 lower right (guide scales),
@@ -12,6 +13,8 @@ Run:  python train_ocl.py                                    # shapes, SLATE + M
       python train_ocl.py --dataset coco --decoder diffusion --device cuda   # paper recipe (preset)
       torchrun --nproc_per_node 4 train_ocl.py --dataset coco --decoder diffusion   # 4 GPUs, same global batch
       python train_ocl.py --dataset coco --decoder diffusion --resume        # continue a killed run exactly
+      python train_ocl.py --dataset shapes_video                 # STEVE + MSF on the built-in video dataset (CPU)
+      python train_ocl.py --dataset movi_c --decoder diffusion   # video SlotDiffusion + MSF (paper recipe, A.5)
 
 Reads the VAE written by train_vae.py (runs/vae_<dataset>_msf_c256/best.pt for the transformer and mlp decoders,
 ..._c4 for diffusion, or --vae-ckpt). Writes runs/ocl_<dataset>_<decoder>_<target>/ (`run_folder`): best.pt (by
@@ -19,9 +22,10 @@ ARI + ARIfg on the `select` split, held out of the training data; never on val, 
 last.pt, metrics.jsonl, masks.png. A checkpoint embeds its VAE, so `python evaluate.py --ckpt runs/.../best.pt`
 needs nothing else.
 
-Reading order: SIZES, the model `OCL` (frozen VAE -> guidance; encoder -> queries -> Slot Attention -> slots, masks;
-decoder -> loss), GuidanceCache, `train` (per step: lr, sigma -> forward -> loss -> update -> log, validate,
-checkpoint), `describe`, `validate`, `checkpoint`, the arguments. Validation metrics come from evaluate.py; what
+Reading order: SIZES, the model `OCL` (frozen VAE -> guidance; encoder -> queries -> Slot Attention -> slots,
+masks; video: encode_video, the recurrence over frames; decoder -> loss), GuidanceCache, FeatureCache, crop_clips,
+`train` (per step: lr, sigma -> forward -> loss -> update -> log, validate, checkpoint), `describe`, `validate`,
+`checkpoint`, the arguments. Validation metrics come from evaluate.py; what
 keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at
 first.
 """
@@ -41,7 +45,7 @@ import evaluate
 import msf
 import train_common
 import slot_attention
-from slot_attention import CNNEncoder, GaussianQueries, SlotAttention, SysBinder
+from slot_attention import BoxQueries, CNNEncoder, GaussianQueries, Predictor, SlotAttention, SysBinder
 
 # Model sizes: "paper" follows the authors' settings (official-spec sect. 4-5), "cpu" shrinks every width so that
 # the built-in dataset trains on a 2-core CPU, "class" is "cpu" on a 16x16 grid (encoder stride 4) for classroom runs
@@ -63,17 +67,20 @@ CODE_DIM = {"transformer": 256, "diffusion": 4}  # the guidance each decoder is 
 
 
 class OCL(nn.Module):
-    """Frozen VAE guidance + primary encoder + Gaussian queries + Slot Attention + one primary decoder.
+    """Frozen VAE guidance + primary encoder + queries + Slot Attention + one primary decoder; for video (STEVE,
+    video SlotDiffusion) also the predictor that carries frame t's slots to frame t+1's queries.
 
-    The size arguments default to the paper's (SIZES["paper"]); train_ocl.py always passes them from --size."""
+    The size arguments default to the paper's (SIZES["paper"]); train_ocl.py always passes them from --size.
+    video: inputs are clips (b, t, 3, H, W); queries: "gaussian" (A.5, images) or "box" (A.5, video: first-frame
+    boxes)."""
 
     def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), iters=3, bilevel=False,
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
-                 grouping="sa"):
+                 grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
-        self.decoder_kind, self.guide_scales = decoder, list(guide_scales)
+        self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
         code_dim = vae.code_dim
         # EXERCISE: encoder (a project, not in EXERCISES.md): another primary encoder goes here
         # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
@@ -84,7 +91,16 @@ class OCL(nn.Module):
                              f"'dino' takes slot_attention.dino_vit_s8()")
         self.dino_sha256 = dino_sha256
         self.encoder = CNNEncoder(slot_dim, enc_channels, enc_stride, dino=dino)
-        self.queries = GaussianQueries(num_slots, slot_dim)
+        # the query initializer (A.5): Gaussian for images; for video the first frame's boxes through an MLP
+        if queries == "box":
+            self.queries = BoxQueries(num_slots, slot_dim)
+        elif queries == "gaussian":
+            self.queries = GaussianQueries(num_slots, slot_dim)
+        else:
+            raise ValueError(f"unknown --queries '{queries}'; choose gaussian or box")
+        self.box_queries = queries == "box"
+        # video (A.3): one transformer encoder layer turns frame t's slots into frame t+1's queries (STEVE)
+        self.predictor = Predictor(slot_dim, dropout=predictor_dropout) if video else None
         # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3)
         if grouping == "sysbinder":
             if bilevel:
@@ -135,38 +151,73 @@ class OCL(nn.Module):
                 return self.guide(image)
             return indices, [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]
 
-    def encode(self, image, sigma=0.0, dino_features=None):
+    def initial_queries(self, b, sigma, bbox):
+        """S0 (b, s, d): the Gaussian queries with noise sigma, or the MLP of the first frame's boxes bbox (b, K, 4)."""
+        if self.box_queries:
+            if bbox is None:
+                raise ValueError("box queries need the first frame's bounding boxes (a dataset that stores `bbox`)")
+            return self.queries(bbox, sigma)
+        return self.queries(b, sigma)
+
+    def encode(self, image, sigma=0.0, dino_features=None, bbox=None):
         """phi_e and phi_sa (Sect. 3.1): image (b, 3, H, W) -> slots (b, s, d) and Slot Attention's masks
         (b, s, h, w), from queries with noise sigma (0: the means, as at evaluation). dino_features: the frozen
-        DINO's map of these images if already known (the feature cache; big-little encoder only)."""
+        DINO's map of these images if already known (the feature cache; big-little encoder only).
+        Video: clips (b, t, 3, H, W) and boxes (b, t, K, 4) -> slots (b, t, s, d), masks (b, t, s, h, w)."""
+        if self.video:
+            return self.encode_video(image, sigma, dino_features, bbox)
         b = image.shape[0]
         features, grid = self.encoder(image, dino_features)  # phi_e: (b, n, d), (h, w)
-        slots, attn = self.slot_attention(self.queries(b, sigma), features)  # phi_sa: (b, s, d), (b, s, n)
+        queries = self.initial_queries(b, sigma, None if bbox is None else bbox[:, 0])  # (b, s, d)
+        slots, attn = self.slot_attention(queries, features)  # phi_sa: (b, s, d), (b, s, n)
         return slots, attn.view(b, -1, *grid)  # (b, s, d), (b, s, h, w)
 
-    def forward(self, image, sigma=0.0, indices=None, dino_features=None):
+    def encode_video(self, clip, sigma=0.0, dino_features=None, bbox=None):
+        """STEVE's recurrence (A.3): frame 0's queries from the first frame's boxes (or Gaussian); at each frame t,
+        Slot Attention from the queries gives frame t's slots and masks; the predictor turns them into frame t+1's
+        queries. Causal: frame t's slots see frames 0..t only. clip (b, t, 3, H, W) -> slots (b, t, s, d), masks
+        (b, t, s, h, w)."""
+        b, t = clip.shape[:2]
+        features, grid = self.encoder(clip.flatten(0, 1), dino_features)  # phi_e per frame: (b*t, n, d), (h, w)
+        features = features.unflatten(0, (b, t))  # (b, t, n, d)
+        queries = self.initial_queries(b, sigma, None if bbox is None else bbox[:, 0])  # (b, s, d) for frame 0
+        slots, masks = [], []
+        for i in range(t):
+            s_i, a_i = self.slot_attention(queries, features[:, i])  # phi_sa on frame i: (b, s, d), (b, s, n)
+            slots.append(s_i)
+            masks.append(a_i.view(b, -1, *grid))  # (b, s, h, w)
+            queries = self.predictor(s_i)  # frame i+1's queries (b, s, d)
+        return torch.stack(slots, 1), torch.stack(masks, 1)  # (b, t, s, d), (b, t, s, h, w)
+
+    def forward(self, image, sigma=0.0, indices=None, dino_features=None, bbox=None):
         """image (b, 3, H, W) -> dict(loss, masks (b, s, h, w), slots (b, s, d)). `indices`: the guidance indices
         if already known (GuidanceCache); X is then rebuilt from them instead of running the VAE. `dino_features`:
-        DINO's map of the images if already known (the feature cache)."""
-        indices, xs = self.targets(image, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
-        slots, masks = self.encode(image, sigma, dino_features)
+        DINO's map of the images if already known (the feature cache). bbox (b, t, K, 4): boxes (box queries).
+        Video: clips (b, t, 3, H, W); every frame is decoded from its own slots (STEVE), masks (b, t, s, h, w)."""
+        frames = image.flatten(0, 1) if self.video else image  # the VAE and the decoder are per frame: (b*t, ...)
+        indices, xs = self.targets(frames, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
+        slots, masks = self.encode(image, sigma, dino_features, bbox)  # video: (b, t, s, d), (b, t, s, h, w)
+        per_frame = slots.flatten(0, 1) if self.video else slots  # (b*t, s, d) or (b, s, d)
         if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
-            loss = self.decoder.loss(self.decoder(xs, slots), indices)
+            loss = self.decoder.loss(self.decoder(xs, per_frame), indices)
         elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X
-            loss = self.decoder.loss(xs[0], slots)
+            loss = self.decoder.loss(xs[0], per_frame)
         else:
-            recon, masks = self.decoder(slots, xs.shape[-2:])  # masks from the decoder's alpha (b, s, h, w)
+            recon, masks = self.decoder(per_frame, xs.shape[-2:])  # masks from the decoder's alpha (b(*t), s, h, w)
             loss = F.mse_loss(recon, xs.flatten(2).transpose(1, 2))
+            masks = masks.unflatten(0, slots.shape[:2]) if self.video else masks
         return {"loss": loss, "masks": masks, "slots": slots}
 
     @torch.no_grad()
-    def segment(self, image):
+    def segment(self, image, bbox=None):
         """What evaluation needs, and nothing else: slots (b, s, d) and masks (b, s, h, w) (Slot Attention's last
         attention; mlp: the decoder's alpha), from the query means. No decoder loss and no random draw, so
-        validating leaves the training's random stream where it was."""
-        slots, masks = self.encode(image)
+        validating leaves the training's random stream where it was. Video: whole clips (b, t, 3, H, W) and their
+        boxes (b, t, K, 4) -> slots (b, t, s, d), masks (b, t, s, h, w)."""
+        slots, masks = self.encode(image, bbox=bbox)
         if self.decoder_kind == "mlp":
-            _, masks = self.decoder(slots, self.token_grid)  # (b, s, h, w)
+            _, masks = self.decoder(slots.flatten(0, 1) if self.video else slots, self.token_grid)  # (b(*t), s, h, w)
+            masks = masks.unflatten(0, slots.shape[:2]) if self.video else masks
         return {"slots": slots, "masks": masks}
 
 
@@ -186,8 +237,9 @@ class GuidanceCache:
 
     def __call__(self, model, image, index):
         """The guidance indices of a batch, per guide scale (b, g, h, w): from the store where seen before, from
-        the frozen VAE (model.guide) for the images seen for the first time. index: the images' dataset indices."""
-        index = [int(i) for i in index]
+        the frozen VAE (model.guide) for the images seen for the first time. index: the images' dataset indices;
+        for video frames (b, 3, H, W) cut from clips, (clip index, frame number) pairs (crop_clips)."""
+        index = [i if isinstance(i, tuple) else int(i) for i in index]
         missing = [j for j, i in enumerate(index) if i not in self.store]
         if missing:  # only the new images go through the VAE
             indices, _ = model.guide(image[missing])
@@ -343,7 +395,9 @@ def train(args):
                           enc_channels=args.enc_channels, enc_stride=args.enc_stride, iters=args.iters,
                           bilevel=args.bilevel, dec_dim=args.dec_dim, dec_layers=args.dec_layers,
                           dec_heads=args.dec_heads, unet_base=args.unet_base, unet_layers=args.unet_layers,
-                          mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention)
+                          mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention,
+                          video=data.PRESETS[args.dataset]["video"], queries=args.queries,
+                          predictor_dropout=args.predictor_dropout)
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
             dino, _, model_args["dino_sha256"] = slot_attention.dino_vit_s8(args.dino_weights)
@@ -380,12 +434,17 @@ def train(args):
                 # EXERCISE: sigma (EXERCISES.md 6): a constant sigma, or 0 throughout (single-object datasets, A.5)
                 sigma = train_common.cosine_decay(step, args.steps, args.sigma, 0.0)  # query noise, 1 -> 0 (A.5)
                 batch = next(batches)
-                image = batch["image"].to(device, non_blocking=True)  # (b, 3, H, W), this process's share
-                indices = cache(model, image, batch["index"]) if cache else None  # the guidance, if seen before
+                image, bbox, keys = batch["image"], batch.get("bbox"), batch["index"]  # this process's share
+                if model.video:  # A.4: a random strided crop of --clip-frames frames of every clip
+                    image, bbox, keys = crop_clips(image, bbox, keys, args.clip_frames, args.seed, step, d)
+                image = image.to(device, non_blocking=True)  # (b, 3, H, W), video (b, t, 3, H, W)
+                bbox = None if bbox is None else bbox.to(device, non_blocking=True)  # video (b, t, K, 4)
+                # the guidance, if seen before (video: per frame)
+                indices = cache(model, image.flatten(0, 1) if model.video else image, keys) if cache else None
                 maps = features(batch["index"], device) if features else None  # DINO's, if cached
 
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                    loss = ddp(image, sigma, indices, maps)["loss"]  # guidance -> slots -> decoder -> loss
+                    loss = ddp(image, sigma, indices, maps, bbox)["loss"]  # guidance -> slots -> decoder -> loss
                 stopping = guard.check(loss, step)  # non-finite loss, stop signal
                 train_common.optimizer_step(loss, optimizer, scaler, params, args.clip)
 
@@ -394,7 +453,7 @@ def train(args):
                     log.progress(step, loss=loss.item(), sigma=sigma)
                 validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # about to write: weights sane?
-                    train_common.check_weights(model, d, step, lambda: model(image, 0.0, indices)["loss"])
+                    train_common.check_weights(model, d, step, lambda: model(image, 0.0, indices, maps, bbox)["loss"])
                 if validating and d.main:  # process 0 alone validates and writes
                     metrics = validate(model, val_data, args, device, out, step, log)
                     score = metrics["ari"] + metrics["ari_fg"]
@@ -412,30 +471,55 @@ def train(args):
     return out
 
 
+def crop_clips(image, bbox, index, window, seed, step, d):
+    """A.4's random strided temporal crop, for this process's clips (b, T, 3, H, W) and boxes (b, T, K, 4): `window`
+    consecutive frames from a first frame drawn from {0, w, 2w, ...} (data.clip_starts: windows that do not
+    overlap, as the authors' {0, 6, 12, 18} on MOVi's 24 frames). The draw is a function of (seed, step) for the
+    global batch, of which this process takes its part: a resumed run and N processes crop as one process does.
+    Returns the cropped clips (b, w, 3, H, W), boxes (b, w, K, 4), and the (clip, frame) key of every frame taken,
+    in clip-major order (for the guidance cache)."""
+    b, t = image.shape[:2]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = data.clip_starts(t, window, b * d.world, g)[d.rank * b:(d.rank + 1) * b]  # (b,) this process's
+    frames = starts[:, None] + torch.arange(min(window, t))  # (b, w) frame numbers
+    rows = torch.arange(b)[:, None]  # (b, 1)
+    keys = [(int(i), int(f)) for i, fs in zip(index, frames) for f in fs]
+    return image[rows, frames], bbox[rows, frames], keys  # (b, w, 3, H, W), (b, w, K, 4)
+
+
 def describe(args, params, vae_ckpt, resolution, device, start):
     """The run's first line: what trains on what, guided by which VAE, for how long, where."""
     encoder = "naive CNN" if args.encoder == "cnn" else (
         "big-little: frozen DINO ViT-S/8 + CNN" + (" with RANDOM DINO weights (smoke run only)"
                                                    if args.dino_weights == "random" else ""))
     grouping = "SysBinder (2 blocks)" if args.slot_attention == "sysbinder" else "Slot Attention"
-    return (f"OCL {args.decoder} + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | {encoder} | "
-            f"{grouping} | "
-            f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
-            f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size} on {device}"
+    grouping += f" x {args.iters} iterations, {args.queries} queries"
+    video = data.PRESETS[args.dataset]["video"]
+    name = {"transformer": "STEVE" if video else "SLATE", "diffusion": "video SlotDiffusion" if video else
+            "SlotDiffusion", "mlp": "DINOSAUR"}[args.decoder]
+    return (f"OCL {name} ({args.decoder}) + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
+            f"{encoder} | {grouping}" + (" + predictor (frame t's slots -> frame t+1's queries)" if video else "") +
+            f" | {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
+            f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size}"
+            + (f" clips x {args.clip_frames} frames (clip norm {args.clip})" if video else "") + f" on {device}"
             + (f" | resumed at step {start}" if start else ""))
 
 
 def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: ARI, ARIfg, mIoU, mBO (evaluate.validate_ocl) on the first --val-batches batches,
-    logged and printed x100, and masks.png (Fig. 2 of 8 validation images). Returns the metric means."""
-    values, (image, segment, pred, masks) = evaluate.validate_ocl(model, val_data, device, args.batch_size,
+    logged and printed x100, and masks.png (Fig. 2 of 8 validation images; video: of one whole clip, one row per
+    frame). Returns the metric means."""
+    values, (image, segment, pred, masks) = evaluate.validate_ocl(model, val_data, device, args.val_batch_size,
                                                                   args.val_batches,
                                                                   thresholds=evaluate.size_thresholds(val_data))
     metrics = {k: mean for k, (mean, _) in evaluate.summary(values).items()}
     log(step + 1, **{f"val_{k}": round(v, 5) for k, v in metrics.items()})
     print("  val | " + " | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()), flush=True)
-    n = min(8, len(image))  # of the last validation batch
-    evaluate.fig2(out / "masks.png", image[:n], segment[:n], pred[:n], masks[:n])
+    n = min(8, len(image))  # of the last validation batch; video: its first clip, one row per frame
+    if model.video:
+        evaluate.fig2(out / "masks.png", image[0], segment[0], pred[0], masks[0])
+    else:
+        evaluate.fig2(out / "masks.png", image[:n], segment[:n], pred[:n], masks[:n])
     return metrics
 
 
@@ -463,7 +547,7 @@ def parse_args(argv=None):
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
     p.add_argument("--slots", type=data.number(int, 1), default=None, help="number of slots (default: dataset preset)")
     p.add_argument("--guide-scales", default="1", choices=["1", "1,2", "2"], help="VAE scales used as guidance (Tab. 5)")
-    p.add_argument("--size", default=None, choices=list(SIZES), help="model widths (default: cpu for shapes, paper otherwise)")
+    p.add_argument("--size", default=None, choices=list(SIZES), help="model widths (default: cpu for the built-in shapes and shapes_video, paper otherwise)")
     for name in ("slot-dim", "enc-channels", "dec-dim", "dec-layers", "dec-heads", "unet-base", "unet-layers",
                  "mlp-hidden"):
         p.add_argument(f"--{name}", type=data.number(int, 1), default=None,
@@ -482,7 +566,22 @@ def parse_args(argv=None):
     p.add_argument("--slot-attention", default="sa", choices=["sa", "sysbinder"],
                    help="sa: Slot Attention (Locatello et al.); sysbinder: block-slot attention with 2 blocks "
                         "(SysBinder, the paper's competitor, A.3)")
-    p.add_argument("--iters", type=data.number(int, 1), default=3, help="Slot Attention iterations")
+    p.add_argument("--iters", type=data.number(int, 1), default=None,
+                   help="Slot Attention iterations (default: dataset preset; 3 for images and shapes_video, 1 per frame "
+                        "for MOVi as the authors' STEVE)")
+    p.add_argument("--queries", default=None, choices=["gaussian", "box"],
+                   help="query initialization (A.5): gaussian (learned means + annealed sigma), or box (the first "
+                        "frame's bounding boxes through a 2-layer MLP; needs a dataset with boxes) (default: box for "
+                        "video datasets, gaussian for images)")
+    # video (STEVE, video SlotDiffusion)
+    p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
+                   help="video: frames per training clip, a random strided crop (default: dataset preset; A.4: 6, "
+                        "shapes_video: 2); validation takes whole clips")
+    p.add_argument("--predictor-dropout", type=data.number(float, 0), default=0.1,
+                   help="video: dropout of the predictor, the transformer layer from frame t's slots to frame t+1's "
+                        "queries (authors: 0.1)")
+    p.add_argument("--val-batch-size", type=data.number(int, 1), default=None,
+                   help="clips or images per validation batch (default: dataset preset; paper: 32 images, 4 clips)")
     p.add_argument("--bilevel", action="store_true",
                    help="BO-QSA's truncated gradient (the authors' code): backpropagate through the last iteration only")
     # optimisation (A.5)
@@ -491,8 +590,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: dataset preset (paper 32)")
     p.add_argument("--lr", type=data.number(float, above=0), default=None,
                    help="Adam learning rate (default: dataset preset; paper 2e-4, shapes 2e-3 for its short CPU schedule)")
-    p.add_argument("--clip", type=data.number(float, above=0), default=1.0,
-                   help="gradient clipping norm (paper 1.0 for images)")
+    p.add_argument("--clip", type=data.number(float, above=0), default=None,
+                   help="gradient clipping norm (default: dataset preset; paper 1.0 for images, 0.02 for MOVi; "
+                        "shapes_video 1.0)")
     p.add_argument("--sigma", type=data.number(float, 0), default=1.0,
                    help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
@@ -505,10 +605,17 @@ def parse_args(argv=None):
 
     # dataset preset (steps, batch, slots, lr), then the model size, then the checks that need the final values
     preset = train_common.apply_preset(p, args, "ocl", val_parts=10)
-    if preset["video"]:  # stage 1 trains on video frames; stage 2 needs STEVE's recurrence over frames
-        p.error(f"{args.dataset} is a video dataset, and video OCL (STEVE: slots carried from frame to frame by a "
-                f"transition transformer, bounding-box queries) is not implemented yet (README, 'Status'). Its stage 1 "
-                f"works: python train_vae.py --dataset {args.dataset}")
+    video = preset["video"]
+    args.iters = preset.get("ocl_iters", 3) if args.iters is None else args.iters  # MOVi: 1 per frame (authors)
+    args.clip = preset.get("ocl_clip", 1.0) if args.clip is None else args.clip  # A.5: 1.0 images, 0.02 videos
+    args.clip_frames = preset.get("ocl_clip_frames", 6) if args.clip_frames is None else args.clip_frames  # A.4
+    args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
+    if args.queries == "box" and not video:
+        p.error(f"--queries box initialises slots from the first frame's bounding boxes; {args.dataset} is an image "
+                f"dataset without boxes: use --queries gaussian")
+    args.val_batch_size = args.val_batch_size or preset.get("ocl_val_batch", args.batch_size)
+    if video and args.cache_features:
+        p.error("--cache-features stores one DINO map per image; it does not cache video frames yet: run without it")
     args.slots = preset["num_slots"] if args.slots is None else args.slots
     args.lr = preset["ocl_lr"] if args.lr is None else args.lr
     args.encoder = preset["encoder"] if args.encoder is None else args.encoder
@@ -516,7 +623,7 @@ def parse_args(argv=None):
         p.error(f"--cache-features caches DINO's features: it needs --encoder dino (this run's is {args.encoder})")
     if args.dino_weights is not None and args.encoder != "dino":
         p.error(f"--dino-weights {args.dino_weights} is for --encoder dino (this run's encoder is {args.encoder})")
-    args.size = args.size or ("cpu" if args.dataset == "shapes" else "paper")
+    args.size = args.size or ("cpu" if args.dataset in data.BUILTIN else "paper")
     for key, value in SIZES[args.size].items():  # --size fills every width no flag gave
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -539,7 +646,8 @@ def run_folder(args, vae_args):
     """The default --out: runs/ocl_<dataset>_<decoder>_<target>, the target being what the decoder reconstructs:
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
     for other --guide-scales), or for mlp `z1-<vae>`, that VAE's continuous encoder features Z_1 (the fusion is
-    bypassed). The model's name adds -dino (big-little encoder) and -sysbinder. The quick start's run is
+    bypassed). The model's name adds -dino (big-little encoder), -sysbinder, and for video -gaussian (Gaussian
+    instead of box queries). The quick start's run is
     runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = msf.vae_name(vae_args)
     if args.decoder == "mlp":
@@ -547,7 +655,8 @@ def run_folder(args, vae_args):
     elif args.guide_scales != "1":
         target += "-g" + args.guide_scales.replace(",", "")
     model = args.decoder + ("-dino" if args.encoder == "dino" else "") + \
-        ("-sysbinder" if args.slot_attention == "sysbinder" else "")
+        ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
+        ("-gaussian" if data.PRESETS[args.dataset]["video"] and args.queries == "gaussian" else "")
     return f"runs/ocl_{args.dataset}_{model}_{target}"
 
 

@@ -221,8 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: dataset preset (paper 64)")
     p.add_argument("--lr", type=data.number(float, above=0), default=2e-3, help="Adam learning rate (paper 2e-3)")
     p.add_argument("--clip", type=data.number(float, above=0), default=1.0, help="gradient clipping norm (paper 1.0)")
-    p.add_argument("--clip-frames", type=data.number(int, 1), default=6,
-                   help="video datasets: consecutive frames taken from each clip per step (authors: 6); a batch is "
+    p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
+                   help="video datasets: consecutive frames taken from each clip per step (default: dataset preset; "
+                        "authors: 6; shapes_video: 2, so that a CPU-sized batch holds 8 scenes); a batch is "
                         "--batch-size clips x this many frames")
     # GDR's stabilisers (A.3), which the MSF VAE inherits from its base
     p.add_argument("--stabilisers", default="auto", choices=["auto", "on", "off"],
@@ -236,6 +237,7 @@ def parse_args(argv=None):
 
     # dataset preset first (steps, batch, resolution), then the checks that need the final values
     preset = train_common.apply_preset(p, args, "vae", val_parts=4)
+    args.clip_frames = preset.get("vae_clip_frames", 6) if args.clip_frames is None else args.clip_frames
     args.resolution = args.resolution or preset["resolution"]
     check_ablation_flags(p, args)
     if args.scales is None:  # single-scale baselines: no pyramid; the others: N = 3 (A.3)

@@ -48,3 +48,26 @@ def tiny_vaes(tiny_root, tmp_path_factory):
                                      "--channels", "16", "--batch-size", "8", "--steps", "2", "--val-batches", "1"])
         paths[c] = train_vae.train(args) / "best.pt"
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_video_root(tmp_path_factory):
+    """data root holding shapes_video/{train,val} with 24/6 clips of 8 frames at 64x64."""
+    import data
+    root = tmp_path_factory.mktemp("video")
+    data.write_shapes_video(root, 64, seed=0, counts={"train": 24, "val": 6}, frames=8, quiet=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_video_vaes(tiny_video_root, tmp_path_factory):
+    """Two-step stage-1 runs on the video frames: MSF VAEs with c = 256 and c = 4."""
+    import train_vae
+    out = tmp_path_factory.mktemp("video_vaes")
+    paths = {}
+    for c in (256, 4):
+        args = train_vae.parse_args(["--dataset", "shapes_video", "--data-root", str(tiny_video_root),
+                                     "--out", str(out / f"c{c}"), "--code-dim", str(c), "--channels", "16",
+                                     "--batch-size", "2", "--steps", "2", "--val-batches", "1"])
+        paths[c] = train_vae.train(args) / "best.pt"
+    return paths

@@ -172,7 +172,7 @@ def test_shapes_resolution_128(tmp_path):
 # ----------------------------------------------------------------------------- load_dataset
 
 def test_load_dataset_errors_name_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="known datasets: shapes, clevrtex, coco"):
+    with pytest.raises(ValueError, match="known datasets: shapes, shapes_video, clevrtex, coco"):
         data.load_dataset("imagenet", "train", tmp_path)
     with pytest.raises(data.DatasetMissing, match=r"python convert.py coco --src"):
         data.load_dataset("coco", "train", tmp_path)

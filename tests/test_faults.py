@@ -136,7 +136,7 @@ BAD_FLAGS = [
     (evaluate.main, ["--viz", "-2"], "argument --viz: must be >= 0"),
     (data.main, ["shapes", "--train", "-5"], "argument --train: must be >= 2, got -5"),
     (data.main, ["shapes", "--resolution", "0"], "argument --resolution: must be >= 32"),
-    (data.main, ["shapes", "--resolution", "72"], "--resolution 72: the built-in dataset needs a multiple of 16"),
+    (data.main, ["shapes", "--resolution", "72"], "--resolution 72: the built-in datasets need a multiple of 16"),
     (convert.main, ["coco", "--src", "x", "--resolution", "0"], "argument --resolution: must be >= 8, got 0"),
     (convert.main, ["coco", "--src", "x", "--resolution", "-5"], "argument --resolution: must be >= 8, got -5"),
     (convert.main, ["voc", "--src", "x", "--limit", "-1"], "argument --limit: must be >= 0"),

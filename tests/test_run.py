@@ -209,7 +209,8 @@ def test_existing_run_needs_resume_or_overwrite(tiny_root, vae256, tmp_path, cap
     assert len(losses(out)) == 2 and torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
 
-def test_ocl_non_finite_loss_keeps_the_last_good_checkpoint(tiny_root, vae256, tmp_path, monkeypatch):
+def poison_third_training_loss(monkeypatch):
+    """OCL.forward returns an infinite loss at the third training step (also used by tests/test_video.py)."""
     forward, calls = train_ocl.OCL.forward, [0]
 
     def poisoned(self, *a, **k):
@@ -219,6 +220,10 @@ def test_ocl_non_finite_loss_keeps_the_last_good_checkpoint(tiny_root, vae256, t
             out["loss"] = out["loss"] * float("inf")
         return out
     monkeypatch.setattr(train_ocl.OCL, "forward", poisoned)
+
+
+def test_ocl_non_finite_loss_keeps_the_last_good_checkpoint(tiny_root, vae256, tmp_path, monkeypatch):
+    poison_third_training_loss(monkeypatch)
     out = tmp_path / "nan"
     args = train_ocl.parse_args(["--data-root", str(tiny_root), "--out", str(out), "--vae-ckpt", str(vae256), *OCL_TINY,
                                  "--steps", "5", "--ckpt-every", "1"])

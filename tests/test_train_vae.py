@@ -163,7 +163,7 @@ def write_tiny_movi(root, t=5, res=32):
         data.write_lmdb(root / "movi_c" / split, samples, dict(name="movi_c", split=split, resolution=res, max_objects=2))
 
 
-def test_movi_trains_the_vae_on_frames_and_ocl_names_what_is_missing(tmp_path, capsys):
+def test_movi_trains_the_vae_on_frames_and_ocl_takes_the_video_preset(tmp_path, capsys):
     import evaluate
     import train_ocl
     write_tiny_movi(tmp_path / "data")
@@ -173,10 +173,8 @@ def test_movi_trains_the_vae_on_frames_and_ocl_names_what_is_missing(tmp_path, c
     assert "3 steps x batch 2 clips x 2 frames" in capsys.readouterr().out
     result = evaluate.main(["--ckpt", str(out / "best.pt"), "--batch-size", "1"])
     assert result["samples"] == 2 * 5  # the VAE is scored on every frame of the 2 validation clips
-    with pytest.raises(SystemExit):
-        train_ocl.parse_args(["--dataset", "movi_c", "--data-root", str(tmp_path / "data")])
-    err = capsys.readouterr().err
-    assert "video OCL (STEVE" in err and "python train_vae.py --dataset movi_c" in err
+    args = train_ocl.parse_args(["--dataset", "movi_c", "--data-root", str(tmp_path / "data")])  # video OCL: STEVE
+    assert args.queries == "box" and args.clip_frames == 6 and args.batch_size == 8 and args.val_batch_size == 4
 
 
 @pytest.mark.parametrize("argv, out", [

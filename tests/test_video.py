@@ -1,0 +1,271 @@
+"""Video OCL (STEVE, video SlotDiffusion): the built-in `shapes_video` clips against their own masks, the strided
+temporal crop, the recurrence's causality, box-conditioned queries, the video metrics on a hand-computed identity
+swap, short real runs of both decoders on shapes_video and on a converted MOVi-format fixture, and the exact resume /
+DDP / non-finite checks of the image runs (tests/test_run.py) on video runs.
+
+Run: python -m pytest -q tests/test_video.py
+"""
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+import convert
+import data
+import evaluate
+import train_common
+import train_ocl
+import train_vae
+from slot_attention import BoxQueries
+
+from conftest import TINY_OCL
+from test_convert import movi_example, write_tfrecord
+from test_run import assert_same_weights, command, interrupt, losses, poison_third_training_loss, run
+
+
+def video_args(root, vaes, out, decoder="transformer", *extra):
+    return train_ocl.parse_args(["--dataset", "shapes_video", "--data-root", str(root), "--decoder", decoder,
+                                 "--vae-ckpt", str(vaes[4 if decoder == "diffusion" else 256]), "--out", str(out),
+                                 *TINY_OCL, "--batch-size", "2", "--clip-frames", "4", *extra])
+
+
+# ----------------------------------------------------------------------------- the built-in clips
+
+
+def test_shapes_video_boxes_are_the_masks_and_clips_move_scale_occlude_enter():
+    """Boxes recomputed independently from the masks (np.argwhere); over 40 clips: objects move, change size by
+    >= 15% within a clip, enter or leave (visible in some frames only), and who occludes whom changes."""
+    moved = scaled = entered = 0
+    for i in range(40):
+        image, segment, bbox = data.render_shapes_video(np.random.default_rng([7, i]), res=64, frames=12)
+        assert image.shape == (12, 64, 64, 3) and segment.shape == (12, 64, 64) and image.dtype == np.uint8
+        k = bbox.shape[1]
+        assert 2 <= k <= 5 and segment.max() <= k
+        for t in range(12):
+            for j in range(k):
+                pts = np.argwhere(segment[t] == j + 1)  # (P, 2) rows, cols
+                if len(pts) == 0:
+                    assert (bbox[t, j] == 0).all()
+                else:
+                    (y0, x0), (y1, x1) = pts.min(0), pts.max(0) + 1
+                    assert np.allclose(bbox[t, j], [x0 / 64, y0 / 64, x1 / 64, y1 / 64])
+        area = np.stack([(segment == j + 1).sum((1, 2)) for j in range(k)], 1)  # (T, K) visible pixels
+        assert (area[0] > 0).any()  # the first frame has an object to condition on
+        centre = (bbox[..., :2] + bbox[..., 2:]) / 2  # (T, K, 2)
+        seen = area > 0
+        moved += any(np.abs(centre[seen[:, j], j][-1] - centre[seen[:, j], j][0]).max() > 4 / 64 for j in range(k))
+        w = bbox[..., 2] - bbox[..., 0]  # (T, K) box widths, a proxy of size
+        scaled += any(w[seen[:, j], j].max() > 1.15 * w[seen[:, j], j].min() for j in range(k) if seen[:, j].all())
+        entered += (seen.any(0) & ~seen.all(0)).any()
+    assert moved >= 30 and scaled >= 10 and entered >= 8
+
+
+def test_shapes_video_is_deterministic_and_loads_as_clips(tmp_path):
+    a = data.write_shapes_video(tmp_path / "a", 64, seed=3, counts={"train": 3, "val": 2}, frames=6, quiet=True)
+    b = data.write_shapes_video(tmp_path / "b", 64, seed=3, counts={"train": 5, "val": 2}, frames=6, quiet=True)
+    c = data.write_shapes_video(tmp_path / "c", 64, seed=4, counts={"train": 3, "val": 2}, frames=6, quiet=True)
+    da, db, dc = (data.LMDBDataset(p / "train") for p in (a, b, c))
+    for i in range(3):  # clip i depends on the seed, not on the count
+        assert data.encode_record(da.record(i)) == data.encode_record(db.record(i))
+        assert not np.array_equal(da.record(i)["image"], dc.record(i)["image"])
+    ds = data.load_dataset("shapes_video", "val", tmp_path / "a")
+    s = ds[1]
+    assert s["image"].shape == (6, 3, 64, 64) and s["segment"].shape == (6, 64, 64) and s["bbox"].shape == (6, 5, 4)
+    assert ds.meta["frames"] == 6 and data.PRESETS["shapes_video"]["video"]
+
+
+def test_clip_starts_are_the_authors_strided_windows():
+    g = torch.Generator().manual_seed(0)
+    assert set(data.clip_starts(24, 6, 400, g).tolist()) == {0, 6, 12, 18}  # MOVi: the authors' four windows
+    assert set(data.clip_starts(12, 6, 100, g).tolist()) == {0, 6}  # shapes_video
+    assert set(data.clip_starts(8, 6, 100, g).tolist()) == {0}  # one window fits
+    assert data.clip_starts(6, 8, 3, g).tolist() == [0, 0, 0]  # window longer than the clip: the whole clip
+
+
+def test_crop_is_the_same_for_one_process_and_for_two():
+    """The global batch's crop is a function of (seed, step): 2 processes x 2 clips crop as 1 process x 4 clips."""
+    clips = torch.arange(4 * 12).float().view(4, 12, 1, 1, 1).expand(4, 12, 3, 2, 2)  # frame value = its number
+    boxes = torch.rand(4, 12, 3, 4)
+    one = train_ocl.crop_clips(clips, boxes, list(range(4)), 6, 0, 5, train_common.Dist(0, 1, 0, torch.device("cpu")))
+    for rank in (0, 1):
+        part = slice(2 * rank, 2 * rank + 2)
+        mine = train_ocl.crop_clips(clips[part], boxes[part], list(range(4))[part], 6, 0, 5,
+                                    train_common.Dist(rank, 2, 0, torch.device("cpu")))
+        assert torch.equal(mine[0], one[0][part]) and torch.equal(mine[1], one[1][part])
+        assert mine[2] == one[2][12 * rank:12 * rank + 12]
+    image, bbox, keys = one
+    assert image.shape == (4, 6, 3, 2, 2) and bbox.shape == (4, 6, 3, 4)
+    first = image[:, 0, 0, 0, 0] - torch.arange(4) * 12  # the first frame number of each crop
+    assert set(first.tolist()) <= {0.0, 6.0} and keys[:6] == [(0, int(first[0]) + f) for f in range(6)]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def tiny_video_model(vae_ckpt, decoder="transformer", queries="box"):
+    import msf
+    torch.manual_seed(0)
+    vae = msf.load_vae(torch.load(vae_ckpt, weights_only=True))
+    return train_ocl.OCL(vae, decoder, num_slots=4, resolution=64, iters=2, slot_dim=32, enc_channels=16,
+                         enc_stride=4, dec_dim=32, dec_layers=1, unet_base=16, unet_layers=1, video=True,
+                         queries=queries).eval()
+
+
+def test_the_recurrence_is_causal_in_time(tiny_video_vaes):
+    """Frame t's slots and masks do not change when frames after t change; they do change after the change."""
+    model = tiny_video_model(tiny_video_vaes[256])
+    clip, bbox = torch.rand(2, 5, 3, 64, 64) * 2 - 1, torch.rand(2, 5, 3, 4).sort(-1).values
+    later = clip.clone()
+    later[:, 3:] = torch.rand(2, 2, 3, 64, 64) * 2 - 1  # frames 3 and 4 replaced
+    a, b = model.segment(clip, bbox), model.segment(later, bbox)
+    assert torch.allclose(a["slots"][:, :3], b["slots"][:, :3], atol=1e-6, rtol=0)
+    assert torch.allclose(a["masks"][:, :3], b["masks"][:, :3], atol=1e-6, rtol=0)
+    assert not torch.allclose(a["slots"][:, 3:], b["slots"][:, 3:], atol=1e-3)
+
+
+def test_permuting_the_boxes_permutes_the_slots_in_every_frame(tiny_video_vaes):
+    model = tiny_video_model(tiny_video_vaes[256])
+    clip = torch.rand(2, 4, 3, 64, 64) * 2 - 1
+    bbox = torch.zeros(2, 4, 3, 4)
+    bbox[:, 0] = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.2, 0.6, 0.5, 0.95]])
+    perm = torch.tensor([2, 0, 1])
+    a, b = model.segment(clip, bbox), model.segment(clip, bbox[:, :, perm])
+    # slots 0-2 follow their boxes; slot 3 has no box (zero box) in both
+    order = torch.cat([perm, torch.tensor([3])])
+    assert torch.allclose(b["slots"], a["slots"][:, :, order], atol=1e-5)
+    assert torch.allclose(b["masks"], a["masks"][:, :, order], atol=1e-5)
+
+
+def test_box_queries_compact_visible_boxes_keep_the_largest_and_give_the_rest_learned_queries():
+    q = BoxQueries(num_slots=3, dim=8)
+    big, mid, small, none = [0, 0, 0.5, 0.5], [0.5, 0.5, 0.8, 0.8], [0.9, 0.9, 0.95, 0.95], [0, 0, 0, 0]
+    free = q.free.mu[0]  # (s, d) the learned queries of slots without a box
+    mlp = lambda boxes: q.mlp(2 * torch.tensor(boxes) - 1)  # boxes go in as [-1, 1] coordinates
+    # 3 visible objects, 3 slots: the 2 largest keep their record order, the last slot starts free
+    out = q(torch.tensor([[small, big, mid]]))[0]
+    assert torch.allclose(out[:2], mlp([big, mid])) and torch.allclose(out[2], free[2])
+    # an object not visible in the first frame (zero box) gets no box query; visible boxes move to the front
+    out = q(torch.tensor([[none, mid]]))[0]
+    assert torch.allclose(out[0], mlp(mid)) and torch.allclose(out[1:], free[1:])
+    # the free slots are distinct (the authors' zero boxes would make them identical); noise while training only
+    assert not torch.allclose(out[1], out[2])
+    noisy = q(torch.tensor([[none, mid]]), sigma=1.0)[0]
+    assert not torch.allclose(noisy[0], out[0]) and not torch.allclose(noisy[1:], out[1:])
+
+
+# ----------------------------------------------------------------------------- the video metrics
+
+
+def test_a_slot_that_swaps_objects_between_frames_is_penalised_as_computed_by_hand():
+    """Two frames of two pixels, objects 1 and 2. A prediction that keeps its slots scores 1; one that swaps the two
+    slots in frame 2 is perfect frame by frame, but over the clip every (object, slot) pair holds one pixel of four:
+    sum C(n_ij, 2) = 0, sum C(a_i, 2) = sum C(b_j, 2) = 2, expected = 2 * 2 / C(4, 2) = 2/3, max = 2, so
+    ARI = (0 - 2/3) / (2 - 2/3) = -0.5; every IoU is 1/3 (1 shared pixel of 3), so mIoU = mBO = 1/3."""
+    true = torch.tensor([[[[1, 2]], [[1, 2]]]])  # (b=1, t=2, H=1, W=2)
+    keep = torch.tensor([[[[0, 1]], [[0, 1]]]])
+    swap = torch.tensor([[[[0, 1]], [[1, 0]]]])
+    assert evaluate.ari(keep, true, foreground_only=True).item() == 1.0
+    assert evaluate.ari(swap, true, foreground_only=True).item() == pytest.approx(-0.5)
+    assert adjusted_rand_score(true.flatten(), swap.flatten()) == pytest.approx(-0.5)  # the independent oracle
+    assert evaluate.miou(swap, true).item() == pytest.approx(1 / 3) and evaluate.mbo(swap, true).item() == pytest.approx(1 / 3)
+    per_frame = evaluate.ari(swap.flatten(0, 1), true.flatten(0, 1), foreground_only=True)  # frame by frame
+    assert per_frame.tolist() == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "diffusion"])
+def test_both_decoders_train_on_clips_and_evaluate_scores_whole_clips(decoder, tiny_video_root, tiny_video_vaes,
+                                                                      tmp_path, capsys):
+    out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path / decoder, decoder, "--steps", "3"))
+    assert ("STEVE" if decoder == "transformer" else "video SlotDiffusion") in capsys.readouterr().out
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["model_args"]["video"] and ckpt["model_args"]["queries"] == "box"
+    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 3  # the shapes_video preset
+    assert any(k.startswith("predictor.") for k in ckpt["model"]) and "queries.mlp.0.weight" in ckpt["model"]
+    result = evaluate.main(["--ckpt", str(out / "best.pt"), "--viz", "2", "--json", str(tmp_path / "m.json")])
+    metrics = result["metrics"]
+    assert set(metrics) == {"ari", "ari_fg", "miou", "mbo", "ari_fg_frame"}
+    assert metrics["ari"]["count"] == 6  # one value per clip: the 6 val clips
+    strip = Image.open(out / "clip_000.png")
+    assert strip.height == 2 * 8 * (64 + 2) and (out / "clip_001.png").exists()  # one row per frame (scale 2)
+    assert Image.open(out / "masks.png").height == strip.height  # validation's figure: one whole clip too
+
+
+def test_gaussian_queries_on_video_and_box_queries_refused_on_images(tiny_video_root, tiny_video_vaes, tmp_path,
+                                                                     capsys):
+    args = video_args(tiny_video_root, tiny_video_vaes, tmp_path / "g", "transformer", "--queries", "gaussian")
+    assert train_ocl.run_folder(args, {"kind": "msf", "scales": 3}).endswith("transformer-gaussian_msf")
+    out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path / "g", "transformer", "--queries",
+                                     "gaussian", "--steps", "2"))
+    assert "queries.mu" in torch.load(out / "best.pt", weights_only=True)["model"]
+    with pytest.raises(SystemExit):
+        train_ocl.parse_args(["--queries", "box"])
+    assert "image dataset without boxes" in capsys.readouterr().err
+
+
+def test_a_converted_movi_fixture_trains_and_evaluates(tmp_path):
+    """SYNTHETIC MOVi-C records in the TFDS layout (random pixels, random boxes) -> convert.py -> stage 1 -> STEVE
+    with the preset's box queries and clip crop -> evaluate.py over whole 24-frame clips."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "movi_c" / "128x128" / "1.0.0"
+    src.mkdir(parents=True)
+    for split, n in (("train", 4), ("validation", 2)):
+        write_tfrecord(src / f"movi_c-{split}.tfrecord-00000-of-00001", [movi_example(rng)[0] for _ in range(n)])
+    root = tmp_path / "data"
+    convert.convert("movi_c", src, root / "movi_c", resolution=32, quiet=True)
+    vae = train_vae.train(train_vae.parse_args(["--dataset", "movi_c", "--data-root", str(root), "--out",
+                                                str(tmp_path / "vae"), "--resolution", "32", "--channels", "16",
+                                                "--steps", "2", "--batch-size", "2", "--val-batches", "1"]))
+    out = train_ocl.train(train_ocl.parse_args(["--dataset", "movi_c", "--data-root", str(root), "--vae-ckpt",
+                                                str(vae / "best.pt"), "--out", str(tmp_path / "ocl"), "--encoder", "cnn",
+                                                *TINY_OCL, "--batch-size", "2", "--steps", "2"]))
+    args = torch.load(out / "best.pt", weights_only=True)["args"]
+    assert args["queries"] == "box" and args["clip"] == 0.02 and args["iters"] == 1 and args["clip_frames"] == 6
+    assert args["val_batch_size"] == 4 and args["slots"] == 11  # A.5's MOVi-C preset
+    metrics = evaluate.main(["--ckpt", str(out / "best.pt")])["metrics"]
+    assert metrics["ari"]["count"] == 2 and -1 <= metrics["ari_fg"]["mean"] <= 1
+
+
+# ----------------------------------------------------------------------------- resume, DDP, failures (issue 5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_video_run_resumes_bit_identical(sig, tiny_video_root, tiny_video_vaes, tmp_path):
+    """As tests/test_run.py for images: the crop, the predictor's dropout, the guidance cache of (clip, frame)."""
+    extra = ["--dataset", "shapes_video", *TINY_OCL, "--batch-size", "2", "--clip-frames", "4", "--vae-ckpt",
+             str(tiny_video_vaes[256]), "--steps", "12", "--ckpt-every", "4", "--val-every", "6", "--queries", "gaussian"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(command("train_ocl.py", tiny_video_root, full, *extra), tmp_path)
+    code, err = interrupt(command("train_ocl.py", tiny_video_root, cut, *extra), tmp_path, cut, 4, sig)
+    assert 4 <= torch.load(cut / "last.pt", weights_only=True)["step"] < 12
+    run(command("train_ocl.py", tiny_video_root, cut, *extra, "--resume"), tmp_path)
+    assert_same_weights(full, cut, exact=True)
+    assert losses(full) == losses(cut) and len(losses(full)) == 12
+
+
+def test_two_gloo_processes_take_the_single_process_video_steps(tiny_video_root, tiny_video_vaes, tmp_path):
+    """Noise off (each process draws its own: the queries' sigma, the predictor's dropout), as for images."""
+    import sys
+    extra = ["--dataset", "shapes_video", *TINY_OCL, "--batch-size", "4", "--clip-frames", "4", "--vae-ckpt",
+             str(tiny_video_vaes[256]), "--steps", "3", "--predictor-dropout", "0", "--sigma", "0", "--lr", "2e-4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(command("train_ocl.py", tiny_video_root, one, *extra), tmp_path)
+    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                *command("train_ocl.py", tiny_video_root, two, *extra)[1:]], tmp_path)
+    assert "2 processes x batch 2 = effective batch 4" in done.stdout
+    assert_same_weights(one, two, exact=False, max_step=2 * 3 * 2e-4)
+
+
+def test_a_non_finite_video_loss_keeps_the_last_good_checkpoint(tiny_video_root, tiny_video_vaes, tmp_path,
+                                                                monkeypatch):
+    poison_third_training_loss(monkeypatch)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, out, "transformer", "--steps", "5",
+                                   "--ckpt-every", "1"))
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
