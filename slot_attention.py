@@ -84,14 +84,20 @@ class CNNEncoder(nn.Module):
             self.dino.eval()
         return self
 
+    @torch.no_grad()
+    def dino_map(self, image):
+        """The frozen DINO's map of the images, (b, 384, H/8, W/8), rounded to fp16. The one place that computes it:
+        the feature cache (train_ocl.FeatureCache) stores exactly what this returns, so cached and uncached steps
+        see the same numbers."""
+        return self.dino(image).half()
+
     def forward(self, image, dino_features=None):
         """image (b, 3, H, W) -> features (b, n, d), grid (h, w). dino_features: DINO's map of these images
         (b, 384, H/8, W/8) if already known (the feature cache); computed here otherwise."""
         f = self.convs(image)  # (b, ch, h, w)
         if self.dino is not None:  # dino() -> conv(k3 s1 p1) -> upsample (x 8/r, nearest) + naivecnn()
-            if dino_features is None:  # fp16 in both paths: the feature cache stores exactly this
-                with torch.no_grad():
-                    dino_features = self.dino(image).half()  # (b, 384, H/8, W/8), frozen
+            if dino_features is None:
+                dino_features = self.dino_map(image)  # (b, 384, H/8, W/8)
             up = F.interpolate(self.dino_proj(dino_features.to(f.dtype)), size=f.shape[-2:], mode="nearest")
             f = f + up  # (b, ch, h, w)
         b, ch, h, w = f.shape

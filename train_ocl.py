@@ -293,18 +293,17 @@ class FeatureCache:
 
     @torch.no_grad()
     def fill(self, model, device, batch_size):
-        dino = model.encoder.dino
         h = w = self.header["resolution"] // 8
-        record = dino.dim * h * w * 2  # fp16 bytes of one image's map (384, H/8, W/8)
+        record = model.encoder.dino.dim * h * w * 2  # fp16 bytes of one image's map (384, H/8, W/8)
         size = int(1.2 * len(self.dataset) * (record + 4096)) + (1 << 24)  # the records, LMDB's pages, room
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(self.folder), map_size=size, subdir=True, readahead=False)
         try:
-            self._fill(env, dino, device, batch_size)
+            self._fill(env, model.encoder, device, batch_size)
         finally:
             env.close()
 
-    def _fill(self, env, dino, device, batch_size):
+    def _fill(self, env, encoder, device, batch_size):
         with env.begin(write=True) as txn:
             stored = self.check(txn)  # a stale cache stops here, untouched
             if stored is None:
@@ -318,7 +317,7 @@ class FeatureCache:
         for batch in loader:  # one write transaction per batch: a stop loses at most one batch
             image = batch["image"].to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                maps = dino(image).half().cpu()  # (b, 384, H/8, W/8), as CNNEncoder computes them
+                maps = encoder.dino_map(image).cpu()  # (b, 384, H/8, W/8), fp16, as CNNEncoder computes them
             with env.begin(write=True) as txn:
                 for i, m in zip(batch["index"].tolist(), maps):
                     txn.put(str(i).encode(), m.numpy().tobytes())

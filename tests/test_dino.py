@@ -169,7 +169,7 @@ def _one_process():
 
 def test_cached_features_are_the_encoders_bit_for_bit_and_a_stale_cache_is_refused(tiny_root, tmp_path):
     dino, _, digest = slot_attention.dino_vit_s8("random")
-    model = types.SimpleNamespace(encoder=types.SimpleNamespace(dino=dino))
+    model = types.SimpleNamespace(encoder=slot_attention.CNNEncoder(32, 16, 2, dino=dino))  # what FeatureCache uses
     train = data.load_dataset("shapes", "train", tiny_root)
     folder = tmp_path / "train_dino"
     cache = train_ocl.FeatureCache(train, digest, folder).open(model, torch.device("cpu"), 8, _one_process())
