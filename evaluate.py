@@ -550,7 +550,8 @@ def evaluate_ocl(ckpt, args, device):
         columns.insert(4, ("ARIfg_t", "ari_fg_frame"))
     if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (size_thresholds)
         columns += [("mIoU_S", "miou_small"), ("mIoU_M", "miou_medium"), ("mIoU_L", "miou_large")]
-    for row in (columns[:5], columns[5:]) if "ari_fg_frame" in stats else (columns[:4], columns[4:]):
+    first = 5 if "ari_fg_frame" in stats else 4  # the first row: ARI .. mBO (and ARIfg_t), then the size split
+    for row in (columns[:first], columns[first:]):
         if row:
             print(f"{'':>8} " + " ".join(f"{name:>7}" for name, _ in row))
             print(f"{'x100':>8} " + " ".join(f"{100 * stats[k][0]:7.2f}" for _, k in row))
@@ -566,21 +567,16 @@ def evaluate_ocl(ckpt, args, device):
                 fig2(out_dir / f"clip_{i:03d}.png", image[i], segment[i], pred[i], out["masks"][i])
             print(f"wrote {len(image)} clip strips clip_NNN.png to {out_dir} (rows: frames; columns: image | ground "
                   f"truth | prediction | one column per slot)")
-            return _ocl_result(args, a, ckpt, stats)
-        fig2(out_dir / "fig2.png", image, segment, pred, out["masks"])
-        print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
-        if model.decoder_kind == "diffusion":  # slots -> X' through the DDIM sampler -> pixels through the VAE decoder
+        else:
+            fig2(out_dir / "fig2.png", image, segment, pred, out["masks"])
+            print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
+        if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
             _, xs = model.vae.guidance(image)  # per scale (v, c, h, w)
             gen = torch.Generator(device=device).manual_seed(args.seed)
             sampled = model.decoder.sample(out["slots"], xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
             rows = [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
             save_rows_png(out_dir / "diffusion_recon.png", rows)
             print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
-    return _ocl_result(args, a, ckpt, stats)
-
-
-def _ocl_result(args, a, ckpt, stats):
-    """What evaluate_ocl returns and --json writes."""
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
 
