@@ -566,8 +566,8 @@ def parse_args(argv=None):
                    help="sa: Slot Attention (Locatello et al.); sysbinder: block-slot attention with 2 blocks "
                         "(SysBinder, the paper's competitor, A.3)")
     p.add_argument("--iters", type=data.number(int, 1), default=None,
-                   help="Slot Attention iterations (default: dataset preset; 3 for images and shapes_video, 1 per frame "
-                        "for MOVi as the authors' STEVE)")
+                   help="Slot Attention iterations (default: dataset preset; 3 for images, 1 per frame for video, as "
+                        "the authors' STEVE)")
     p.add_argument("--queries", default=None, choices=["gaussian", "box"],
                    help="query initialization (A.5): gaussian (learned means + annealed sigma), or box (the first "
                         "frame's bounding boxes through a 2-layer MLP; needs a dataset with boxes) (default: box for "

@@ -19,7 +19,7 @@ import evaluate
 import train_common
 import train_ocl
 import train_vae
-from slot_attention import BoxQueries
+from slot_attention import BoxQueries, Predictor
 
 from conftest import TINY_OCL
 from test_convert import movi_example, write_tfrecord
@@ -150,10 +150,22 @@ def test_box_queries_compact_visible_boxes_keep_the_largest_and_give_the_rest_le
     # an object not visible in the first frame (zero box) gets no box query; visible boxes move to the front
     out = q(torch.tensor([[none, mid]]))[0]
     assert torch.allclose(out[0], mlp(mid)) and torch.allclose(out[1:], free[1:])
-    # the free slots are distinct (the authors' zero boxes would make them identical); noise while training only
+    # the free slots are distinct (the authors' zero boxes would make them identical); the training noise sigma
+    # reaches the free slots only, never a box's query
     assert not torch.allclose(out[1], out[2])
     noisy = q(torch.tensor([[none, mid]]), sigma=1.0)[0]
-    assert not torch.allclose(noisy[0], out[0]) and not torch.allclose(noisy[1:], out[1:])
+    assert torch.equal(noisy[0], out[0]) and not torch.allclose(noisy[1:], out[1:])
+
+
+def test_an_untrained_predictor_hands_each_slot_on_unchanged():
+    """The predictor's residual branches start at zero: frame t+1's queries are frame t's slots, bit for bit, in
+    training (dropout on) and evaluation, until training changes them."""
+    torch.manual_seed(0)
+    predictor, slots = Predictor(dim=16), torch.randn(3, 5, 16)
+    assert torch.equal(predictor.train()(slots), slots) and torch.equal(predictor.eval()(slots), slots)
+    with torch.no_grad():
+        predictor.layer.linear2.bias.fill_(0.1)  # one trained-looking change, and the slots do change
+    assert not torch.allclose(predictor(slots), slots)
 
 
 # ----------------------------------------------------------------------------- the video metrics
@@ -185,7 +197,7 @@ def test_both_decoders_train_on_clips_and_evaluate_scores_whole_clips(decoder, t
     assert ("STEVE" if decoder == "transformer" else "video SlotDiffusion") in capsys.readouterr().out
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["model_args"]["video"] and ckpt["model_args"]["queries"] == "box"
-    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 3  # the shapes_video preset
+    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 1  # the shapes_video preset
     assert any(k.startswith("predictor.") for k in ckpt["model"]) and "queries.mlp.0.weight" in ckpt["model"]
     result = evaluate.main(["--ckpt", str(out / "best.pt"), "--viz", "2", "--json", str(tmp_path / "m.json")])
     metrics = result["metrics"]
