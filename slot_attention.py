@@ -162,7 +162,8 @@ class BoxQueries(nn.Module):
         self.free = GaussianQueries(num_slots, dim)  # the queries of slots without a box
 
     def forward(self, boxes, sigma=0.0):
-        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d)."""
+        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d). sigma: the
+        annealed noise of the box-less slots' Gaussian queries; the box queries get none."""
         b, k = boxes.shape[:2]
         s = self.num_slots
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0)  # (b, K), 0: none
