@@ -65,10 +65,11 @@ def cosine_decay(step, total, start=1.0, end=0.0):
 
 
 def set_lr(optimizer, step, total, base_lr):
-    """Set this step's learning rate (lr_at) on every parameter group; returns it for the log."""
+    """Set this step's learning rate (lr_at) on every parameter group, times the group's "lr_scale" where it has
+    one (the video predictor's --predictor-lr); returns the unscaled rate for the log."""
     lr = lr_at(step, total, base_lr)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
@@ -412,7 +413,7 @@ def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
 
 
 def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
-           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr")):
+           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr", "predictor_lr")):
     """--resume: load last.pt of `out` into the model, optimizer, grad scaler and random generators, and return
     (step to start at, best score, last validation metrics, train_state). The data order and every schedule are
     functions of the step, so nothing else needs restoring.

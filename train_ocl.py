@@ -407,7 +407,13 @@ def train(args):
         params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
                                            train_common.checkpoint_bytes(model, params))
-        optimizer = torch.optim.Adam(params, lr=args.lr)
+        # the predictor (video) learns at --predictor-lr times the lr of the rest: set_lr scales each group by its
+        # lr_scale. Image models: one group.
+        ours = {id(p) for p in model.predictor.parameters()} if model.video else set()
+        groups = [{"params": [p for p in params if id(p) not in ours], "lr_scale": 1.0}]
+        if ours:
+            groups.append({"params": [p for p in params if id(p) in ours], "lr_scale": args.predictor_lr})
+        optimizer = torch.optim.Adam(groups, lr=args.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on GPUs (A.5); a no-op on CPUs
         train_common.reseed_for_rank(args.seed, d)
         start, best, metrics = 0, -float("inf"), {}  # best: the highest validation ARI + ARIfg
@@ -575,10 +581,14 @@ def parse_args(argv=None):
     # video (STEVE, video SlotDiffusion)
     p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
                    help="video: frames per training clip, a random strided crop (default: dataset preset; A.4: 6, "
-                        "shapes_video: 2); validation takes whole clips")
+                        "shapes_video: 3); validation takes whole clips")
     p.add_argument("--predictor-dropout", type=data.number(float, 0), default=0.1,
                    help="video: dropout of the predictor, the transformer layer from frame t's slots to frame t+1's "
                         "queries (authors: 0.1)")
+    p.add_argument("--predictor-lr", type=data.number(float, 0), default=None,
+                   help="video: the predictor's learning rate as a multiple of --lr (default 1.0, as the authors); "
+                        "0.1 keeps the predictor near the identity: slots keep their objects more often, but segment "
+                        "each frame less well (README \"Video\")")
     p.add_argument("--val-batch-size", type=data.number(int, 1), default=None,
                    help="clips or images per validation batch (default: dataset preset; paper: 32 images, 4 clips)")
     p.add_argument("--bilevel", action="store_true",
@@ -608,6 +618,10 @@ def parse_args(argv=None):
     args.iters = preset.get("ocl_iters", 3) if args.iters is None else args.iters  # MOVi: 1 per frame (authors)
     args.clip = preset.get("ocl_clip", 1.0) if args.clip is None else args.clip  # A.5: 1.0 images, 0.02 videos
     args.clip_frames = preset.get("ocl_clip_frames", 6) if args.clip_frames is None else args.clip_frames  # A.4
+    if args.predictor_lr is not None and not video:
+        p.error(f"--predictor-lr is the video predictor's; {args.dataset} is an image dataset: leave it out")
+    if video:  # None for images, so that image checkpoints resume as before
+        args.predictor_lr = 1.0 if args.predictor_lr is None else args.predictor_lr
     args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
     if args.queries == "box" and not video:
         p.error(f"--queries box initialises slots from the first frame's bounding boxes; {args.dataset} is an image "

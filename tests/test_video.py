@@ -168,6 +168,20 @@ def test_an_untrained_predictor_hands_each_slot_on_unchanged():
     assert not torch.allclose(predictor(slots), slots)
 
 
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_the_predictor_learns_at_predictor_lr_times_the_lr(scale, tiny_video_root, tiny_video_vaes, tmp_path):
+    """Adam's first step moves a weight by lr * g / (|g| + eps), that is by the lr itself wherever the gradient is not
+    tiny. The predictor's FFN output weights start at zero, so after one step they are at most scale x lr, and the
+    largest is close to it: 1.0 (the default, as the authors) or 0.1."""
+    extra = () if scale == 1.0 else ("--predictor-lr", str(scale))
+    out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path, "transformer", "--steps", "1", *extra))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    lr = train_common.lr_at(0, 1, ckpt["args"]["lr"])  # the lr of step 1 (the warmup's end when there is one step)
+    assert ckpt["args"]["predictor_lr"] == scale
+    moved = ckpt["model"]["predictor.layer.linear2.weight"].abs().max().item()
+    assert 0.9 * scale * lr <= moved <= scale * lr * (1 + 1e-4)
+
+
 # ----------------------------------------------------------------------------- the video metrics
 
 
@@ -197,7 +211,7 @@ def test_both_decoders_train_on_clips_and_evaluate_scores_whole_clips(decoder, t
     assert ("STEVE" if decoder == "transformer" else "video SlotDiffusion") in capsys.readouterr().out
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["model_args"]["video"] and ckpt["model_args"]["queries"] == "box"
-    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 1  # the shapes_video preset
+    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 1 and ckpt["args"]["predictor_lr"] == 1.0  # preset
     assert any(k.startswith("predictor.") for k in ckpt["model"]) and "queries.mlp.0.weight" in ckpt["model"]
     result = evaluate.main(["--ckpt", str(out / "best.pt"), "--viz", "2", "--json", str(tmp_path / "m.json")])
     metrics = result["metrics"]
@@ -218,6 +232,9 @@ def test_gaussian_queries_on_video_and_box_queries_refused_on_images(tiny_video_
     with pytest.raises(SystemExit):
         train_ocl.parse_args(["--queries", "box"])
     assert "image dataset without boxes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_ocl.parse_args(["--predictor-lr", "0.1"])
+    assert "video predictor's" in capsys.readouterr().err
 
 
 def test_a_converted_movi_fixture_trains_and_evaluates(tmp_path):
