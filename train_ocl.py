@@ -409,10 +409,10 @@ def train(args):
                                            train_common.checkpoint_bytes(model, params))
         # the predictor (video) learns at --predictor-lr times the lr of the rest: set_lr scales each group by its
         # lr_scale. Image models: one group.
-        ours = {id(p) for p in model.predictor.parameters()} if model.video else set()
-        groups = [{"params": [p for p in params if id(p) not in ours], "lr_scale": 1.0}]
-        if ours:
-            groups.append({"params": [p for p in params if id(p) in ours], "lr_scale": args.predictor_lr})
+        in_predictor = {id(p) for p in model.predictor.parameters()} if model.video else set()
+        groups = [{"params": [p for p in params if id(p) not in in_predictor], "lr_scale": 1.0}]
+        if in_predictor:
+            groups.append({"params": [p for p in params if id(p) in in_predictor], "lr_scale": args.predictor_lr})
         optimizer = torch.optim.Adam(groups, lr=args.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on GPUs (A.5); a no-op on CPUs
         train_common.reseed_for_rank(args.seed, d)
