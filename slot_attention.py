@@ -161,9 +161,9 @@ class BoxQueries(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
         self.free = GaussianQueries(num_slots, dim)  # the queries of slots without a box
 
-    def forward(self, boxes, sigma=0.0):
-        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d). sigma: the
-        annealed noise of the box-less slots' Gaussian queries; the box queries get none."""
+    def slot_boxes(self, boxes):
+        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> the box of each slot (b, s, 4)
+        (zeros for box-less slots) and which slots have one (b, s) bool, in the compacted order above."""
         b, k = boxes.shape[:2]
         s = self.num_slots
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0)  # (b, K), 0: none
@@ -172,10 +172,31 @@ class BoxQueries(nn.Module):
         top = top.gather(1, torch.where(visible, top, top + k).argsort(dim=1))  # visible first, in record order
         visible = area.gather(1, top) > 0  # (b, m)
         m = top.shape[1]
-        boxed = self.mlp(2 * boxes.gather(1, top[..., None].expand(-1, -1, 4)) - 1)  # (b, m, d), boxes in [-1, 1]
-        boxed = F.pad(boxed, (0, 0, 0, s - m))  # (b, s, d)
-        visible = F.pad(visible, (0, s - m))  # (b, s)
-        return torch.where(visible[..., None], boxed, self.free(b, sigma))  # (b, s, d)
+        chosen = boxes.gather(1, top[..., None].expand(-1, -1, 4)) * visible[..., None]  # (b, m, 4)
+        return F.pad(chosen, (0, 0, 0, s - m)), F.pad(visible, (0, s - m))  # (b, s, 4), (b, s)
+
+    def forward(self, boxes, sigma=0.0):
+        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d). sigma: the
+        annealed noise of the box-less slots' Gaussian queries; the box queries get none."""
+        chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
+        m = min(boxes.shape[1], self.num_slots - 1)  # slots that may have a box
+        boxed = F.pad(self.mlp(2 * chosen[:, :m] - 1), (0, 0, 0, self.num_slots - m))  # (b, s, d), boxes in [-1, 1]
+        return torch.where(visible[..., None], boxed, self.free(len(boxes), sigma))  # (b, s, d)
+
+    def prior(self, boxes, grid):
+        """The box prior on frame 0's attention (--box-prior, ours): a log-prior (b, s, h*w) to add to Slot
+        Attention's logits. A slot that starts from a box may take only the feature cells that its box overlaps
+        (0 there, -1e4 elsewhere: exp(-1e4) = 0 in every float type); box-less slots (the background, spares) may take
+        any cell (0). One slot is always box-less (see above), so every cell has a slot that may take it."""
+        chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
+        h, w = grid
+        ys, xs = torch.arange(h, device=boxes.device), torch.arange(w, device=boxes.device)
+        # cell (i, j) covers [j/w, (j+1)/w] x [i/h, (i+1)/h]; it overlaps the box where the intervals overlap
+        in_x = (xs / w < chosen[..., 2:3]) & ((xs + 1) / w > chosen[..., 0:1])  # (b, s, w)
+        in_y = (ys / h < chosen[..., 3:4]) & ((ys + 1) / h > chosen[..., 1:2])  # (b, s, h)
+        inside = (in_y[..., :, None] & in_x[..., None, :]).flatten(2)  # (b, s, h*w)
+        allowed = inside | ~visible[..., None]  # (b, s, h*w)
+        return torch.zeros(allowed.shape, device=boxes.device).masked_fill(~allowed, -1e4)  # (b, s, h*w)
 
 
 class Predictor(nn.Module):
@@ -224,7 +245,8 @@ class SlotAttention(nn.Module):
         hidden = hidden or 2 * dim
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
-    def forward(self, queries, inputs):
+    def forward(self, queries, inputs, prior=None):
+        """prior: None, or a log-prior (b, s, n) added to every iteration's attention logits (--box-prior)."""
         b, s, d = queries.shape
         inputs = self.norm_inputs(inputs)  # (b, n, d_in)
         k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each, computed once for all iterations
@@ -234,18 +256,20 @@ class SlotAttention(nn.Module):
                 # BO-QSA: no gradient through the earlier iterations, a straight-through one to the queries
                 slots = slots.detach() + queries - queries.detach()
             prev = slots
-            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps)  # (b, s, d), (b, s, n)
+            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
             # EXERCISE: slot-update (EXERCISES.md 9): slots = prev + updates instead of the GRU
             slots = self.gru(updates.reshape(b * s, d), prev.reshape(b * s, d)).view(b, s, d)  # (b, s, d)
             slots = slots + self.mlp(self.norm_mlp(slots))  # (b, s, d)
         return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
 
 
-def attend(q, k, v, eps=1e-8):
+def attend(q, k, v, eps=1e-8, prior=None):
     """One Slot Attention read-out: logits between slot queries q (b, s, d) and input keys k (b, n, d), softmax
     over SLOTS (slots compete for each input), then each slot's update is the attention-weighted MEAN of the values
-    v (b, n, d). Returns updates (b, s, d) and the attention (b, s, n), which sums to 1 over slots."""
-    attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(dim=1)  # (b, s, n)
+    v (b, n, d). prior: None or a log-prior (b, s, n) added to the logits. Returns updates (b, s, d) and the
+    attention (b, s, n), which sums to 1 over slots."""
+    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (b, s, n)
+    attn = (logits if prior is None else logits + prior).softmax(dim=1)  # (b, s, n)
     weights = (attn + eps) / (attn + eps).sum(dim=2, keepdim=True)  # weighted mean over inputs
     return weights @ v, attn  # (b, s, d), (b, s, n)
 
@@ -284,14 +308,14 @@ class SysBinder(nn.Module):
         self.prototype_mlp = nn.Sequential(nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
         self.norm_bind = nn.LayerNorm(db)
 
-    def forward(self, queries, inputs):
+    def forward(self, queries, inputs, prior=None):
         b, s, d = queries.shape
         m, db = self.blocks, d // self.blocks
         inputs = self.norm_inputs(inputs)  # (b, n, d_in)
         k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each
         slots = queries
         for _ in range(self.iters):
-            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps)  # (b, s, d), (b, s, n)
+            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
             u = updates.reshape(b * s, m, db)  # the update's blocks
             prev = slots.reshape(b * s, m, db)  # the slot's blocks
             new = []

@@ -77,7 +77,7 @@ class OCL(nn.Module):
     def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), iters=3, bilevel=False,
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
-                 grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1):
+                 grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
         self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
@@ -99,6 +99,9 @@ class OCL(nn.Module):
         else:
             raise ValueError(f"unknown --queries '{queries}'; choose gaussian or box")
         self.box_queries = queries == "box"
+        if box_prior and not (video and self.box_queries):
+            raise ValueError("box_prior restricts frame 0's attention to the box queries' boxes: video with box queries only")
+        self.box_prior = box_prior  # --box-prior (ours): frame 0's box slots attend inside their boxes only
         # video (A.3): one transformer encoder layer turns frame t's slots into frame t+1's queries (STEVE)
         self.predictor = Predictor(slot_dim, dropout=predictor_dropout) if video else None
         # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3)
@@ -181,9 +184,11 @@ class OCL(nn.Module):
         features, grid = self.encoder(clip.flatten(0, 1), dino_features)  # phi_e per frame: (b*t, n, d), (h, w)
         features = features.unflatten(0, (b, t))  # (b, t, n, d)
         queries = self.initial_queries(b, sigma, None if bbox is None else bbox[:, 0])  # (b, s, d) for frame 0
+        # --box-prior: on frame 0 a slot that starts from a box attends only inside that box (BoxQueries.prior)
+        prior = self.queries.prior(bbox[:, 0], grid) if self.box_prior else None  # (b, s, n) or None
         slots, masks = [], []
         for i in range(t):
-            s_i, a_i = self.slot_attention(queries, features[:, i])  # phi_sa on frame i: (b, s, d), (b, s, n)
+            s_i, a_i = self.slot_attention(queries, features[:, i], prior if i == 0 else None)  # phi_sa: (b, s, d), (b, s, n)
             slots.append(s_i)
             masks.append(a_i.view(b, -1, *grid))  # (b, s, h, w)
             queries = self.predictor(s_i)  # frame i+1's queries (b, s, d)
@@ -397,6 +402,8 @@ def train(args):
                           mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention,
                           video=data.PRESETS[args.dataset]["video"], queries=args.queries,
                           predictor_dropout=args.predictor_dropout)
+        if model_args["video"]:  # video only, so that image checkpoints resume as before
+            model_args["box_prior"] = args.box_prior
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
             dino, _, model_args["dino_sha256"] = slot_attention.dino_vit_s8(args.dino_weights)
@@ -579,6 +586,9 @@ def parse_args(argv=None):
                         "frame's bounding boxes through a 2-layer MLP; needs a dataset with boxes) (default: box for "
                         "video datasets, gaussian for images)")
     # video (STEVE, video SlotDiffusion)
+    p.add_argument("--box-prior", action=argparse.BooleanOptionalAction, default=None,
+                   help="video, box queries: on the first frame a slot that starts from a box attends only inside "
+                        "that box (ours; default: dataset preset)")
     p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
                    help="video: frames per training clip, a random strided crop (default: dataset preset; A.4: 6, "
                         "shapes_video: 3); validation takes whole clips")
@@ -623,6 +633,10 @@ def parse_args(argv=None):
     if video:  # None for images, so that image checkpoints resume as before
         args.predictor_lr = 1.0 if args.predictor_lr is None else args.predictor_lr
     args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
+    args.box_prior = preset.get("ocl_box_prior", False) if args.box_prior is None else args.box_prior
+    if args.box_prior and args.queries != "box":
+        p.error(f"--box-prior restricts the first frame's box slots to their boxes: it needs --queries box on a video "
+                f"dataset")
     if args.queries == "box" and not video:
         p.error(f"--queries box initialises slots from the first frame's bounding boxes; {args.dataset} is an image "
                 f"dataset without boxes: use --queries gaussian")

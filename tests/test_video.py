@@ -105,13 +105,13 @@ def test_crop_is_the_same_for_one_process_and_for_two():
 # ----------------------------------------------------------------------------- the model
 
 
-def tiny_video_model(vae_ckpt, decoder="transformer", queries="box"):
+def tiny_video_model(vae_ckpt, decoder="transformer", queries="box", box_prior=False):
     import msf
     torch.manual_seed(0)
     vae = msf.load_vae(torch.load(vae_ckpt, weights_only=True))
     return train_ocl.OCL(vae, decoder, num_slots=4, resolution=64, iters=2, slot_dim=32, enc_channels=16,
                          enc_stride=4, dec_dim=32, dec_layers=1, unet_base=16, unet_layers=1, video=True,
-                         queries=queries).eval()
+                         queries=queries, box_prior=box_prior).eval()
 
 
 def test_the_recurrence_is_causal_in_time(tiny_video_vaes):
@@ -126,8 +126,9 @@ def test_the_recurrence_is_causal_in_time(tiny_video_vaes):
     assert not torch.allclose(a["slots"][:, 3:], b["slots"][:, 3:], atol=1e-3)
 
 
-def test_permuting_the_boxes_permutes_the_slots_in_every_frame(tiny_video_vaes):
-    model = tiny_video_model(tiny_video_vaes[256])
+@pytest.mark.parametrize("box_prior", [False, True])
+def test_permuting_the_boxes_permutes_the_slots_in_every_frame(box_prior, tiny_video_vaes):
+    model = tiny_video_model(tiny_video_vaes[256], box_prior=box_prior)
     clip = torch.rand(2, 4, 3, 64, 64) * 2 - 1
     bbox = torch.zeros(2, 4, 3, 4)
     bbox[:, 0] = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.2, 0.6, 0.5, 0.95]])
@@ -155,6 +156,38 @@ def test_box_queries_compact_visible_boxes_keep_the_largest_and_give_the_rest_le
     assert not torch.allclose(out[1], out[2])
     noisy = q(torch.tensor([[none, mid]]), sigma=1.0)[0]
     assert torch.equal(noisy[0], out[0]) and not torch.allclose(noisy[1:], out[1:])
+
+
+def test_the_box_prior_lets_a_box_slot_take_only_the_cells_its_box_overlaps():
+    """On a 4x4 grid, cell (i, j) covers [j/4, (j+1)/4] x [i/4, (i+1)/4]. Worked by hand: the box (0.1, 0.1, 0.3, 0.2)
+    overlaps cells (0, 0) and (0, 1); (0.25, 0, 0.5, 0.25) only touches cells 0 and 2 along its edges and overlaps
+    cell (0, 1) alone; (0.5, 0.5, 1, 1) the bottom-right 2x2. The slot without a box may take every cell."""
+    q = BoxQueries(num_slots=4, dim=8)
+    none, a, b, c = [0, 0, 0, 0], [0.1, 0.1, 0.3, 0.2], [0.25, 0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]
+    prior = q.prior(torch.tensor([[none, a, b, c]]), (4, 4))[0].view(4, 4, 4)  # (s, h, w); visible boxes first
+    allowed = torch.zeros(4, 4, 4, dtype=torch.bool)
+    allowed[0, 0, :2] = True  # slot 0: box a
+    allowed[1, 0, 1] = True  # slot 1: box b
+    allowed[2, 2:, 2:] = True  # slot 2: box c
+    allowed[3] = True  # slot 3: no box (the invisible record has none either)
+    assert torch.equal(prior == 0, allowed) and torch.all(prior[~allowed] == -1e4)
+
+
+def test_with_the_box_prior_frame_0_box_slots_attend_inside_their_boxes_only(tiny_video_vaes):
+    """--box-prior: on frame 0 a box slot's attention outside the cells its box overlaps is exactly 0 (exp(-1e4)
+    underflows); later frames are not restricted, and without the prior frame 0 is not either."""
+    clip = torch.rand(2, 3, 3, 64, 64) * 2 - 1
+    bbox = torch.zeros(2, 3, 3, 4)
+    bbox[:, 0] = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.0, 0.0, 0.0, 0.0]])  # 2 visible
+    outside = torch.ones(2, 16, 16, dtype=torch.bool)  # the tiny model's 16x16 attention grid (stride 4)
+    outside[0, 1:8, 1:7] = False  # cells 1.6..6.4 x 1.6..8: rows 1-7, columns 1-6
+    outside[1, 3:10, 8:15] = False  # cells 8..14.4 x 3.2..9.6: columns 8-14, rows 3-9
+    masks = tiny_video_model(tiny_video_vaes[256], box_prior=True).segment(clip, bbox)["masks"]  # (b, t, s, h, w)
+    assert masks.shape[-2:] == (16, 16)
+    assert torch.all(masks[:, 0, :2][:, outside] == 0)  # frame 0: nothing outside the boxes
+    assert masks[:, 0, 2:].sum() > 0 and masks[:, 1:, :2][:, :, outside].sum() > 0  # the free slots; later frames
+    plain = tiny_video_model(tiny_video_vaes[256]).segment(clip, bbox)["masks"]
+    assert plain[:, 0, :2][:, outside].sum() > 0
 
 
 def test_an_untrained_predictor_hands_each_slot_on_unchanged():
@@ -235,6 +268,10 @@ def test_gaussian_queries_on_video_and_box_queries_refused_on_images(tiny_video_
     with pytest.raises(SystemExit):
         train_ocl.parse_args(["--predictor-lr", "0.1"])
     assert "video predictor's" in capsys.readouterr().err
+    for argv in (["--box-prior"], ["--dataset", "shapes_video", "--queries", "gaussian", "--box-prior"]):
+        with pytest.raises(SystemExit):
+            train_ocl.parse_args(argv)
+        assert "--box-prior restricts" in capsys.readouterr().err
 
 
 def test_a_converted_movi_fixture_trains_and_evaluates(tmp_path):
