@@ -177,6 +177,19 @@ def all_metrics(pred, true, protocol="ours"):
             "miou": _mean_present(matched_from_counts(n, pred_area)), "mbo": mbo_from_counts(n, pred_area)}
 
 
+def video_metrics(pred, true):
+    """Two views of a clip's ARIfg beside the one over the whole clip, for pred and true (b, t, H, W):
+    `ari_fg_frame`, ARIfg of each frame alone, averaged over the clip's frames (the gap to the clip's ARIfg is what
+    slots that change objects between frames cost), and `ari_fg_later`, ARIfg over frames 1..t-1 jointly: the clip
+    without the frame whose boxes a box-conditioned model is given (--box-prior hands each box slot its box on
+    frame 0). Returns {name: (b,)}."""
+    per_frame = ari(pred.flatten(0, 1), true.flatten(0, 1), foreground_only=True).view(len(pred), -1)  # (b, t)
+    out = {"ari_fg_frame": per_frame.nanmean(1)}  # (b,)
+    if pred.shape[1] > 1:
+        out["ari_fg_later"] = ari(pred[:, 1:], true[:, 1:], foreground_only=True)  # (b,)
+    return out
+
+
 def authors_truth(segment, dataset):
     """The ground truth as the authors' evaluation reads it (--protocol authors): VOC's void label (255: object
     boundaries and difficult regions) is background there, not ignored; other datasets keep 255 as unannotated."""
@@ -436,7 +449,7 @@ def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=T
                  thresholds=(COCO_SMALL, COCO_LARGE)):
     """Stage 2 on the first `max_batches` batches of `dataset` (0 = all of it): the slots' masks (model.segment: no
     decoder, no noise) -> labels at the ground-truth resolution -> ARI, ARIfg, mIoU, mBO per sample (video: per
-    whole clip, all frames jointly, plus `ari_fg_frame`, ARIfg per frame averaged over the clip); datasets that
+    whole clip, all frames jointly, plus `video_metrics`: ARIfg per frame, and without frame 0); datasets that
     store object areas (COCO, Open Images, shapes) add the size split of Tab. 7 (`size_split`; `thresholds` of
     area: COCO's, or the dataset's meta record's `size_thresholds`, see size_thresholds). `protocol`: "ours" or
     "authors" (PROTOCOLS; `name` = the dataset's, for authors_truth). Returns ({metric: (N,) values}, the last
@@ -456,10 +469,9 @@ def validate_ocl(model, dataset, device, batch_size, max_batches=0, size_split=T
         pred = masks_to_labels(masks, segment.shape[-2:]).cpu()  # (b, H, W), video (b, t, H, W)
         for k, v in all_metrics(pred, segment, protocol).items():  # video: all frames of a clip jointly
             values[k].append(v)
-        if pred.dim() == 4:  # video: also ARIfg frame by frame (mean over a clip's frames): the gap to the clip's
-            # ARIfg is what slots that change objects between frames cost
-            per_frame = ari(pred.flatten(0, 1), segment.flatten(0, 1), foreground_only=True)  # (b*t,)
-            values.setdefault("ari_fg_frame", []).append(per_frame.view(len(pred), -1).nanmean(1))
+        if pred.dim() == 4:  # video: ARIfg frame by frame, and over the clip without its first frame
+            for k, v in video_metrics(pred, segment).items():
+                values.setdefault(k, []).append(v)
         if "areas" in batch and size_split:  # areas[:, k-1] = original area of object k
             for k, v in miou_by_size(pred, segment, batch["areas"], thresholds, protocol).items():
                 values.setdefault(f"miou_{k}", []).append(v)
@@ -546,11 +558,12 @@ def evaluate_ocl(ckpt, args, device):
     columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
     if "ari_fg_frame" in stats:  # video: the metrics are over whole clips; ARIfg frame by frame beside them
         print(f"  video: metrics over whole clips ({len(dataset[0]['image'])} frames jointly); ARIfg_t = ARIfg of "
-              f"each frame alone, averaged (ARIfg_t - ARIfg: what slots changing objects between frames cost)")
-        columns.insert(4, ("ARIfg_t", "ari_fg_frame"))
+              f"each frame alone, averaged (ARIfg_t - ARIfg: what slots changing objects between frames cost); "
+              f"ARIfg_1+ = ARIfg over frames 1.. jointly (the clip without the frame whose boxes the model is given)")
+        columns[4:4] = [("ARIfg_t", "ari_fg_frame"), ("ARIfg_1+", "ari_fg_later")]
     if "miou_small" in stats:  # Tab. 7: mIoU of small / medium / large objects (size_thresholds)
         columns += [("mIoU_S", "miou_small"), ("mIoU_M", "miou_medium"), ("mIoU_L", "miou_large")]
-    first = 5 if "ari_fg_frame" in stats else 4  # the first row: ARI .. mBO (and ARIfg_t), then the size split
+    first = 6 if "ari_fg_frame" in stats else 4  # the first row: ARI .. mBO (and ARIfg_t, _1+), then the size split
     for row in (columns[:first], columns[first:]):
         if row:
             print(f"{'':>8} " + " ".join(f"{name:>7}" for name, _ in row))

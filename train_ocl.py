@@ -1,6 +1,6 @@
 """Stage 2: object-centric learning guided by the frozen (MSF) VAE: Slot Attention + a transformer (SLATE),
 diffusion (SlotDiffusion) or MLP (DINOSAUR) decoder; on videos STEVE and video SlotDiffusion (slots carried from
-frame to frame by a predictor, queries from the first frame's boxes).
+frame to frame by a predictor, queries from the first frame's boxes, optionally the box prior on frame 0).
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 (OCL with VAE guidance),
 Sect. 3.2 ("During OCL training, only scale n = 1 is used as guidance"), Tab. 5 lower right (guide scales),
@@ -100,7 +100,8 @@ class OCL(nn.Module):
             raise ValueError(f"unknown --queries '{queries}'; choose gaussian or box")
         self.box_queries = queries == "box"
         if box_prior and not (video and self.box_queries):
-            raise ValueError("box_prior restricts frame 0's attention to the box queries' boxes: video with box queries only")
+            raise ValueError("box_prior restricts frame 0's attention to the box queries' boxes: video with box "
+                             "queries only")
         self.box_prior = box_prior  # --box-prior (ours): frame 0's box slots attend inside their boxes only
         # video (A.3): one transformer encoder layer turns frame t's slots into frame t+1's queries (STEVE)
         self.predictor = Predictor(slot_dim, dropout=predictor_dropout) if video else None
@@ -505,7 +506,8 @@ def describe(args, params, vae_ckpt, resolution, device, start):
         "big-little: frozen DINO ViT-S/8 + CNN" + (" with RANDOM DINO weights (smoke run only)"
                                                    if args.dino_weights == "random" else ""))
     grouping = "SysBinder (2 blocks)" if args.slot_attention == "sysbinder" else "Slot Attention"
-    grouping += f" x {args.iters} iterations, {args.queries} queries"
+    queries = f"{args.queries} queries" + (" + box prior on frame 0" if args.box_prior else "")
+    grouping += f" x {args.iters} iterations, {queries}"
     video = data.PRESETS[args.dataset]["video"]
     name = {"transformer": "STEVE" if video else "SLATE", "diffusion": "video SlotDiffusion" if video else
             "SlotDiffusion", "mlp": "DINOSAUR"}[args.decoder]
@@ -588,7 +590,7 @@ def parse_args(argv=None):
     # video (STEVE, video SlotDiffusion)
     p.add_argument("--box-prior", action=argparse.BooleanOptionalAction, default=None,
                    help="video, box queries: on the first frame a slot that starts from a box attends only inside "
-                        "that box (ours; default: dataset preset)")
+                        "that box (ours; default: on for shapes_video, off for MOVi as the authors)")
     p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
                    help="video: frames per training clip, a random strided crop (default: dataset preset; A.4: 6, "
                         "shapes_video: 3); validation takes whole clips")
@@ -596,9 +598,8 @@ def parse_args(argv=None):
                    help="video: dropout of the predictor, the transformer layer from frame t's slots to frame t+1's "
                         "queries (authors: 0.1)")
     p.add_argument("--predictor-lr", type=data.number(float, 0), default=None,
-                   help="video: the predictor's learning rate as a multiple of --lr (default 1.0, as the authors); "
-                        "0.1 keeps the predictor near the identity: slots keep their objects more often, but segment "
-                        "each frame less well (README \"Video\")")
+                   help="video: the predictor's learning rate as a multiple of --lr (default: 1.0 as the authors, "
+                        "0.1 for shapes_video, where it keeps the predictor near the identity; README \"Video\")")
     p.add_argument("--val-batch-size", type=data.number(int, 1), default=None,
                    help="clips or images per validation batch (default: dataset preset; paper: 32 images, 4 clips)")
     p.add_argument("--bilevel", action="store_true",
@@ -631,12 +632,13 @@ def parse_args(argv=None):
     if args.predictor_lr is not None and not video:
         p.error(f"--predictor-lr is the video predictor's; {args.dataset} is an image dataset: leave it out")
     if video:  # None for images, so that image checkpoints resume as before
-        args.predictor_lr = 1.0 if args.predictor_lr is None else args.predictor_lr
+        args.predictor_lr = preset.get("ocl_predictor_lr", 1.0) if args.predictor_lr is None else args.predictor_lr
     args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
-    args.box_prior = preset.get("ocl_box_prior", False) if args.box_prior is None else args.box_prior
     if args.box_prior and args.queries != "box":
         p.error(f"--box-prior restricts the first frame's box slots to their boxes: it needs --queries box on a video "
                 f"dataset")
+    if args.box_prior is None:  # the preset's (shapes_video: on), with box queries only
+        args.box_prior = preset.get("ocl_box_prior", False) and args.queries == "box"
     if args.queries == "box" and not video:
         p.error(f"--queries box initialises slots from the first frame's bounding boxes; {args.dataset} is an image "
                 f"dataset without boxes: use --queries gaussian")
@@ -674,8 +676,8 @@ def run_folder(args, vae_args):
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
     for other --guide-scales), or for mlp `z1-<vae>`, that VAE's continuous encoder features Z_1 (the fusion is
     bypassed). The model's name adds -dino (big-little encoder), -sysbinder, and for video -gaussian (Gaussian
-    instead of box queries). The quick start's run is
-    runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
+    instead of box queries) or -boxprior (the box prior on frame 0, --box-prior: the shapes_video preset). The quick
+    start's run is runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = msf.vae_name(vae_args)
     if args.decoder == "mlp":
         target = f"z1-{target}"
@@ -683,7 +685,8 @@ def run_folder(args, vae_args):
         target += "-g" + args.guide_scales.replace(",", "")
     model = args.decoder + ("-dino" if args.encoder == "dino" else "") + \
         ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
-        ("-gaussian" if data.PRESETS[args.dataset]["video"] and args.queries == "gaussian" else "")
+        ("-gaussian" if data.PRESETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
+        ("-boxprior" if args.box_prior else "")
     return f"runs/ocl_{args.dataset}_{model}_{target}"
 
 

@@ -51,7 +51,7 @@ def main():
     for k, v in times.items():
         print(f"| python {k} | {v / 60:.1f} |")
     print(f"| total | {result['total_minutes']:.1f} |")
-    keys = [k for k in ("ari", "ari_fg", "miou", "mbo", "ari_fg_frame") if k in result["metrics_x100"]]
+    keys = [k for k in ("ari", "ari_fg", "miou", "mbo", "ari_fg_frame", "ari_fg_later") if k in result["metrics_x100"]]
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     print("| " + " | ".join(f"{result['metrics_x100'][k]:.2f}" for k in keys) + " |")
     print(f"\nfigures: {work / 'runs'}")

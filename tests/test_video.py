@@ -205,8 +205,8 @@ def test_an_untrained_predictor_hands_each_slot_on_unchanged():
 def test_the_predictor_learns_at_predictor_lr_times_the_lr(scale, tiny_video_root, tiny_video_vaes, tmp_path):
     """Adam's first step moves a weight by lr * g / (|g| + eps), that is by the lr itself wherever the gradient is not
     tiny. The predictor's FFN output weights start at zero, so after one step they are at most scale x lr, and the
-    largest is close to it: 1.0 (the default, as the authors) or 0.1."""
-    extra = () if scale == 1.0 else ("--predictor-lr", str(scale))
+    largest is close to it: 0.1 (the shapes_video preset) or 1.0 (the authors')."""
+    extra = () if scale == 0.1 else ("--predictor-lr", str(scale))
     out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path, "transformer", "--steps", "1", *extra))
     ckpt = torch.load(out / "last.pt", weights_only=True)
     lr = train_common.lr_at(0, 1, ckpt["args"]["lr"])  # the lr of step 1 (the warmup's end when there is one step)
@@ -232,6 +232,14 @@ def test_a_slot_that_swaps_objects_between_frames_is_penalised_as_computed_by_ha
     assert evaluate.miou(swap, true).item() == pytest.approx(1 / 3) and evaluate.mbo(swap, true).item() == pytest.approx(1 / 3)
     per_frame = evaluate.ari(swap.flatten(0, 1), true.flatten(0, 1), foreground_only=True)  # frame by frame
     assert per_frame.tolist() == [1.0, 1.0]
+    # the same swap in the FIRST of three frames: frames 1-2 alone keep their slots (ARIfg_1+ = 1), the whole clip
+    # does not: pairs (object, slot) hold 1, 2, 2, 1 pixels of 6: sum C(n_ij, 2) = 2, sum C(a_i, 2) = sum C(b_j, 2)
+    # = 6, expected = 36 / 15 = 2.4, max = 6, ARI = (2 - 2.4) / (6 - 2.4) = -1/9; per frame 1, 1, 1
+    true3, swap3 = torch.tensor([[[[1, 2]]] * 3]), torch.tensor([[[[1, 0]], [[0, 1]], [[0, 1]]]])  # (1, 3, 1, 2)
+    video = evaluate.video_metrics(swap3, true3)
+    assert video["ari_fg_later"].item() == 1.0 and video["ari_fg_frame"].item() == 1.0
+    assert evaluate.ari(swap3, true3, foreground_only=True).item() == pytest.approx(-1 / 9)
+    assert adjusted_rand_score(true3.flatten(), swap3.flatten()) == pytest.approx(-1 / 9)
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -243,12 +251,12 @@ def test_both_decoders_train_on_clips_and_evaluate_scores_whole_clips(decoder, t
     out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path / decoder, decoder, "--steps", "3"))
     assert ("STEVE" if decoder == "transformer" else "video SlotDiffusion") in capsys.readouterr().out
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    assert ckpt["model_args"]["video"] and ckpt["model_args"]["queries"] == "box"
-    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 1 and ckpt["args"]["predictor_lr"] == 1.0  # preset
+    assert ckpt["model_args"]["video"] and ckpt["model_args"]["queries"] == "box" and ckpt["model_args"]["box_prior"]
+    assert ckpt["args"]["clip"] == 1.0 and ckpt["args"]["iters"] == 1 and ckpt["args"]["predictor_lr"] == 0.1  # preset
     assert any(k.startswith("predictor.") for k in ckpt["model"]) and "queries.mlp.0.weight" in ckpt["model"]
     result = evaluate.main(["--ckpt", str(out / "best.pt"), "--viz", "2", "--json", str(tmp_path / "m.json")])
     metrics = result["metrics"]
-    assert set(metrics) == {"ari", "ari_fg", "miou", "mbo", "ari_fg_frame"}
+    assert set(metrics) == {"ari", "ari_fg", "miou", "mbo", "ari_fg_frame", "ari_fg_later"}
     assert metrics["ari"]["count"] == 6  # one value per clip: the 6 val clips
     strip = Image.open(out / "clip_000.png")
     assert strip.height == 2 * 8 * (64 + 2) and (out / "clip_001.png").exists()  # one row per frame (scale 2)
@@ -259,9 +267,16 @@ def test_gaussian_queries_on_video_and_box_queries_refused_on_images(tiny_video_
                                                                      capsys):
     args = video_args(tiny_video_root, tiny_video_vaes, tmp_path / "g", "transformer", "--queries", "gaussian")
     assert train_ocl.run_folder(args, {"kind": "msf", "scales": 3}).endswith("transformer-gaussian_msf")
+    preset = video_args(tiny_video_root, tiny_video_vaes, tmp_path / "b", "transformer")
+    assert train_ocl.run_folder(preset, {"kind": "msf", "scales": 3}).endswith("transformer-boxprior_msf")
     out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path / "g", "transformer", "--queries",
                                      "gaussian", "--steps", "2"))
-    assert "queries.mu" in torch.load(out / "best.pt", weights_only=True)["model"]
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert "queries.mu" in ckpt["model"] and ckpt["model_args"]["box_prior"] is False  # the preset's prior: box only
+    movi = train_ocl.parse_args(["--dataset", "movi_c"])
+    assert movi.queries == "box" and movi.box_prior is False and movi.predictor_lr == 1.0  # MOVi: the authors
+    assert train_ocl.parse_args(["--dataset", "movi_c", "--box-prior"]).box_prior is True
+    assert train_ocl.parse_args(["--dataset", "shapes_video", "--no-box-prior"]).box_prior is False
     with pytest.raises(SystemExit):
         train_ocl.parse_args(["--queries", "box"])
     assert "image dataset without boxes" in capsys.readouterr().err
