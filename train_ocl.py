@@ -186,6 +186,7 @@ class OCL(nn.Module):
         features = features.unflatten(0, (b, t))  # (b, t, n, d)
         queries = self.initial_queries(b, sigma, None if bbox is None else bbox[:, 0])  # (b, s, d) for frame 0
         # --box-prior: on frame 0 a slot that starts from a box attends only inside that box (BoxQueries.prior)
+        # EXERCISE: box-prior (EXERCISES.md 11): --no-box-prior, the authors' recipe (prior = None)
         prior = self.queries.prior(bbox[:, 0], grid) if self.box_prior else None  # (b, s, n) or None
         slots, masks = [], []
         for i in range(t):
