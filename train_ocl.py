@@ -190,7 +190,8 @@ class OCL(nn.Module):
         prior = self.queries.prior(bbox[:, 0], grid) if self.box_prior else None  # (b, s, n) or None
         slots, masks = [], []
         for i in range(t):
-            s_i, a_i = self.slot_attention(queries, features[:, i], prior if i == 0 else None)  # phi_sa: (b, s, d), (b, s, n)
+            frame_prior = prior if i == 0 else None  # the box prior acts on frame 0 only
+            s_i, a_i = self.slot_attention(queries, features[:, i], frame_prior)  # phi_sa: (b, s, d), (b, s, n)
             slots.append(s_i)
             masks.append(a_i.view(b, -1, *grid))  # (b, s, h, w)
             queries = self.predictor(s_i)  # frame i+1's queries (b, s, d)
@@ -636,8 +637,8 @@ def parse_args(argv=None):
         args.predictor_lr = preset.get("ocl_predictor_lr", 1.0) if args.predictor_lr is None else args.predictor_lr
     args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
     if args.box_prior and args.queries != "box":
-        p.error(f"--box-prior restricts the first frame's box slots to their boxes: it needs --queries box on a video "
-                f"dataset")
+        p.error("--box-prior restricts the first frame's box slots to their boxes: it needs --queries box on a video "
+                "dataset")
     if args.box_prior is None:  # the preset's (shapes_video: on), with box queries only
         args.box_prior = preset.get("ocl_box_prior", False) and args.queries == "box"
     if args.queries == "box" and not video:
