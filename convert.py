@@ -1,6 +1,7 @@
 """Converters: the official downloads of ClevrTex, COCO, VOC, MOVi-C/D/E and Open Images -> the LMDB datasets of
-data.py. Engineering around the paper, not the paper: a student can skip this file and train on the built-in
-`shapes` dataset; a researcher runs it once per dataset.
+data.py. This file is off the reading path: engineering around the paper, not the paper, and the one file longer
+than a sitting. A student skips it and trains on the built-in `shapes` dataset; a researcher runs it once per
+dataset.
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Appendix A.4 ("converting all
 datasets into the LMDB database format ... center-cropped and resized to 128x128 ... stored in the uint8 data
@@ -12,7 +13,7 @@ Run:  python convert.py coco --src /data/coco                  # writes data/coc
       python convert.py movi_c --src /data/tfds/movi_c/128x128/1.0.0   # TFRecords read without TensorFlow
       python convert.py openimages --src /data/openimages --limit 100  # a first look
       python data.py info data/coco                             # what was converted, filtered, and why
-The README's protocol cards say, per dataset, what is an object, what is ignored, and which split is which.
+docs/datasets.md says, per dataset, what is an object, what is ignored, and which split is which.
 
 Shared rules: centre-crop to the largest square, resize to --resolution (128): images bilinear with antialias,
 label maps NEAREST-EXACT; uint8; segment 0 = background, 1..K = objects, 255 = ignored (data.IGNORE). Every split
@@ -681,7 +682,7 @@ def main(argv=None):
     parser = data.ArgumentParser(description="Convert an official dataset download into MSF's LMDB format.")
     sub = parser.add_subparsers(dest="dataset", required=True)
     for name in CONVERTERS:
-        p = sub.add_parser(name, help=f"convert the official {name} download (see the README's protocol card)")
+        p = sub.add_parser(name, help=f"convert the official {name} download (docs/datasets.md: what it holds)")
         p.add_argument("--src", required=True, help=data.SOURCES[name])
         p.add_argument("--out", default=None, help=f"output folder (default data/{name})")
         p.add_argument("--split", default=None, help="convert only this split (train, val, test; default: all found)")

@@ -1,5 +1,5 @@
-"""Datasets for MSF object-centric learning: the LMDB sample format, dataset presets, the built-in `shapes` and
-`shapes_video` datasets, and the torch `Dataset` that every script reads through `load_dataset`.
+"""Datasets for MSF object-centric learning: the LMDB sample format, the dataset facts, the torch `Dataset` that
+every script reads through `load_dataset`, and the frame and clip helpers of video datasets.
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Appendix A.4
 ("converting all datasets into the LMDB database format ... center-cropped and resized to 128x128 ...
@@ -10,7 +10,8 @@ Run:  python data.py shapes                  # writes data/shapes/{train,val} (6
       python data.py shapes --resolution 128 # the paper's resolution, written to data/shapes-128/
       python data.py info data/shapes        # prints the meta record of every split
 The real datasets (ClevrTex, COCO, VOC, MOVi-C/D/E, Open Images) are made from their official downloads by
-convert.py (`python convert.py coco --src /data/coco`), which writes this same format.
+convert.py (`python convert.py coco --src /data/coco`), which writes this same format; the built-in ones are drawn
+by shapes.py.
 
 On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   key b"00000000", b"00000001", ...  one sample each, encoded by `encode_record`:
@@ -23,8 +24,9 @@ On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   A split is written to a hidden temporary folder and renamed when complete, so a half-written dataset is
   never mistaken for a complete one.
 
-Reading order: PRESETS, encode_record/decode_record, write_lmdb, LMDBDataset, video_frames, clip_starts,
-render_shapes_sample, write_shapes, render_shapes_video, write_shapes_video, load_dataset (the one entry point of the scripts), the CLI. Imports nothing of the project.
+Reading order: DATASETS, encode_record/decode_record, write_lmdb, LMDBDataset, video_frames, clip_starts,
+crop_clips, write_shapes / write_shapes_video, load_dataset (the one entry point of the scripts), the CLI.
+Imports shapes (the built-in datasets' renderers) and nothing else of the project.
 """
 import argparse
 import json
@@ -41,6 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import shapes
+
 FORMAT_VERSION = 1
 MAGIC = b"MSFREC1\n"  # 8 bytes that open every sample record
 META_KEY = b"__meta__"
@@ -48,27 +52,15 @@ IGNORE = 255  # segment value of unannotated / void pixels: they count in no met
 ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64", "bool"}
 
 # -----------------------------------------------------------------------------
-# Dataset presets: defaults that explicit flags override (paper A.4-A.5 for the real datasets).
-# vae_* feed train_vae.py, ocl_* feed train_ocl.py.
-PAPER = dict(resolution=128, num_slots=11, video=False, vae_steps=30000, vae_batch=64, vae_val=600,  # A.4-A.5
-             ocl_steps=50000, ocl_batch=32, ocl_val=1000, ocl_lr=2e-4, encoder="dino")  # A.3: DINO big-little
-VIDEO = dict(PAPER, video=True, vae_batch=16, ocl_batch=8, ocl_val_batch=4,  # MOVi: 16 clips per VAE step, 8 / 4
-            ocl_clip=0.02, ocl_iters=1, ocl_clip_frames=6)  # per OCL step (A.5); clipping 0.02, crops of 6 frames (A.4),
-# 1 Slot Attention iteration per frame (the authors' STEVE config)
-PRESETS = {
-    # resolution, slots (objects + background), video?, VAE steps / batch / validation period, OCL steps / batch /
-    # validation period / learning rate, primary encoder; `shapes` is sized for a 2-core CPU
-    "shapes": dict(resolution=64, num_slots=7, video=False, vae_steps=400, vae_batch=16, vae_val=100,
-                   ocl_steps=3200, ocl_batch=16, ocl_val=320, ocl_lr=2e-3, encoder="cnn"),
-    # shapes_video: 8 clips x 3 frames per step, the image recipe's lr and clipping, 1 iteration per frame (the
-    # authors' STEVE setting), the box prior on frame 0 and the predictor at a tenth of the lr (ours): what bound
-    # and kept identity on the CPU (README, "Video"); 6,000 steps fit the issue's 30 minutes with stage 1
-    "shapes_video": dict(resolution=64, num_slots=6, video=True, vae_steps=400, vae_batch=8, vae_clip_frames=2,
-                         vae_val=100, ocl_steps=6000, ocl_batch=8, ocl_val_batch=4, ocl_val=600, ocl_lr=2e-3,
-                         ocl_iters=1, ocl_clip_frames=3, ocl_box_prior=True, ocl_predictor_lr=0.1, encoder="cnn"),
-    "clevrtex": PAPER, "coco": PAPER, "voc": PAPER,
-    "movi_c": VIDEO, "movi_d": dict(VIDEO, num_slots=21), "movi_e": dict(VIDEO, num_slots=21),
-    "openimages": PAPER,
+# Dataset facts: what a dataset IS (image side, slots = objects + background, images or clips). How to train on it
+# (steps, batch, learning rate, ...) is each training script's recipe table: train_vae.RECIPES, train_ocl.RECIPES.
+PAPER = dict(resolution=128, num_slots=11, video=False)  # A.4: every dataset centre-cropped and resized to 128x128
+DATASETS = {
+    "shapes": dict(resolution=64, num_slots=7, video=False),  # the built-in datasets (shapes.py): 2-6 objects
+    "shapes_video": dict(resolution=64, num_slots=6, video=True),  # 2-5 objects per clip
+    "clevrtex": PAPER, "coco": PAPER, "voc": PAPER, "openimages": PAPER,
+    "movi_c": dict(PAPER, video=True), "movi_d": dict(PAPER, num_slots=21, video=True),  # A.4: MOVi-D/E 21 slots
+    "movi_e": dict(PAPER, num_slots=21, video=True),
 }
 # What --src of each converter is (`python convert.py <name> --src ...`), for the messages of both files.
 SOURCES = {
@@ -409,242 +401,39 @@ def clip_starts(frames, window, count, generator=None):
     return choices[torch.randint(len(choices), (count,), generator=generator)]  # (count,)
 
 
-# -----------------------------------------------------------------------------
-# The built-in dataset `shapes`: 2-6 textured objects on a textured background, sizes spread 8x.
-# MSF exists for objects of different scales, so the side length of an object spans [3/32, 3/4] of the image
-# side (6 to 48 px at 64x64): the largest is 8x the smallest.
-# Objects are drawn back to front, largest first, so small ones occlude large ones and stay visible.
-
-SHAPE_KINDS = ("ellipse", "rectangle", "triangle", "diamond", "hexagon", "star")
-TEXTURES = ("solid", "solid", "stripes", "checker", "dots")  # solid twice: half the objects are plain
-
-
-def _shape_mask(kind, cx, cy, size, angle, xx, yy):
-    """Boolean mask of one shape, sampled at pixel centres (xx, yy). `size` is the bounding side length."""
-    # rotate the pixel grid into the shape's frame; u, v in units of half the size
-    c, s = np.cos(angle), np.sin(angle)
-    u = (c * (xx - cx) + s * (yy - cy)) / (size / 2)
-    v = (-s * (xx - cx) + c * (yy - cy)) / (size / 2)
-    if kind == "ellipse":  # aspect ratio fixed per kind so a shape's size is its visual size
-        return u ** 2 + (v / 0.7) ** 2 <= 1.0
-    if kind == "rectangle":
-        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.65)
-    if kind == "diamond":
-        return np.abs(u) + np.abs(v) <= 1.0
-    # regular polygons: inside = on the inner side of every edge (convex), star = union of two triangles
-    n = {"triangle": 3, "hexagon": 6, "star": 3}[kind]
-    inside = _regular_polygon(u, v, n, 0.0)
-    if kind == "star":
-        inside |= _regular_polygon(u, v, 3, np.pi)
-    return inside
-
-
-def _regular_polygon(u, v, n, phase):
-    inside = np.ones(u.shape, dtype=bool)
-    apothem = np.cos(np.pi / n)  # circumradius 1
-    for k in range(n):
-        a = phase + 2 * np.pi * (k + 0.5) / n  # outward normal of edge k
-        inside &= u * np.cos(a) + v * np.sin(a) <= apothem
-    return inside
-
-
-def _random_colour(rng, avoid=None):
-    """A saturated RGB colour (floats in 0..255), at least some distance from `avoid`."""
-    for _ in range(100):
-        hue = rng.uniform(0, 6)
-        sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)
-        x = val * sat * (1 - abs(hue % 2 - 1))
-        rgb = [(val * sat, x, 0), (x, val * sat, 0), (0, val * sat, x),
-               (0, x, val * sat), (x, 0, val * sat), (val * sat, 0, x)][int(hue)]
-        rgb = (np.array(rgb) + val * (1 - sat)) * 255
-        if avoid is None or np.abs(rgb - avoid).sum() > 120:
-            return rgb
-    return rgb
-
-
-def _texture(rng, kind, base, xx, yy, res):
-    """Per-pixel colour (H, W, 3) of a texture with base colour `base`."""
-    other = np.clip(base * rng.uniform(0.45, 0.7), 0, 255)  # a darker shade of the same colour
-    if kind == "solid":
-        return np.broadcast_to(base, xx.shape + (3,))
-    period = rng.uniform(res / 16, res / 8)
-    angle = rng.uniform(0, np.pi)
-    u = np.cos(angle) * xx + np.sin(angle) * yy
-    v = -np.sin(angle) * xx + np.cos(angle) * yy
-    if kind == "stripes":
-        on = (u / period) % 1.0 < 0.5
-    elif kind == "checker":
-        on = ((u // period) + (v // period)) % 2 == 0
-    else:  # dots
-        on = ((u / period) % 1.0 - 0.5) ** 2 + ((v / period) % 1.0 - 0.5) ** 2 < 0.09
-    return np.where(on[..., None], base, other)
-
-
-def _background(rng, xx, yy, res):
-    """(res, res, 3) float: one colour shaded by a smooth gradient, with faint low-frequency waves (the texture)."""
-    bg_a = _random_colour(rng) * 0.5
-    bg_b = bg_a * rng.uniform(0.55, 0.8)  # a darker shade of the same colour: shading, not a second region
-    g_angle = rng.uniform(0, 2 * np.pi)
-    t = ((np.cos(g_angle) * xx + np.sin(g_angle) * yy) / res)[..., None]  # (res, res, 1)
-    t = np.clip(t - t.min(), 0, 1)
-    waves = 6 * np.sin(2 * np.pi * (xx * rng.uniform(1, 3) + yy * rng.uniform(1, 3)) / res)[..., None]
-    return bg_a * (1 - t) + bg_b * t + waves
-
-
-def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objects=False):
-    """One `shapes` scene: image (res, res, 3) uint8 and exact instance masks segment (res, res) uint8.
-
-    Object k (1-based, in drawing order) owns exactly the pixels whose centre lies inside its shape and
-    inside no later shape: the image is painted with the same boolean masks, so the segment is exact.
-    """
-    yy, xx = np.mgrid[0:res, 0:res] + 0.5  # pixel centres, (res, res) each
-    background = _background(rng, xx, yy, res)  # (res, res, 3) float
-    for _ in range(100):  # resample until every object keeps enough visible pixels
-        image = background.copy()  # (res, res, 3) float
-        segment = np.zeros((res, res), dtype=np.uint8)
-        n = int(rng.integers(min_objects, max_objects + 1))
-        # side = smallest * 8^(u^0.6), u uniform: every size from 6 to 48 px occurs, skewed towards larger objects
-        # (median 23 px) so that objects, not the background, hold most of the pixels a slot must explain
-        sizes = np.sort(res * 3 / 32 * 8 ** (rng.uniform(size=n) ** 0.6))[::-1]
-        objects, full_areas = [], []
-        for k, size in enumerate(sizes, start=1):
-            kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
-            half = size / 2
-            cx, cy = rng.uniform(half, res - half), rng.uniform(half, res - half)
-            angle = rng.uniform(0, 2 * np.pi)
-            # work inside the shape's bounding window only (every shape lies within 1.2 * size/2 of its centre)
-            r = 0.6 * size + 1
-            win = (slice(max(0, int(cy - r)), min(res, int(cy + r) + 1)),
-                   slice(max(0, int(cx - r)), min(res, int(cx + r) + 1)))
-            mask = _shape_mask(kind, cx, cy, size, angle, xx[win], yy[win])  # (h_win, w_win) bool
-            colour = _random_colour(rng, avoid=image[int(cy), int(cx)])
-            texture = TEXTURES[rng.integers(len(TEXTURES))]
-            image[win] = np.where(mask[..., None], _texture(rng, texture, colour, xx[win], yy[win], res), image[win])
-            segment[win][mask] = k
-            objects.append(dict(kind=kind, cx=cx, cy=cy, size=size, angle=angle, texture=texture))
-            full_areas.append(mask.sum())
-        visible = np.bincount(segment.ravel(), minlength=n + 1)[1:]
-        if all(v >= max(6, 0.35 * a) for v, a in zip(visible, full_areas)):
-            break
-    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    if return_objects:
-        return image, segment, objects
-    return image, segment
-
-
-def _shapes_samples(seed, split_id, count, res):
-    for i in range(count):
-        # one generator per sample: sample i is the same whatever the count or the order of generation
-        rng = np.random.default_rng([seed, split_id, i])
-        image, segment = render_shapes_sample(rng, res)
-        # each object's visible area in pixels (COCO's "area"), for the size split of Tab. 7 (evaluate.miou_by_size)
-        areas = np.bincount(segment.ravel(), minlength=segment.max() + 1)[1:].astype(np.float32)  # (K,)
-        yield {"image": image, "segment": segment, "areas": areas}
-
-
-SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in the seed, default count)
-# Tab. 7's size split on shapes: small < 12^2 <= medium < 20^2 <= large visible pixels at 64x64 (about the
-# terciles of the objects: 36% / 38% / 26%), scaled with the image area at other resolutions. COCO's thresholds
-# (32^2, 96^2 of the original image) do not fit 64 px images.
-SHAPES_SIZES = (12 ** 2, 20 ** 2)
+def crop_clips(image, bbox, index, window, seed, step, rank=0, world=1):
+    """A.4's random strided temporal crop, for this process's clips (b, T, 3, H, W) and boxes (b, T, K, 4): `window`
+    consecutive frames from a first frame drawn from {0, w, 2w, ...} (clip_starts: windows that do not
+    overlap, as the authors' {0, 6, 12, 18} on MOVi's 24 frames). The draw is a function of (seed, step) for the
+    global batch, of which this process (`rank` of `world`) takes its part: a resumed run and N processes crop as
+    one process does.
+    Returns the cropped clips (b, w, 3, H, W), boxes (b, w, K, 4), and the (clip, frame) key of every frame taken,
+    in clip-major order (for the guidance cache)."""
+    b, t = image.shape[:2]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = clip_starts(t, window, b * world, g)[rank * b:(rank + 1) * b]  # (b,) this process's
+    frames = starts[:, None] + torch.arange(min(window, t))  # (b, w) frame numbers
+    rows = torch.arange(b)[:, None]  # (b, 1)
+    keys = [(int(i), int(f)) for i, fs in zip(index, frames) for f in fs]
+    return image[rows, frames], bbox[rows, frames], keys  # (b, w, 3, H, W), (b, w, K, 4)
 
 
 # -----------------------------------------------------------------------------
-# The built-in video dataset `shapes_video`: `shapes` objects that move, turn, approach or recede (their size changes
-# over a clip) and occlude each other; some enter or leave the frame. Records have MOVi's layout (image (T, H, W, 3),
-# segment (T, H, W), bbox (T, K, 4)): object k keeps label k in every frame, so a slot must keep its object.
-
-def render_shapes_video(rng, res=64, frames=12, min_objects=2, max_objects=5):
-    """One clip: image (T, res, res, 3) uint8, exact instance masks segment (T, res, res) uint8 (label k = object k
-    in every frame), boxes bbox (T, K, 4) float32 of each object's visible pixels, normalised (x0, y0, x1, y1), zeros
-    in the frames where it is not visible (MOVi's convention).
-
-    Object k has a depth z_t (linear in t): its side is size / z_t, and objects are drawn far to near, so the drawing
-    order, hence who occludes whom, can change within a clip. Positions move with a constant velocity (0.5-2 px per
-    frame at 64 px); about one object in five starts outside the frame and enters, and fast ones leave. Textures are
-    painted in the object's own frame, so they move and turn with it."""
-    yy, xx = np.mgrid[0:res, 0:res] + 0.5  # pixel centres, (res, res) each
-    background = _background(rng, xx, yy, res)  # (res, res, 3) float, static over the clip
-    for _ in range(100):  # resample until every object is seen well in some frames, and one in the first
-        n = int(rng.integers(min_objects, max_objects + 1))
-        objects = []
-        for k in range(n):
-            # side at depth 1: 6 to 48 px at 64 px, skewed towards larger objects as in `shapes` (median 23 px), so
-            # that objects, not the background, hold much of what a slot must explain
-            size = res * 3 / 32 * 8 ** (rng.uniform() ** 0.6)
-            z0 = rng.uniform(0.8, 1.25)
-            z1 = z0 * rng.uniform(0.7, 1.4)  # depth at the last frame: the side changes by up to 1.4x
-            speed, heading = rng.uniform(0.5, 2.0) * res / 64, rng.uniform(0, 2 * np.pi)
-            vx, vy = speed * np.cos(heading), speed * np.sin(heading)
-            if rng.uniform() < 0.2:  # enters: starts outside, a few frames before the border, moving inwards
-                side = size / z0 / 2 + rng.uniform(0, 3) * speed
-                cx, cy = rng.choice([-side, res + side]), rng.uniform(0, res)
-                vx = abs(vx) * (1 if cx < 0 else -1)
-            else:
-                cx, cy = rng.uniform(0.15 * res, 0.85 * res), rng.uniform(0.15 * res, 0.85 * res)
-            colour = _random_colour(rng, avoid=background[int(min(max(cy, 0), res - 1)), int(min(max(cx, 0), res - 1))])
-            objects.append(dict(kind=SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))], size=size, z0=z0, z1=z1,
-                                cx=cx, cy=cy, vx=vx, vy=vy, angle=rng.uniform(0, 2 * np.pi),
-                                spin=rng.uniform(-0.08, 0.08), colour=colour,
-                                texture=TEXTURES[rng.integers(len(TEXTURES))], texture_seed=int(rng.integers(2 ** 31))))
-        image = np.empty((frames, res, res, 3), np.float64)
-        segment = np.zeros((frames, res, res), np.uint8)
-        for t in range(frames):
-            image[t] = background
-            u = t / max(1, frames - 1)
-            depth = [o["z0"] + (o["z1"] - o["z0"]) * u for o in objects]
-            for k in sorted(range(n), key=lambda j: -depth[j]):  # far to near: the nearer occludes
-                o = objects[k]
-                side, cx, cy = o["size"] / depth[k], o["cx"] + o["vx"] * t, o["cy"] + o["vy"] * t
-                angle = o["angle"] + o["spin"] * t
-                r = 0.6 * side + 1
-                win = (slice(max(0, int(cy - r)), max(0, min(res, int(cy + r) + 1))),
-                       slice(max(0, int(cx - r)), max(0, min(res, int(cx + r) + 1))))
-                mask = _shape_mask(o["kind"], cx, cy, side, angle, xx[win], yy[win])  # (h_win, w_win) bool
-                if not mask.any():
-                    continue
-                c, s = np.cos(angle), np.sin(angle)  # the texture in the object's frame: it moves and turns along
-                scale = o["size"] / side
-                u_obj = (c * (xx[win] - cx) + s * (yy[win] - cy)) * scale
-                v_obj = (-s * (xx[win] - cx) + c * (yy[win] - cy)) * scale
-                paint = _texture(np.random.default_rng(o["texture_seed"]), o["texture"], o["colour"], u_obj, v_obj, res)
-                image[t][win] = np.where(mask[..., None], paint, image[t][win])
-                segment[t][win][mask] = k + 1
-        visible = np.stack([np.bincount(s.ravel(), minlength=n + 1)[1:] for s in segment])  # (T, n) pixels
-        if (visible[0] >= 6).any() and ((visible >= 6).sum(0) >= 3).all():
-            break
-    bbox = np.zeros((frames, n, 4), np.float32)
-    for t in range(frames):
-        for k in range(n):
-            ys, xs = np.nonzero(segment[t] == k + 1)
-            if len(ys):  # (x0, y0, x1, y1) of the visible pixels, normalised by the frame size
-                bbox[t, k] = (xs.min() / res, ys.min() / res, (xs.max() + 1) / res, (ys.max() + 1) / res)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), segment, bbox
+# The built-in datasets, drawn by shapes.py, written on first use
 
 
-def _shapes_video_samples(seed, split_id, count, res, frames):
-    for i in range(count):
-        rng = np.random.default_rng([seed, split_id, i, 1])  # one generator per clip (the 1: not a `shapes` stream)
-        image, segment, bbox = render_shapes_video(rng, res, frames)
-        yield {"image": image, "segment": segment, "bbox": bbox}
-
-
-SHAPES_VIDEO_SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (id used in the seed, default count)
-SHAPES_VIDEO_FRAMES = 12  # frames per clip: training crops 6 from {0, 6} (the authors' 24 from {0, 6, 12, 18})
-
-
-def write_shapes_video(root="data", resolution=64, seed=0, counts=None, frames=SHAPES_VIDEO_FRAMES, overwrite=False,
+def write_shapes_video(root="data", resolution=64, seed=0, counts=None, frames=shapes.SHAPES_VIDEO_FRAMES, overwrite=False,
                        quiet=False):
     """Write data/shapes_video[-res]/{train,val}. `counts` maps split -> number of clips."""
     if resolution % 16 != 0 or resolution < 32:
         raise ValueError(f"--resolution must be a multiple of 16 and >= 32, got {resolution}")
     out = shapes_dir(root, resolution, "shapes_video")
-    for split, (split_id, default_count) in SHAPES_VIDEO_SPLITS.items():
+    for split, (split_id, default_count) in shapes.SHAPES_VIDEO_SPLITS.items():
         count = (counts or {}).get(split, default_count)
         start = time.time()
         meta = dict(name="shapes_video", split=split, resolution=resolution, max_objects=5, frames=frames, seed=seed,
-                    source="built-in synthetic generator (data.render_shapes_video)")
-        n = write_lmdb(out / split, _shapes_video_samples(seed, split_id, count, resolution, frames), meta,
+                    source="built-in synthetic generator (shapes.render_shapes_video)")
+        n = write_lmdb(out / split, shapes.shapes_video_samples(seed, split_id, count, resolution, frames), meta,
                        overwrite=overwrite)
         if not quiet:
             print(f"wrote {out / split}: {n} clips of {frames} frames at {resolution}x{resolution} "
@@ -662,13 +451,13 @@ def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=Fals
     if resolution % 16 != 0 or resolution < 32:
         raise ValueError(f"--resolution must be a multiple of 16 and >= 32, got {resolution}")
     out = shapes_dir(root, resolution)
-    for split, (split_id, default_count) in SHAPES_SPLITS.items():
+    for split, (split_id, default_count) in shapes.SHAPES_SPLITS.items():
         count = (counts or {}).get(split, default_count)
         start = time.time()
         meta = dict(name="shapes", split=split, resolution=resolution, max_objects=6, seed=seed,
-                    source="built-in synthetic generator (data.render_shapes_sample)",
-                    size_thresholds=[t * (resolution / 64) ** 2 for t in SHAPES_SIZES])
-        n = write_lmdb(out / split, _shapes_samples(seed, split_id, count, resolution), meta, overwrite=overwrite)
+                    source="built-in synthetic generator (shapes.render_shapes_sample)",
+                    size_thresholds=[t * (resolution / 64) ** 2 for t in shapes.SHAPES_SIZES])
+        n = write_lmdb(out / split, shapes.shapes_samples(seed, split_id, count, resolution), meta, overwrite=overwrite)
         if not quiet:
             print(f"wrote {out / split}: {n} samples at {resolution}x{resolution} in {time.time() - start:.1f}s")
     return out
@@ -689,11 +478,11 @@ def splits_in(folder):
 def dataset_dir(name, root="data", resolution=None):
     """Where dataset `name` lives: data/<name>; the built-in ones keep one folder per resolution (cheap to write)."""
     if name in BUILTIN:
-        return shapes_dir(root, resolution or PRESETS[name]["resolution"], name)
+        return shapes_dir(root, resolution or DATASETS[name]["resolution"], name)
     return Path(root) / name
 
 
-def select_rows(count):
+def select_rows(count):  # ours: best.pt is chosen on `select`, held out of training; val is only ever reported
     """The `select` split: the last 10% of a training split's records, at most 1,000 (shapes: 800 of 8,000; COCO,
     ClevrTex: 1,000; VOC: 146 of 1,464; at least one). Training never sees them; both training scripts pick best.pt
     on them, so that the val split, which the tables report, plays no part in choosing the model."""
@@ -710,12 +499,12 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
     an existing one); a real dataset that is not converted yet raises DatasetMissing naming the `python convert.py
     ...` command that converts it, and a split that is not there names the splits that are.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(PRESETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
     folder = dataset_dir(name, root, resolution)
     if name in BUILTIN and (not folder.exists() or not splits_in(folder)):  # nothing complete there to lose
         print(f"{folder} not found: writing the built-in {name} dataset (a few seconds)")
-        BUILTIN[name](root, resolution or PRESETS[name]["resolution"])
+        BUILTIN[name](root, resolution or DATASETS[name]["resolution"])
     if not folder.exists():
         raise DatasetMissing(
             f"dataset '{name}' is not converted yet ({folder} not found).\n"
@@ -748,7 +537,7 @@ def main(argv=None):
     folder holds (the meta record of each split: counts, resolution, source, filters, versions)."""
     parser = ArgumentParser(description="Write or inspect MSF datasets (LMDB).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, splits in (("shapes", SHAPES_SPLITS), ("shapes_video", SHAPES_VIDEO_SPLITS)):
+    for name, splits in (("shapes", shapes.SHAPES_SPLITS), ("shapes_video", shapes.SHAPES_VIDEO_SPLITS)):
         p = sub.add_parser(name, help=f"write the built-in synthetic {'video ' if name != 'shapes' else ''}dataset")
         p.add_argument("--root", default="data", help="folder that holds all datasets")
         p.add_argument("--resolution", type=number(int, 32), default=64,
@@ -758,12 +547,12 @@ def main(argv=None):
                        help="number of training samples (the last 10%% are the `select` split)")
         p.add_argument("--val", type=number(int, 1), default=splits["val"][1], help="number of validation samples")
         if name == "shapes_video":
-            p.add_argument("--frames", type=number(int, 2), default=SHAPES_VIDEO_FRAMES, help="frames per clip")
+            p.add_argument("--frames", type=number(int, 2), default=shapes.SHAPES_VIDEO_FRAMES, help="frames per clip")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
     p.add_argument("path", help="e.g. data/shapes")
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PRESETS and argv[0] not in BUILTIN:  # the converters have their own script now
+    if argv and argv[0] in DATASETS and argv[0] not in BUILTIN:  # the converters have their own script now
         sys.exit(f"data.py writes the built-in datasets only; convert {argv[0]} with: "
                  f"python convert.py {' '.join(argv)}")
     args = parser.parse_args(argv)

@@ -12,8 +12,8 @@ S slots (b, s, d_slot); t diffusion time step (b,). Letters: b batch, n = h*w to
 Reading order: Attention, Block (shared by the transformer decoder and the UNet), TransformerDecoder (SLATE),
 noise_schedule / q_sample / timestep_embedding, UNet, DiffusionDecoder (SlotDiffusion), MLPDecoder (DINOSAUR).
 
-Sizes: the defaults are the paper's (official-spec sect. 5: 4 layers d = 256; UNet channels 128-256-384-512),
-as are train_ocl.OCL's (SIZES["paper"]); train_ocl.py shrinks them for CPU runs (its `--size cpu`).
+Sizes: the defaults are the paper's (the authors' configs: 4 layers of d = 256; UNet channels 128-256-384-512), as
+are ocl.OCL's (ocl.SIZES["paper"]); train_ocl.py shrinks them for CPU runs (its `--size cpu`).
 """
 import math
 
@@ -119,7 +119,7 @@ class TransformerDecoder(nn.Module):
 
 def noise_schedule(steps=1000, beta_start=0.0015, beta_end=0.0195):
     """The "scaled_linear" betas (evenly spaced in sqrt(beta), squared) from 0.0015 to 0.0195 over 1,000 steps:
-    latent diffusion's (LDM) schedule, which SlotDiffusion keeps (official-spec sect. 5). Returns betas and
+    latent diffusion's (LDM) schedule, which SlotDiffusion and the authors' configs keep. Returns betas and
     alpha_bar_t = prod_{s<=t} (1 - beta_s), both (T,)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
     return betas.float(), torch.cumprod(1 - betas, 0).float()
@@ -272,6 +272,7 @@ class DiffusionDecoder(nn.Module):
         # kept in a buffer: checkpoints carry it, evaluation and sampling use the stored value, never re-measure.
         # Under DDP it is the std of the combined first batch of all processes: one value for every process.
         if self.training and self.scale == 0:
+            # ours: latent scaling 1 / std(X) (the originals use 1)
             self.scale.fill_(1.0 / global_std(x0).clamp(min=1e-6).item())
         x0 = x0 * self.scale  # (b, c, h, w), unit variance
         if t is None:

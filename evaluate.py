@@ -1,5 +1,6 @@
 """Evaluation: the segmentation metrics ARI, ARIfg, mIoU and mBO (pure functions on label maps), the paper's
-analysis tools (object separability of the VAE guidance, Fig. 2 and Fig. 3 style figures) and the CLI.
+analysis tools (Tab. 4's object separability of the VAE guidance, Tab. 7's mIoU by object size), the evaluation
+loops both training scripts validate with, and the CLI that scores a checkpoint (figures: figures.py).
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 4.1 (metrics), Sect. 4.2
 (Tab. 4 separability, Fig. 3), Fig. 2 (segmentations), A.2 (Tab. 7 mIoU by object size).
@@ -8,26 +9,18 @@ Run:  python evaluate.py                                   # the OCL checkpoint 
       python evaluate.py --ckpt runs/ocl_shapes_transformer_msf/best.pt --viz 8 --json metrics.json
       python evaluate.py --ckpt runs/vae_shapes_msf_c256/best.pt --separability --viz 4   # a VAE checkpoint
 
-Metric definitions (also in the README, "Metrics"). Inputs are long label maps `pred` and `true`, (b, H, W) for
-images or (b, T, H, W) for videos; a video is scored over all its frames jointly, so a slot must keep its object
-across frames. In `true`, 0 = background, 1..K = objects, 255 = ignored: ignored pixels count in no metric
-(they are removed from both maps before anything is counted).
-  ari(pred, true)                      adjusted Rand index over all non-ignored pixels (equals scikit-learn's
-                                       adjusted_rand_score on those pixels, special cases included)
-  ari(pred, true, foreground_only=True) ARIfg: the same over the pixels whose true label is an object
-  miou(pred, true)                     IoU of every non-empty true segment (background included) with every
-                                       predicted segment; one-to-one Hungarian matching maximising the summed
-                                       IoU; sum of matched IoUs / number of non-empty true segments
-  mbo(pred, true)                      every non-empty true segment's best IoU over predicted segments, averaged
-A sample where a metric is undefined (nothing annotated; no foreground for ARIfg) gets NaN, and dataset means
-skip NaN and report how many samples counted (`mean_and_count`).
+Metric definitions (docs/metrics.md has them with examples). Inputs are long label maps `pred` and `true`,
+(b, H, W) for images or (b, T, H, W) for videos; a video is scored over all its frames jointly, so a slot must keep
+its object across frames. In `true`, 0 = background, 1..K = objects, 255 = ignored: ignored pixels count in no
+metric. ARI: adjusted Rand index over the non-ignored pixels (scikit-learn's adjusted_rand_score); ARIfg: the same
+over the object pixels; mIoU: Hungarian matching of true and predicted segments maximising the summed IoU, summed
+IoU / number of true segments (background included); mBO: each true segment's best IoU, averaged. A sample where a
+metric is undefined gets NaN; dataset means skip NaN and count the samples that counted (`mean_and_count`).
 
-Reading order: the metrics (contingency, ari, matched_ious, miou, mbo, miou_by_size, masks_to_labels,
-perplexity, mean_and_count); Tab. 4's separability (kmeans, separability); the figures (palette, to_uint8,
-save_rows_png, fig2, pca_colours, fig3); the evaluation loops both training scripts validate with (validate_vae,
-validate_ocl); the CLI (evaluate_vae, evaluate_ocl, main).
-Imports data (labels, datasets), msf (rebuilding a VAE), train_common (reading a checkpoint safely, the device);
-evaluate_ocl alone imports train_ocl, where the OCL model is defined. The metrics themselves need none of them.
+Reading order: the metrics (contingency, ari, matched_ious, miou, mbo, video_metrics, miou_by_size,
+masks_to_labels, perplexity, mean_and_count); Tab. 4's separability (kmeans, separability); the evaluation loops
+(validate_vae, validate_ocl); the CLI (evaluate_vae, evaluate_ocl, main). Imports data (labels, datasets), msf and
+ocl (rebuilding a model from its checkpoint), train_common (reading a checkpoint safely, the device), figures.
 """
 import argparse
 import json
@@ -38,17 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 import data
+import figures
 import msf
+import ocl
 import train_common
 
 IGNORE = data.IGNORE
 COCO_SMALL, COCO_LARGE = 32 ** 2, 96 ** 2  # COCO's area thresholds (pixels of the original image)
 # "ours" (default): ignored pixels (255) count in no metric. "authors": the authors' code, which keeps predicted
-# pixels without ground truth in the IoU's union and reads VOC's void boundary as background (README, "Metrics").
+# pixels without ground truth in the IoU's union and reads VOC's void boundary as background (docs/metrics.md).
 PROTOCOLS = ("ours", "authors")
 
 # -----------------------------------------------------------------------------
@@ -63,7 +57,7 @@ def contingency(pred, true, protocol="ours"):
     true label value of each row (Kt,) (255 has no row; rows or columns of labels absent from a sample are 0), and
     the predicted segments' areas (b, Kp) for the IoU's union: over the non-ignored pixels ("ours"), or over all
     pixels, ignored ones included ("authors": the authors' code counts a prediction on unannotated pixels against
-    it; official-spec sect. 7).
+    it).
     """
     assert protocol in PROTOCOLS, f"protocol {protocol!r}: choose one of {PROTOCOLS}"
     assert pred.shape == true.shape, f"pred {tuple(pred.shape)} and true {tuple(true.shape)} differ"
@@ -86,6 +80,7 @@ def contingency(pred, true, protocol="ours"):
     counts = torch.bincount(flat.flatten(), minlength=b * kt * kp).view(b, kt, kp).double()  # (b, Kt', Kp)
     # ignored pixels all landed in the row of label 255: dropping that row removes them from every count
     keep = (t_vals != IGNORE) & (counts.sum((0, 2)) > 0)
+    # ours: ignored pixels count in no metric (--protocol authors: the authors')
     pred_area = counts.sum(1) if protocol == "authors" else counts[:, keep].sum(1)  # (b, Kp)
     return counts[:, keep], t_vals[keep], pred_area
 
@@ -221,17 +216,15 @@ def miou_by_size(pred, true, areas, thresholds=(COCO_SMALL, COCO_LARGE), protoco
 
 def upsample_masks(masks, size):
     """Soft masks (b, s, h, w) on the model's grid -> (b, s, H, W) at the ground-truth size, bilinear (the authors'
-    convention; the figures show the masks the metrics score)."""
-    return F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=False)
+    convention; the figures show the masks the metrics score). Video masks (b, t, s, h, w) -> (b, t, s, H, W)."""
+    flat = masks.flatten(0, -4).float()  # (b(*t), s, h, w)
+    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).view(*masks.shape[:-2], *size)
 
 
 def masks_to_labels(masks, size):
     """Soft masks (b, s, h, w) -> labels (b, H, W): up-sampled to the ground-truth size (upsample_masks), then argmax
     over slots (the authors' convention). Video masks (b, t, s, h, w) -> (b, t, H, W)."""
-    if masks.dim() == 5:
-        b, t = masks.shape[:2]
-        return masks_to_labels(masks.flatten(0, 1), size).unflatten(0, (b, t))
-    return upsample_masks(masks, size).argmax(1)  # (b, H, W)
+    return upsample_masks(masks, size).argmax(-3)  # (b, H, W) or (b, t, H, W)
 
 
 def perplexity(idx, num_codes):
@@ -296,107 +289,11 @@ def guidance_separability(x, k, seed=0):
     codes, are compared on the geometry of directions)."""
     results = []
     for img in x:
+        # ours: unit-length tokens before Tab. 4's k-means
         tokens = F.normalize(img.flatten(1).t().float(), dim=1)  # (h*w, c)
         results.append(separability(tokens, k, seed))
     inter, intra = zip(*results)
     return float(np.nanmean(inter)), float(np.mean(intra))
-
-
-# -----------------------------------------------------------------------------
-# Figures (PNG, written with Pillow)
-
-
-def palette(n=64):
-    """n distinct colours (uint8 (n, 3)); colour i always belongs to slot / label i, in every row and figure."""
-    i = np.arange(n)
-    hue = (i * 0.618033988749895) % 1.0  # golden-ratio hue steps keep neighbours apart
-    sat, val = 0.65 + 0.35 * (i % 2), 0.95 - 0.3 * ((i // 2) % 2)
-    k = (hue[:, None] * 6 + np.array([5, 3, 1])) % 6  # HSV -> RGB
-    rgb = val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
-    return (rgb * 255).astype(np.uint8)
-
-
-def to_uint8(images):
-    """Images (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8 numpy, the inverse of the dataset's normalisation."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
-
-
-def save_rows_png(path, rows, scale=2):
-    """A grid of images, e.g. inputs and reconstructions: rows is a list of (b, 3, H_r, W_r) batches in [-1, 1],
-    each resized (nearest) to the first row's size; one image per column."""
-    size = rows[0].shape[-1]
-    grid = [np.concatenate(list(to_uint8(F.interpolate(r.float(), size=size))), axis=1) for r in rows]  # (H, b*W, 3)
-    img = Image.fromarray(np.concatenate(grid, axis=0))
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def _colour_labels(image, labels, alpha=0.6):
-    """Blend the colour of each label over the image; ignored pixels (255) are white."""
-    pal = palette(256)
-    pal[IGNORE] = 255
-    col = pal[labels.cpu().numpy().astype(np.int64) % 256]
-    return (alpha * col + (1 - alpha) * image).astype(np.uint8)
-
-
-def fig2(path, images, true, pred, masks, scale=2):
-    """Fig. 2 style: one row per sample, columns image | ground truth | predicted segmentation | one column per
-    slot (the image where the slot's mask is high, white elsewhere, under a bar of the slot's colour).
-    images (b, 3, H, W) in [-1, 1]; true, pred (b, H, W); masks (b, s, h, w) soft masks summing to 1 over slots,
-    on any grid (up-sampled to H x W here, as masks_to_labels does)."""
-    pal = palette(256)
-    masks = upsample_masks(masks, true.shape[-2:])  # (b, s, H, W)
-    rows = []
-    for i in range(len(images)):
-        img = to_uint8(images[i])  # (H, W, 3)
-        cols = [img, _colour_labels(img, true[i]), _colour_labels(img, pred[i])]
-        for s in range(masks.shape[1]):
-            m = masks[i, s].detach().float().cpu().numpy()[..., None]  # (H, W, 1)
-            tile = (m * img + (1 - m) * 255).astype(np.uint8)
-            tile[: max(2, img.shape[0] // 16)] = pal[s]  # the slot's colour, as in the segmentation column
-            cols.append(tile)
-        sep = np.full((img.shape[0], 2, 3), 255, np.uint8)
-        rows.append(np.concatenate([c for col in cols for c in (col, sep)], axis=1))
-    canvas = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
-
-
-def pca_colours(maps):
-    """Colour token maps by a 3-component PCA fitted jointly on all of them, so one colour means one direction
-    in every map passed together. maps: list of (c, h, w) -> list of (h, w, 3) uint8."""
-    tokens = torch.cat([m.detach().float().cpu().flatten(1).t() for m in maps])  # (sum h*w, c)
-    centred = tokens - tokens.mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
-    proj = centred @ v[:3].t()  # (sum h*w, <=3)
-    if proj.shape[1] < 3:
-        proj = F.pad(proj, (0, 3 - proj.shape[1]))
-    lo, hi = proj.min(0).values, proj.max(0).values
-    rgb = ((proj - lo) / (hi - lo).clamp(min=1e-8) * 255).round().byte().numpy()
-    out, start = [], 0
-    for m in maps:
-        h, w = m.shape[-2:]
-        out.append(rgb[start:start + h * w].reshape(h, w, 3))
-        start += h * w
-    return out
-
-
-def fig3(path, image, columns, scale=2):
-    """Fig. 3 style, one row per scale: the image at that scale, then each column of `columns` (a dict name ->
-    list over scales of (c, h_n, w_n) token maps, e.g. scale-invariant before / after inter-scale fusion,
-    scale-variant, fused), each coloured by a PCA fitted over all scales of that column, up-sampled to the image."""
-    H = image.shape[-1]
-    colours = {name: pca_colours(maps) for name, maps in columns.items()}
-    pyramid = [image]
-    rows = []
-    for n in range(len(next(iter(columns.values())))):
-        if n:
-            pyramid.append(F.avg_pool2d(pyramid[-1][None], 2)[0])
-        tiles = [np.asarray(Image.fromarray(to_uint8(pyramid[n])).resize((H, H), Image.NEAREST))]
-        tiles += [np.asarray(Image.fromarray(colours[name][n]).resize((H, H), Image.NEAREST)) for name in columns]
-        sep = np.full((H, 2, 3), 255, np.uint8)
-        rows.append(np.concatenate([c for t in tiles for c in (t, sep)], axis=1))
-    canvas = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
-    return list(columns)
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +400,7 @@ def evaluate_vae(ckpt, args, device):
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], a["resolution"])
     dataset = _first(dataset, args.limit)
-    k = args.clusters or data.PRESETS[a["dataset"]]["num_slots"]
+    k = args.clusters or data.DATASETS[a["dataset"]]["num_slots"]
     m = validate_vae(model, dataset, device, args.batch_size or 32, clusters=k, seed=args.seed)
     first = dataset[0]["image"]  # (3, H, W), or (T, 3, H, W) for a video: every frame was scored
     count = len(dataset) * (len(first) if first.dim() == 4 else 1)
@@ -531,7 +428,7 @@ def evaluate_vae(ckpt, args, device):
                            "scale-variant": [p["q"][1][i] for p in parts], "fused X": [x[i] for x in xs]}
             else:
                 columns = {"X": [x[i] for x in xs]}
-            fig3(out_dir / f"fig3_{i:03d}.png", image[i], columns)
+            figures.fig3(out_dir / f"fig3_{i:03d}.png", image[i], columns)
         print(f"wrote {len(image)} Fig. 3 style PNGs to {out_dir} (columns: image, {', '.join(columns)}; "
               f"one row per scale)")
     return result
@@ -541,8 +438,7 @@ def evaluate_vae(ckpt, args, device):
 def evaluate_ocl(ckpt, args, device):
     """An OCL checkpoint on a split: the metrics table (x100, two decimals, as in the paper), the size split where
     the dataset stores object areas, and --viz figures (Fig. 2; diffusion: reconstructions through the sampler)."""
-    import train_ocl  # the one import of a training script: the OCL model is defined there
-    model, ckpt = train_ocl.load_ocl(ckpt, device, args.dino_weights)
+    model, ckpt = ocl.load_ocl(ckpt, device, args.dino_weights)
     # EXERCISE: test-iters (EXERCISES.md 7): model.slot_attention.iters = 5 (trained with 3) before scoring
     a = ckpt["args"]
     dataset = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"], semantic=args.semantic)
@@ -551,7 +447,7 @@ def evaluate_ocl(ckpt, args, device):
     values, _ = validate_ocl(model, dataset, device, batch_size, size_split=not args.semantic,
                              protocol=args.protocol, name=a["dataset"], thresholds=size_thresholds(dataset))
     stats = summary(values)
-    encoder = {"cnn": "", "dino": ", DINO big-little encoder"}[ckpt["model_args"].get("encoder", "cnn")]
+    encoder = {"cnn": "", "dino": ", DINO big-little encoder"}[ckpt["model_args"]["encoder"]]
     encoder += " (RANDOM DINO weights: a smoke run)" if a.get("dino_weights") == "random" else ""
     print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE{encoder}, step {ckpt['step']}, "
           f"{a['dataset']}/{args.split}" + (", the authors' metric protocol" if args.protocol == "authors" else ""))
@@ -575,20 +471,22 @@ def evaluate_ocl(ckpt, args, device):
         image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W); video (v, t, ...)
         out = model.segment(image, batch["bbox"].to(device) if "bbox" in batch else None)  # masks (v(, t), s, h, w)
         pred = masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (v, H, W), video (v, t, H, W)
+        masks = upsample_masks(out["masks"], segment.shape[-2:])  # (v(, t), s, H, W): what the labels come from
         if model.video:  # a strip per clip: one row per frame, a slot keeps its colour in every row
             for i in range(len(image)):
-                fig2(out_dir / f"clip_{i:03d}.png", image[i], segment[i], pred[i], out["masks"][i])
+                figures.fig2(out_dir / f"clip_{i:03d}.png", image[i], segment[i], pred[i], masks[i])
             print(f"wrote {len(image)} clip strips clip_NNN.png to {out_dir} (rows: frames; columns: image | ground "
                   f"truth | prediction | one column per slot)")
         else:
-            fig2(out_dir / "fig2.png", image, segment, pred, out["masks"])
+            figures.fig2(out_dir / "fig2.png", image, segment, pred, masks)
             print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
         if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
             _, xs = model.vae.guidance(image)  # per scale (v, c, h, w)
             gen = torch.Generator(device=device).manual_seed(args.seed)
             sampled = model.decoder.sample(out["slots"], xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
             rows = [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
-            save_rows_png(out_dir / "diffusion_recon.png", rows)
+            figures.save_rows_png(out_dir / "diffusion_recon.png", rows,
+                          labels=["image", "VAE decoding of X", "VAE decoding of the sampled X'"])
             print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}

@@ -15,8 +15,7 @@ fuse_continuous (the channel-concat / element-wise-sum alternatives of Tab. 6), 
 train_vae.py trains), build_vae (the one `if` that turns --vae flags into a model), load_vae (the same from a
 checkpoint: what train_ocl.py and evaluate.py call).
 
-Where we follow the paper and the authors' public code differs (../shared/reference/official-spec.md sect. 3):
-the code has no projection W, quantizes the full c channels in both branches, averages instead of
+Where the paper and the authors' public code differ, this follows the paper: the authors' code has no projection W, quantizes the full c channels in both branches, averages instead of
 concatenating, and uses 256/256/128/64 codes. Here: Eq. 3 project-up with pinv(W), chunk into halves, Eq. 5
 concat and project-down with W, and 4 codebooks of 64 codes (64 x 64 = 4096 combinations).
 """
@@ -146,10 +145,10 @@ class MSFVAE(nn.Module):
     """
 
     def __init__(self, code_dim=256, channels=64, num_scales=3, fusion="msf", inter=True, intra=True,
-                 sv_shared=False, num_codes=4096, pin_w=True):
+                 sv_shared=False, num_codes=4096):
         super().__init__()
         assert num_scales >= 1 and fusion in ("msf", "concat", "sum"), (num_scales, fusion)
-        self.code_dim, self.num_scales, self.fusion, self.pin_w = code_dim, num_scales, fusion, pin_w
+        self.code_dim, self.num_scales, self.fusion = code_dim, num_scales, fusion
         self.inter, self.intra = inter, intra and fusion == "msf"
         self.encoder, self.decoder = vae.Encoder(code_dim, channels), vae.Decoder(code_dim, channels)
         self.weight, self.mixer = None, None
@@ -178,12 +177,9 @@ class MSFVAE(nn.Module):
                                   alpha=alpha, return_parts=True)
 
     def projection(self):
-        """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal), or free as checkpoints before
-        format 3 trained it (pin_w=False)."""
+        """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal); None without intra-scale fusion."""
         # EXERCISE: no-projection (EXERCISES.md 4): return a fixed W (e.g. [I; I] / sqrt(2)) and see what W learns
-        if self.weight is None or not self.pin_w:
-            return self.weight
-        return vae.orthonormal(self.weight)
+        return None if self.weight is None else vae.orthonormal(self.weight)
 
     def forward(self, image, tau=0.0, alpha=0.0):
         return vae.vae_forward(self, image_pyramid(image, self.num_scales), tau, alpha)
@@ -206,15 +202,15 @@ class MSFVAE(nn.Module):
 
 
 def build_vae(kind="msf", code_dim=256, channels=64, scales=3, fusion="msf", inter=True, intra=True,
-              sv_shared=False, num_codes=4096, pin_w=True):
+              sv_shared=False, num_codes=4096):
     """--vae flag -> model. The single place where the kind of VAE is decided (train_vae.py and the loaders of
     checkpoints call it with the arguments stored in the checkpoint)."""
     if kind in ("vqvae", "gdr"):
-        return vae.VQVAE(kind, code_dim, channels, num_codes, pin_w=pin_w)
+        return vae.VQVAE(kind, code_dim, channels, num_codes)
     if kind == "multiscale":
         return MSFVAE(code_dim, channels, scales, "msf", inter=False, intra=False, num_codes=num_codes)
     if kind == "msf":
-        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes, pin_w)
+        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes)
     raise ValueError(f"unknown --vae '{kind}'; choose msf, vqvae, gdr or multiscale")
 
 
@@ -235,7 +231,6 @@ def vae_name(model_args):
 def load_vae(ckpt, device="cpu"):
     """Rebuild a stage-1 VAE from its checkpoint dict (train_common.load_checkpoint(path, "vae") reads one safely):
     build_vae with the stored model_args, then the stored weights. Returns the model in eval mode."""
-    # checkpoints before format 3 trained W with its scale free (no pin_w entry): rebuild them as they trained
-    model = build_vae(**{"pin_w": False, **ckpt["model_args"]})
+    model = build_vae(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

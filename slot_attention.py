@@ -1,26 +1,27 @@
-"""Pixels to slots: the primary encoder, the query initializer and Slot Attention.
+"""Pixels to slots: Slot Attention, the competitor SysBinder, the query initializers, STEVE's predictor and the primary
+encoders (the naive CNN, and the frozen DINO ViT-S/8 of the paper's big-little encoder).
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 (phi_e: T -> F,
 phi_sa: (S0, F) -> (S, M)), A.3 ("Slot Attention: we adhere to the standard design outlined in Locatello et al.
-2020"), A.5 (random query initialization: trainable Gaussian means, one shared non-trainable sigma, cosine-annealed
-from 1 to 0 over training, 0 at evaluation; video: queries from the first frame's bounding boxes through a 2-layer
-MLP), A.3 (STEVE: "an additional transformer encoder block to bridge current and subsequent queries"). Ablations of
-Sect. 4.3 use "naive CNN (Kipf et al., 2022) as the
-primary encoder", which is our default.
+2020"; SysBinder with "group number two"; STEVE's "additional transformer encoder block to bridge current and
+subsequent queries"; the big-little encoder), A.5 (random query initialization: trainable Gaussian means, one
+shared non-trainable sigma, cosine-annealed from 1 to 0 over training, 0 at evaluation; video: queries from the
+first frame's bounding boxes through a 2-layer MLP). Sect. 4.3's ablations use "naive CNN (Kipf et al., 2022) as
+the primary encoder", the default on the built-in datasets.
 
 Notation (paper -> code): F `features` (b, n, d_in) with n = h*w; S0 `queries` (b, s, d); S `slots` (b, s, d);
 M `masks` (b, s, h, w) = the attention of the last iteration. Letters: b batch, s slots, n inputs, d channels.
 
-Reading order: CNNEncoder (+ soft position embedding), GaussianQueries, BoxQueries and Predictor (video: STEVE),
-SlotAttention (+ attend), SysBinder; then DinoViT.
+Reading order: attend and SlotAttention; SysBinder; GaussianQueries, BoxQueries (with the box prior) and Predictor
+(video); CNNEncoder (+ soft position embedding, + DINO for big-little); DinoViT and dino_vit_s8.
 
-Differences: the naive CNN of Kipf et al. runs four 5x5 convolutions at full resolution (the authors' CNN branch
-gives 128x128 features at 128 px: `stride=1`, the `--size paper` default). A 2-core CPU cannot afford that, so the
+The encoder's stride: the naive CNN of Kipf et al. runs 5x5 convolutions at full resolution (the paper's big-little
+CNN branch gives 128x128 features at 128 px: `stride=1`, the `--size paper` default). A 2-core CPU cannot afford that, so the
 CPU size reads overlapping 4x4 windows 2 px apart (`stride=2`: masks at H/2); `stride=4` gives SLATE's 4x4 patches
-(masks at H/4). What each costs and scores on the built-in dataset is in the README ("How the CPU quick start was
-tuned"). `bilevel=True` (train_ocl.py --bilevel) adds the truncated-gradient trick of BO-QSA that the authors'
-code uses: the last iteration starts from detached slots, with a straight-through path to the queries. It is off
-by default, as in Locatello et al.
+(masks at H/4); what each costs and scores is in results/2026-11-25-cpu-preset-tuning.md. `bilevel=True`
+(train_ocl.py --bilevel) adds the truncated-gradient trick of BO-QSA that the authors' code uses: the last
+iteration starts from detached slots, with a straight-through path to the queries; off by default, as in Locatello
+et al.
 
 The paper's primary encoder (A.3, every main table) is "big-little": a frozen DINO ViT-S/8 (`DinoViT`, built by
 `dino_vit_s8`) runs beside the naive CNN, and its map is projected (3x3 conv), up-sampled to the CNN's grid and added
@@ -34,6 +35,240 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Slot Attention (Locatello et al. 2020): phi_sa of Sect. 3.1
+
+
+def attend(q, k, v, eps=1e-8, prior=None):
+    """One Slot Attention read-out: logits between slot queries q (b, s, d) and input keys k (b, n, d), softmax
+    over SLOTS (slots compete for each input), then each slot's update is the attention-weighted MEAN of the values
+    v (b, n, d). prior: None or a log-prior (b, s, n) added to the logits. Returns updates (b, s, d) and the
+    attention (b, s, n), which sums to 1 over slots."""
+    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (b, s, n)
+    attn = (logits if prior is None else logits + prior).softmax(dim=1)  # (b, s, n)
+    weights = (attn + eps) / (attn + eps).sum(dim=2, keepdim=True)  # weighted mean over inputs
+    return weights @ v, attn  # (b, s, d), (b, s, n)
+
+
+class SlotAttention(nn.Module):
+    """Slot Attention (Locatello et al. 2020): (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d), masks (b, s, n).
+
+    Each iteration: attention logits between slot queries and input keys; softmax over SLOTS (slots compete
+    for each input, which is what makes them bind to different objects); each slot's update is the attention-
+    weighted MEAN of the values; a GRU merges the update into the slot; a residual MLP refines it.
+    """
+
+    def __init__(self, dim, input_dim, iters=3, hidden=None, eps=1e-8, bilevel=False):
+        super().__init__()
+        self.dim, self.iters, self.eps, self.bilevel = dim, iters, eps, bilevel
+        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(input_dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(input_dim, dim, bias=False)
+        self.to_v = nn.Linear(input_dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        hidden = hidden or 2 * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, queries, inputs, prior=None):
+        """prior: None, or a log-prior (b, s, n) added to every iteration's attention logits (--box-prior)."""
+        b, s, d = queries.shape
+        inputs = self.norm_inputs(inputs)  # (b, n, d_in)
+        k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each, computed once for all iterations
+        slots = queries
+        for i in range(self.iters):
+            if self.bilevel and i == self.iters - 1:  # authors: BO-QSA's truncated gradient, off by default (--bilevel)
+                # BO-QSA: no gradient through the earlier iterations, a straight-through one to the queries
+                slots = slots.detach() + queries - queries.detach()
+            prev = slots
+            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
+            # EXERCISE: slot-update (EXERCISES.md 9): slots = prev + updates instead of the GRU
+            slots = self.gru(updates.reshape(b * s, d), prev.reshape(b * s, d)).view(b, s, d)  # (b, s, d)
+            slots = slots + self.mlp(self.norm_mlp(slots))  # (b, s, d)
+        return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
+
+
+# -----------------------------------------------------------------------------
+# SysBinder's block-slot attention: the paper's competitor (Tab. 1-2)
+
+
+class SysBinder(nn.Module):
+    """Block-slot attention (SysBinder, Singh et al. 2022b), the paper's first competitor (Tab. 1-2, A.3: "group
+    number two" = 2 blocks per slot): (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d), masks (b, s, n).
+
+    A slot is M blocks of d/M channels. Each iteration reads the inputs as Slot Attention does (`attend`), then
+    1. block-wise update: block m of the update goes through block m's own GRU and residual MLP;
+    2. block coupling: the M blocks of a slot exchange information through one transformer layer over the M blocks
+       (learned block positions say which block is which);
+    3. block binding: every block becomes an attention-weighted mixture of its own K learned prototypes (the
+       prototypes pass through a small MLP first), which pushes each block towards one factor of the object.
+    Masks are the attention of the last iteration, as Slot Attention's. Same interface as SlotAttention.
+    """
+
+    def __init__(self, dim, input_dim, iters=3, blocks=2, prototypes=64, eps=1e-8):
+        super().__init__()
+        if dim % blocks:
+            raise ValueError(f"SysBinder: {blocks} blocks do not divide the slot width {dim}")
+        self.dim, self.iters, self.blocks, self.eps = dim, iters, blocks, eps
+        db = dim // blocks  # channels per block
+        self.norm_inputs, self.norm_slots = nn.LayerNorm(input_dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(input_dim, dim, bias=False)
+        self.to_v = nn.Linear(input_dim, dim, bias=False)
+        self.grus = nn.ModuleList(nn.GRUCell(db, db) for _ in range(blocks))  # 1. one GRU and one MLP per block
+        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(db), nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
+                                  for _ in range(blocks))
+        self.block_pos = nn.Parameter(torch.zeros(1, blocks, db))  # 2. coupling: a transformer layer over blocks
+        self.coupling = nn.TransformerEncoderLayer(db, nhead=1, dim_feedforward=4 * db, dropout=0.0,
+                                                   batch_first=True, norm_first=True)
+        self.prototypes = nn.Parameter(torch.empty(blocks, prototypes, db))  # 3. binding: K prototypes per block
+        nn.init.trunc_normal_(self.prototypes)
+        self.prototype_mlp = nn.Sequential(nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
+        self.norm_bind = nn.LayerNorm(db)
+
+    def forward(self, queries, inputs, prior=None):
+        b, s, d = queries.shape
+        m, db = self.blocks, d // self.blocks
+        inputs = self.norm_inputs(inputs)  # (b, n, d_in)
+        k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each
+        slots = queries
+        for _ in range(self.iters):
+            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
+            u = updates.reshape(b * s, m, db)  # the update's blocks
+            prev = slots.reshape(b * s, m, db)  # the slot's blocks
+            new = []
+            for j in range(m):  # 1. block j: its own GRU and residual MLP
+                block = self.grus[j](u[:, j], prev[:, j])  # (b*s, db)
+                new.append(block + self.mlps[j](block))
+            blocks = torch.stack(new, dim=1)  # (b*s, m, db)
+            blocks = self.coupling(blocks + self.block_pos)  # 2. the blocks of a slot attend to each other
+            memory = self.prototypes + self.prototype_mlp(self.prototypes)  # 3. (m, K, db)
+            logits = torch.einsum("xmc,mkc->xmk", self.norm_bind(blocks), memory) / math.sqrt(db)  # (b*s, m, K)
+            blocks = torch.einsum("xmk,mkc->xmc", logits.softmax(dim=-1), memory)  # mixtures of prototypes
+            slots = blocks.reshape(b, s, d)  # (b, s, d)
+        return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
+
+
+# -----------------------------------------------------------------------------
+# Query initialization (A.5): S0 for images and for the first frame of a video; STEVE's predictor for the next frames
+
+
+class GaussianQueries(nn.Module):
+    """Random query initialization of A.5: S0 = mu + sigma * N(0, I).
+
+    mu (1, s, d): one trainable mean per slot. sigma: one scalar shared by all slots and channels, not trained;
+    the training loop anneals it with a cosine from 1 to 0 (train_ocl.sigma_at) and evaluation uses 0 (the
+    authors' code learns a per-slot sigma instead; this follows the paper). The sample is mu + sigma * noise, so
+    the gradient reaches mu whatever sigma is (a sample drawn any other way can cut it off).
+    """
+
+    def __init__(self, num_slots, dim):
+        super().__init__()
+        self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, num_slots, dim)))  # (1, s, d)
+
+    def forward(self, batch_size, sigma=0.0):
+        mu = self.mu.expand(batch_size, -1, -1)  # (b, s, d)
+        if sigma == 0:
+            return mu
+        return mu + sigma * torch.randn_like(mu)  # (b, s, d)
+
+
+class BoxQueries(nn.Module):
+    """Box-conditioned query initialization for video (A.5, as in SAVi and STEVE): the bounding boxes of the objects
+    in the FIRST frame, normalised by the frame size, (x0, y0, x1, y1), each through a 2-layer MLP with GELU to a
+    query, S0 (b, s, d). Each visible object's slot comes with its box, so slots start with an identity, if the MLP
+    learns to point a query at its box; where it does not, `prior`, the box prior on frame 0's attention
+    (--box-prior, ours), gives each box slot its box (results/2026-11-26-video-preset.md measures both).
+    The box enters the MLP as 2 * box - 1 (centred, so that different boxes do not share a large common input; ours).
+    The box queries get no noise, as in SAVi: the annealed noise at sigma 1 is larger than what the MLP makes of a
+    box, and with it slots change objects between frames more often.
+
+    Slots without a box (more slots than objects in the first frame: the background, and spares for objects that
+    enter later) start from learned per-slot queries, the image model's GaussianQueries (trainable means, the
+    annealed sigma; ours). The authors give them the zero box instead, which makes them identical: identical slots
+    split the same pixels between them, and the model can collapse onto them.
+    Boxes are compacted: the slots of the visible objects come first, in record order, then the box-less ones.
+    More visible objects than s - 1: the s - 1 largest keep their boxes, so that one slot always starts free for the
+    background (MOVi-E: up to 23 objects, 21 slots; the authors' code stops with an assertion there).
+    """
+
+    def __init__(self, num_slots, dim):
+        super().__init__()
+        self.num_slots = num_slots
+        self.mlp = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.free = GaussianQueries(num_slots, dim)  # the queries of slots without a box
+
+    def slot_boxes(self, boxes):
+        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> the box of each slot (b, s, 4)
+        (zeros for box-less slots) and which slots have one (b, s) bool, in the compacted order above."""
+        b, k = boxes.shape[:2]
+        s = self.num_slots
+        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0)  # (b, K), 0: none
+        # ours: past s - 1 objects the largest keep their boxes (authors: an assertion)
+        top = area.argsort(dim=1, descending=True, stable=True)[:, :s - 1]  # (b, m) the largest, m = min(K, s-1)
+        visible = area.gather(1, top) > 0  # (b, m)
+        top = top.gather(1, torch.where(visible, top, top + k).argsort(dim=1))  # visible first, in record order
+        visible = area.gather(1, top) > 0  # (b, m)
+        m = top.shape[1]
+        chosen = boxes.gather(1, top[..., None].expand(-1, -1, 4)) * visible[..., None]  # (b, m, 4)
+        return F.pad(chosen, (0, 0, 0, s - m)), F.pad(visible, (0, s - m))  # (b, s, 4), (b, s)
+
+    def forward(self, boxes, sigma=0.0):
+        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d). sigma: the
+        annealed noise of the box-less slots' Gaussian queries; the box queries get none."""
+        chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
+        m = min(boxes.shape[1], self.num_slots - 1)  # slots that may have a box
+        # ours: boxes centred as 2 * box - 1; no noise on box queries (as SAVi)
+        boxed = F.pad(self.mlp(2 * chosen[:, :m] - 1), (0, 0, 0, self.num_slots - m))  # (b, s, d), boxes in [-1, 1]
+        # ours: box-less slots start from Gaussian queries (authors: the zero box)
+        return torch.where(visible[..., None], boxed, self.free(len(boxes), sigma))  # (b, s, d)
+
+    def prior(self, boxes, grid):  # ours: the box prior on frame 0 (--box-prior / --no-box-prior)
+        """The box prior on frame 0's attention (--box-prior, ours): a log-prior (b, s, h*w) to add to Slot
+        Attention's logits. A slot that starts from a box may take only the feature cells that its box overlaps
+        (0 there, -1e4 elsewhere: exp(-1e4) = 0 in every float type); box-less slots (the background, spares) may take
+        any cell (0). One slot is always box-less (see above), so every cell has a slot that may take it."""
+        chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
+        h, w = grid
+        ys, xs = torch.arange(h, device=boxes.device), torch.arange(w, device=boxes.device)
+        # cell (i, j) covers [j/w, (j+1)/w] x [i/h, (i+1)/h]; it overlaps the box where the intervals overlap
+        in_x = (xs / w < chosen[..., 2:3]) & ((xs + 1) / w > chosen[..., 0:1])  # (b, s, w)
+        in_y = (ys / h < chosen[..., 3:4]) & ((ys + 1) / h > chosen[..., 1:2])  # (b, s, h)
+        inside = (in_y[..., :, None] & in_x[..., None, :]).flatten(2)  # (b, s, h*w)
+        allowed = inside | ~visible[..., None]  # (b, s, h*w)
+        return torch.zeros(allowed.shape, device=boxes.device).masked_fill(~allowed, -1e4)  # (b, s, h*w)
+
+
+class Predictor(nn.Module):
+    """STEVE's transition (A.3: "an additional transformer encoder block to bridge current and subsequent queries"):
+    the slots of frame t, (b, s, d), attend to each other in one transformer encoder layer and become the queries of
+    frame t+1. GELU, FFN 4d, dropout 0.1 as the authors' `transit`, but pre-norm (x + attn(LN(x)), as STEVE's own
+    blocks) where the authors' layer is post-norm: a post-norm layer can map all slots of a frame to one query, and
+    then no slot keeps its object.
+
+    The layer's two residual branches (the attention's output projection, the FFN's second linear map) start at
+    zero, so that at initialization the queries of frame t+1 ARE the slots of frame t (ours; Fixup and ReZero start
+    residual branches at zero too): each slot starts by following its own object, and training learns what to
+    change. Initialised as usual, the branches can grow to add one vector to every slot, so that all queries of a
+    frame point one way and every frame is segmented from scratch (results/2026-11-26-video-preset.md).
+    It sees only frame t's slots, so the recurrence is causal: frame t's slots depend on frames 0..t alone."""
+
+    def __init__(self, dim, heads=4, dropout=0.1):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+                                                norm_first=True)  # ours: pre-norm (authors: post-norm)
+        # ours: the residual branches start at zero
+        for residual in (self.layer.self_attn.out_proj, self.layer.linear2):  # the predictor starts as the identity
+            nn.init.zeros_(residual.weight)
+            nn.init.zeros_(residual.bias)
+
+    def forward(self, slots):
+        return self.layer(slots)  # (b, s, d)
+
+
+# -----------------------------------------------------------------------------
+# The primary encoder phi_e: the naive CNN, alone or beside a frozen DINO (big-little, A.3)
 
 
 def position_grid(h, w, device=None):
@@ -52,7 +287,7 @@ class CNNEncoder(nn.Module):
     learned linear map of the position grid is added to every cell (soft position embedding); then LayerNorm and a
     two-layer MLP per cell. Masks come out at H/r. Locatello et al. put a ReLU after their last convolution too;
     here the features stay signed when the position embedding is added, and the LayerNorm + MLP after it are the
-    nonlinearity (every number in the README was measured this way; a ReLU there is a one-line exercise).
+    nonlinearity (ours; every number in results/ was measured this way; a ReLU there is a one-line exercise).
     """
 
     def __init__(self, out_dim, channels=64, stride=4, dino=None):
@@ -117,224 +352,8 @@ def _dino_is_not_missing(module, incompatible):
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if "dino" not in k.split(".")]
 
 
-class GaussianQueries(nn.Module):
-    """Random query initialization of A.5: S0 = mu + sigma * N(0, I).
-
-    mu (1, s, d): one trainable mean per slot. sigma: one scalar shared by all slots and channels, not trained;
-    the training loop anneals it with a cosine from 1 to 0 and evaluation uses 0 (the authors' code learns a
-    per-slot sigma instead; we follow the paper). The sample is mu + sigma * noise, so the gradient reaches mu
-    whatever sigma is (several peers sampled in a way that cut it off).
-    """
-
-    def __init__(self, num_slots, dim):
-        super().__init__()
-        self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, num_slots, dim)))  # (1, s, d)
-
-    def forward(self, batch_size, sigma=0.0):
-        mu = self.mu.expand(batch_size, -1, -1)  # (b, s, d)
-        if sigma == 0:
-            return mu
-        return mu + sigma * torch.randn_like(mu)  # (b, s, d)
-
-
-class BoxQueries(nn.Module):
-    """Box-conditioned query initialization for video (A.5, as in SAVi and STEVE): the bounding boxes of the objects
-    in the FIRST frame, normalised by the frame size, (x0, y0, x1, y1), each through a 2-layer MLP with GELU to a
-    query, S0 (b, s, d). Each visible object's slot comes with its box, so slots start with an identity, if the MLP
-    learns to point a query at its box: on shapes_video it did not (a box slot won its own object 26% of the time,
-    chance 17%), hence `prior`, the box prior on frame 0's attention (--box-prior, ours).
-    The box enters the MLP as 2 * box - 1 (centred, so that different boxes do not share a large common input; ours).
-    The box queries get no noise, as in SAVi. An earlier version added the Gaussian queries' annealed noise to them
-    (at sigma 1 larger than what the MLP makes of a box): slots then changed objects between frames more often
-    (ARIfg over clips 24 against 41 without it, README "How the video preset was found").
-
-    Slots without a box (more slots than objects in the first frame: the background, and spares for objects that
-    enter later) start from learned per-slot queries, the image model's GaussianQueries (trainable means, the
-    annealed sigma). The authors give them the zero box instead, which makes them identical: in our runs those 1-4
-    identical slots took 2-4 times an object slot's share of every pixel and the model collapsed (README, "Video").
-    Boxes are compacted: the slots of the visible objects come first, in record order, then the box-less ones.
-    More visible objects than s - 1: the s - 1 largest keep their boxes, so that one slot always starts free for the
-    background (MOVi-E: up to 23 objects, 21 slots; the authors' code stops with an assertion there).
-    """
-
-    def __init__(self, num_slots, dim):
-        super().__init__()
-        self.num_slots = num_slots
-        self.mlp = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.free = GaussianQueries(num_slots, dim)  # the queries of slots without a box
-
-    def slot_boxes(self, boxes):
-        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> the box of each slot (b, s, 4)
-        (zeros for box-less slots) and which slots have one (b, s) bool, in the compacted order above."""
-        b, k = boxes.shape[:2]
-        s = self.num_slots
-        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0)  # (b, K), 0: none
-        top = area.argsort(dim=1, descending=True, stable=True)[:, :s - 1]  # (b, m) the largest, m = min(K, s-1)
-        visible = area.gather(1, top) > 0  # (b, m)
-        top = top.gather(1, torch.where(visible, top, top + k).argsort(dim=1))  # visible first, in record order
-        visible = area.gather(1, top) > 0  # (b, m)
-        m = top.shape[1]
-        chosen = boxes.gather(1, top[..., None].expand(-1, -1, 4)) * visible[..., None]  # (b, m, 4)
-        return F.pad(chosen, (0, 0, 0, s - m)), F.pad(visible, (0, s - m))  # (b, s, 4), (b, s)
-
-    def forward(self, boxes, sigma=0.0):
-        """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d). sigma: the
-        annealed noise of the box-less slots' Gaussian queries; the box queries get none."""
-        chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
-        m = min(boxes.shape[1], self.num_slots - 1)  # slots that may have a box
-        boxed = F.pad(self.mlp(2 * chosen[:, :m] - 1), (0, 0, 0, self.num_slots - m))  # (b, s, d), boxes in [-1, 1]
-        return torch.where(visible[..., None], boxed, self.free(len(boxes), sigma))  # (b, s, d)
-
-    def prior(self, boxes, grid):
-        """The box prior on frame 0's attention (--box-prior, ours): a log-prior (b, s, h*w) to add to Slot
-        Attention's logits. A slot that starts from a box may take only the feature cells that its box overlaps
-        (0 there, -1e4 elsewhere: exp(-1e4) = 0 in every float type); box-less slots (the background, spares) may take
-        any cell (0). One slot is always box-less (see above), so every cell has a slot that may take it."""
-        chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
-        h, w = grid
-        ys, xs = torch.arange(h, device=boxes.device), torch.arange(w, device=boxes.device)
-        # cell (i, j) covers [j/w, (j+1)/w] x [i/h, (i+1)/h]; it overlaps the box where the intervals overlap
-        in_x = (xs / w < chosen[..., 2:3]) & ((xs + 1) / w > chosen[..., 0:1])  # (b, s, w)
-        in_y = (ys / h < chosen[..., 3:4]) & ((ys + 1) / h > chosen[..., 1:2])  # (b, s, h)
-        inside = (in_y[..., :, None] & in_x[..., None, :]).flatten(2)  # (b, s, h*w)
-        allowed = inside | ~visible[..., None]  # (b, s, h*w)
-        return torch.zeros(allowed.shape, device=boxes.device).masked_fill(~allowed, -1e4)  # (b, s, h*w)
-
-
-class Predictor(nn.Module):
-    """STEVE's transition (A.3: "an additional transformer encoder block to bridge current and subsequent queries"):
-    the slots of frame t, (b, s, d), attend to each other in one transformer encoder layer and become the queries of
-    frame t+1. GELU, FFN 4d, dropout 0.1 as the authors' `transit`, but pre-norm (x + attn(LN(x)), as STEVE's own
-    blocks) where the authors' layer is post-norm: in our runs the post-norm layer mapped all slots of a frame to one
-    query (cosine 1.0 from the second frame on) and the model never bound.
-
-    The layer's two residual branches (the attention's output projection, the FFN's second linear map) start at
-    zero, so that at initialization the queries of frame t+1 ARE the slots of frame t (ours; Fixup and ReZero start
-    residual branches at zero too): each slot starts by following its own object, and training learns what to
-    change. With the default initialization the two branches grew to 7x the slots' norm and added one vector to
-    every slot: all queries of a frame were parallel (cosine 1.00), every frame was segmented from scratch, and a
-    slot kept its object between consecutive frames about 1 time in 2 (README, "How the video preset was found").
-    It sees only frame t's slots, so the recurrence is causal: frame t's slots depend on frames 0..t alone."""
-
-    def __init__(self, dim, heads=4, dropout=0.1):
-        super().__init__()
-        self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
-                                                norm_first=True)
-        for residual in (self.layer.self_attn.out_proj, self.layer.linear2):  # the predictor starts as the identity
-            nn.init.zeros_(residual.weight)
-            nn.init.zeros_(residual.bias)
-
-    def forward(self, slots):
-        return self.layer(slots)  # (b, s, d)
-
-
-class SlotAttention(nn.Module):
-    """Slot Attention (Locatello et al. 2020): (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d), masks (b, s, n).
-
-    Each iteration: attention logits between slot queries and input keys; softmax over SLOTS (slots compete
-    for each input, which is what makes them bind to different objects); each slot's update is the attention-
-    weighted MEAN of the values; a GRU merges the update into the slot; a residual MLP refines it.
-    """
-
-    def __init__(self, dim, input_dim, iters=3, hidden=None, eps=1e-8, bilevel=False):
-        super().__init__()
-        self.dim, self.iters, self.eps, self.bilevel = dim, iters, eps, bilevel
-        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(input_dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(input_dim, dim, bias=False)
-        self.to_v = nn.Linear(input_dim, dim, bias=False)
-        self.gru = nn.GRUCell(dim, dim)
-        hidden = hidden or 2 * dim
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-    def forward(self, queries, inputs, prior=None):
-        """prior: None, or a log-prior (b, s, n) added to every iteration's attention logits (--box-prior)."""
-        b, s, d = queries.shape
-        inputs = self.norm_inputs(inputs)  # (b, n, d_in)
-        k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each, computed once for all iterations
-        slots = queries
-        for i in range(self.iters):
-            if self.bilevel and i == self.iters - 1:
-                # BO-QSA: no gradient through the earlier iterations, a straight-through one to the queries
-                slots = slots.detach() + queries - queries.detach()
-            prev = slots
-            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
-            # EXERCISE: slot-update (EXERCISES.md 9): slots = prev + updates instead of the GRU
-            slots = self.gru(updates.reshape(b * s, d), prev.reshape(b * s, d)).view(b, s, d)  # (b, s, d)
-            slots = slots + self.mlp(self.norm_mlp(slots))  # (b, s, d)
-        return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
-
-
-def attend(q, k, v, eps=1e-8, prior=None):
-    """One Slot Attention read-out: logits between slot queries q (b, s, d) and input keys k (b, n, d), softmax
-    over SLOTS (slots compete for each input), then each slot's update is the attention-weighted MEAN of the values
-    v (b, n, d). prior: None or a log-prior (b, s, n) added to the logits. Returns updates (b, s, d) and the
-    attention (b, s, n), which sums to 1 over slots."""
-    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (b, s, n)
-    attn = (logits if prior is None else logits + prior).softmax(dim=1)  # (b, s, n)
-    weights = (attn + eps) / (attn + eps).sum(dim=2, keepdim=True)  # weighted mean over inputs
-    return weights @ v, attn  # (b, s, d), (b, s, n)
-
-
-class SysBinder(nn.Module):
-    """Block-slot attention (SysBinder, Singh et al. 2022b), the paper's first competitor (Tab. 1-2, A.3: "group
-    number two" = 2 blocks per slot): (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d), masks (b, s, n).
-
-    A slot is M blocks of d/M channels. Each iteration reads the inputs as Slot Attention does (`attend`), then
-    1. block-wise update: block m of the update goes through block m's own GRU and residual MLP;
-    2. block coupling: the M blocks of a slot exchange information through one transformer layer over the M blocks
-       (learned block positions say which block is which);
-    3. block binding: every block becomes an attention-weighted mixture of its own K learned prototypes (the
-       prototypes pass through a small MLP first), which pushes each block towards one factor of the object.
-    Masks are the attention of the last iteration, as Slot Attention's. Same interface as SlotAttention.
-    """
-
-    def __init__(self, dim, input_dim, iters=3, blocks=2, prototypes=64, eps=1e-8):
-        super().__init__()
-        if dim % blocks:
-            raise ValueError(f"SysBinder: {blocks} blocks do not divide the slot width {dim}")
-        self.dim, self.iters, self.blocks, self.eps = dim, iters, blocks, eps
-        db = dim // blocks  # channels per block
-        self.norm_inputs, self.norm_slots = nn.LayerNorm(input_dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(input_dim, dim, bias=False)
-        self.to_v = nn.Linear(input_dim, dim, bias=False)
-        self.grus = nn.ModuleList(nn.GRUCell(db, db) for _ in range(blocks))  # 1. one GRU and one MLP per block
-        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(db), nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
-                                  for _ in range(blocks))
-        self.block_pos = nn.Parameter(torch.zeros(1, blocks, db))  # 2. coupling: a transformer layer over blocks
-        self.coupling = nn.TransformerEncoderLayer(db, nhead=1, dim_feedforward=4 * db, dropout=0.0,
-                                                   batch_first=True, norm_first=True)
-        self.prototypes = nn.Parameter(torch.empty(blocks, prototypes, db))  # 3. binding: K prototypes per block
-        nn.init.trunc_normal_(self.prototypes)
-        self.prototype_mlp = nn.Sequential(nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
-        self.norm_bind = nn.LayerNorm(db)
-
-    def forward(self, queries, inputs, prior=None):
-        b, s, d = queries.shape
-        m, db = self.blocks, d // self.blocks
-        inputs = self.norm_inputs(inputs)  # (b, n, d_in)
-        k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each
-        slots = queries
-        for _ in range(self.iters):
-            updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
-            u = updates.reshape(b * s, m, db)  # the update's blocks
-            prev = slots.reshape(b * s, m, db)  # the slot's blocks
-            new = []
-            for j in range(m):  # 1. block j: its own GRU and residual MLP
-                block = self.grus[j](u[:, j], prev[:, j])  # (b*s, db)
-                new.append(block + self.mlps[j](block))
-            blocks = torch.stack(new, dim=1)  # (b*s, m, db)
-            blocks = self.coupling(blocks + self.block_pos)  # 2. the blocks of a slot attend to each other
-            memory = self.prototypes + self.prototype_mlp(self.prototypes)  # 3. (m, K, db)
-            logits = torch.einsum("xmc,mkc->xmk", self.norm_bind(blocks), memory) / math.sqrt(db)  # (b*s, m, K)
-            blocks = torch.einsum("xmk,mkc->xmc", logits.softmax(dim=-1), memory)  # mixtures of prototypes
-            slots = blocks.reshape(b, s, d)  # (b, s, d)
-        return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
-
-
 # -----------------------------------------------------------------------------
-# The paper's primary encoder (A.3): a frozen DINO ViT-S/8 beside the naive CNN ("big-little")
+# DINO ViT-S/8: the frozen half of the paper's big-little encoder (A.3)
 
 DINO_FILE = "dino_deitsmall8_pretrain.pth"  # the official release of Caron et al. 2021 (backbone only, 21.7M)
 DINO_URL = f"https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/{DINO_FILE}"

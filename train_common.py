@@ -1,21 +1,22 @@
-"""Engineering that both training scripts share. None of it is in the paper: skip this file on a first reading.
+"""Engineering that both training scripts share. None of it is in the paper: the paper's recipes and schedules are
+in the training scripts themselves (train_vae.RECIPES / lr_at / anneal_at, train_ocl.RECIPES / lr_at / sigma_at).
 
 train_vae.py (stage 1) and train_ocl.py (stage 2) are the two loops of the paper's recipe (A.5). What they need
 around those loops to run for days on several GPUs and survive a kill lives here, as plain functions they call by
 name, so that each loop reads forward -> loss -> step with nothing else in the way:
 
-  schedules        lr_at (warmup + cosine, A.5), cosine_decay (the sigma / annealing schedules), set_lr
+  the lr           cosine (the shape of every schedule), set_lr (this step's lr on every parameter group)
   randomness       seed_everything, the data order `infinite_batches` (a pure function of seed and step), and
                    the per-worker seeds of the DataLoader
   devices          pick_device, default_workers; `distributed` (torchrun: one process per GPU, DDP)
-  run arguments    add_run_args, apply_preset (dataset presets of data.PRESETS; explicit flags win)
+  run arguments    add_run_args, apply_recipe (a dataset's recipe where no flag was given)
   checkpoints      save_checkpoint / load_checkpoint (weights_only: loading never runs code), prepare_out_dir,
                    save_last (last.pt with the whole training state + numbered copies), resume
   the step         RunGuard (stop signals, non-finite losses), check_weights (before any checkpoint is written),
                    optimizer_step (AMP, clipping), Log
 
 Reading order: as listed. Nothing here imports a model file: the scripts hand in what they built.
-Imports from the project: data (the presets).
+Imports from the project: data (the dataset facts, the argument types).
 """
 import contextlib
 import functools
@@ -39,35 +40,21 @@ from torch.utils.data import DataLoader
 
 import data
 
-# 2: the transformer decoder's classifiers are `classifiers` (were `heads`; train_ocl.load_ocl renames them);
-# 3: VAEs pin W's scale (model_args "pin_w"; msf.load_vae rebuilds older ones unpinned) and last.pt keeps the
-#    code-replacing reservoirs ("pools"). Older checkpoints still evaluate; --resume needs the format it was written in.
-CKPT_VERSION = 3
+CKPT_VERSION = 4  # the one checkpoint format this code reads and writes; load_checkpoint refuses any other
 
 # -----------------------------------------------------------------------------
-# Schedules: pure functions of the step, so a resumed run needs to save none of them
+# The lr and the schedules' shape (the schedules themselves are in the training scripts)
 
 
-def lr_at(step, total, base_lr, final=1e-3):
-    """Linear warmup over the first 1/20 of the steps, then cosine annealing to final * base_lr (A.5; the paper does
-    not say where the cosine ends, the authors' code ends it at lr / 1000)."""
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cosine_decay(progress, 1, base_lr, final * base_lr)
-
-
-def cosine_decay(step, total, start=1.0, end=0.0):
+def cosine(step, total, start, end):
     """start -> end along half a cosine over `total` steps, then `end`."""
     progress = min(1.0, step / max(1, total))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer, step, total, base_lr):
-    """Set this step's learning rate (lr_at) on every parameter group, times the group's "lr_scale" where it has
-    one (the video predictor's --predictor-lr); returns the unscaled rate for the log."""
-    lr = lr_at(step, total, base_lr)
+def set_lr(optimizer, lr):
+    """Put this step's learning rate on every parameter group, times the group's "lr_scale" where it has one (the
+    video predictor's --predictor-lr); returns `lr` for the log."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
@@ -210,7 +197,7 @@ def _gather(t, d):
 
 
 # -----------------------------------------------------------------------------
-# Run arguments both scripts take, and the dataset presets
+# Run arguments both scripts take, and the datasets' recipes
 
 
 def add_run_args(p, val_default):
@@ -226,31 +213,31 @@ def add_run_args(p, val_default):
                    help="validation batches (of --batch-size) per validation")
     p.add_argument("--ckpt-every", type=data.number(int, 1), default=None,
                    help="write last.pt (with the training state) every this many steps (default: min(--val-every, 1000))")
+    # ours: keep 3 numbered checkpoints (the paper: the final 25)
     p.add_argument("--keep", type=data.number(int, 0), default=3,
                    help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
 
 
-def apply_preset(p, args, stage, val_parts):
-    """The dataset's preset (data.PRESETS) for stage "vae" or "ocl": its steps and batch size where no flag gave
-    them, its validation period, then the checks of the shared flags. Returns the preset."""
-    if args.dataset not in data.PRESETS:
-        p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(data.PRESETS)}")
-    preset = data.PRESETS[args.dataset]
-    # a flag the user gave wins (None = not given); what they left out comes from the preset (paper recipe, or
-    # CPU-sized for shapes)
-    args.steps = preset[f"{stage}_steps"] if args.steps is None else args.steps
-    args.batch_size = preset[f"{stage}_batch"] if args.batch_size is None else args.batch_size
-    # validation: the preset's period (A.5: every 600 VAE / 1,000 OCL steps) when the steps are the preset's,
+def apply_recipe(p, args, recipes, val_parts):
+    """A dataset's recipe (the training script's RECIPES[dataset]): its steps and batch size where no flag gave them,
+    its validation period, then the checks of the shared flags. Returns the recipe."""
+    if args.dataset not in recipes:
+        p.error(f"unknown dataset '{args.dataset}'; known datasets: {', '.join(recipes)}")
+    recipe = recipes[args.dataset]
+    # a flag the user gave wins (None = not given); what they left out comes from the recipe
+    args.steps = recipe["steps"] if args.steps is None else args.steps
+    args.batch_size = recipe["batch"] if args.batch_size is None else args.batch_size
+    # validation: the recipe's period (A.5: every 600 VAE / 1,000 OCL steps) when the steps are the recipe's,
     # else steps / val_parts, so that a shortened run still validates a few times
-    every = preset[f"{stage}_val"] if args.steps == preset[f"{stage}_steps"] else max(1, args.steps // val_parts)
+    every = recipe["val_every"] if args.steps == recipe["steps"] else max(1, args.steps // val_parts)
     args.val_every = every if args.val_every is None else args.val_every
     if args.ckpt_every is None:
         args.ckpt_every = min(args.val_every, 1000)  # a kill loses at most 1,000 steps
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
-    return preset
+    return recipe
 
 
 # -----------------------------------------------------------------------------
@@ -300,8 +287,10 @@ def load_checkpoint(path, expect_kind=None):
                          f"corrupt: use another checkpoint of the run, or train again") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this code (no 'kind' entry)")
-    if ckpt.get("format_version", 0) > CKPT_VERSION:
-        raise ValueError(f"{path} has checkpoint format {ckpt['format_version']}, newer than this code ({CKPT_VERSION})")
+    if ckpt.get("format_version") != CKPT_VERSION:
+        version = ckpt.get("format_version", "1")
+        raise ValueError(f"{path} has checkpoint format {version}; this code reads format {CKPT_VERSION} only. "
+                         f"Use the version of the code that wrote it, or train it again with this one")
     if expect_kind is not None and ckpt["kind"] != expect_kind:
         raise ValueError(f"{path} is a {ckpt['kind'].upper()} checkpoint, but a {expect_kind.upper()} checkpoint "
                          f"is needed here")
@@ -428,10 +417,6 @@ def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
     ckpt = load_checkpoint(path, kind)
     if "train_state" not in ckpt:
         raise RunError(f"--resume: {path} holds weights only, no training state; start a new run in another --out")
-    if ckpt.get("format_version", 0) != CKPT_VERSION:
-        raise RunError(f"--resume: {path} was written by an older version of this code (checkpoint format "
-                       f"{ckpt.get('format_version', 0)}, this code writes {CKPT_VERSION}); finish the run with the "
-                       f"code that started it, or start a new run in another --out")
     diffs = [f"{k}: {ckpt['model_args'].get(k)!r} in the checkpoint, {v!r} now"
              for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
     diffs += [f"{k}: {ckpt['args'].get(k)!r} in the checkpoint, {getattr(args, k, None)!r} now"

@@ -1,33 +1,29 @@
-"""Stage 2: object-centric learning guided by the frozen (MSF) VAE: Slot Attention + a transformer (SLATE),
-diffusion (SlotDiffusion) or MLP (DINOSAUR) decoder; on videos STEVE and video SlotDiffusion (slots carried from
-frame to frame by a predictor, queries from the first frame's boxes, optionally the box prior on frame 0).
+"""Stage 2: train the object-centric model of ocl.py, guided by the frozen (MSF) VAE of stage 1: Slot Attention + a
+transformer (SLATE), diffusion (SlotDiffusion) or MLP (DINOSAUR) decoder; on videos STEVE and video SlotDiffusion.
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Sect. 3.1 (OCL with VAE guidance),
-Sect. 3.2 ("During OCL training, only scale n = 1 is used as guidance"), Tab. 5 lower right (guide scales),
 A.3-A.5 ("Training the OCL Model": Adam, lr 2e-4, warmup over the first 1/20 then cosine annealing, AMP, gradient
 clipping at 1.0, 50,000 steps at batch 32; the VAE is frozen; sigma of the query init anneals 1 -> 0).
 
-Run:  python train_ocl.py                                    # shapes, SLATE + MSF, CPU-sized (see the README)
+Run:  python train_ocl.py                                    # shapes, SLATE + MSF, CPU-sized
       python train_ocl.py --decoder diffusion                # SlotDiffusion + MSF (needs a c = 4 VAE)
       python train_ocl.py --decoder mlp                      # DINOSAUR-style reference
-      python train_ocl.py --dataset coco --decoder diffusion --device cuda   # paper recipe (preset)
+      python train_ocl.py --dataset coco --decoder diffusion --device cuda   # the paper's recipe (RECIPES)
       torchrun --nproc_per_node 4 train_ocl.py --dataset coco --decoder diffusion   # 4 GPUs, same global batch
       python train_ocl.py --dataset coco --decoder diffusion --resume        # continue a killed run exactly
       python train_ocl.py --dataset shapes_video                 # STEVE + MSF on the built-in video dataset (CPU)
-      python train_ocl.py --dataset movi_c --decoder diffusion   # video SlotDiffusion + MSF (paper recipe, A.5)
+      python train_ocl.py --dataset movi_c --decoder diffusion   # video SlotDiffusion + MSF (the paper's recipe)
 
 Reads the VAE written by train_vae.py (runs/vae_<dataset>_msf_c256/best.pt for the transformer and mlp decoders,
 ..._c4 for diffusion, or --vae-ckpt). Writes runs/ocl_<dataset>_<decoder>_<target>/ (`run_folder`): best.pt (by
 ARI + ARIfg on the `select` split, held out of the training data; never on val, which the tables report),
-last.pt, metrics.jsonl, masks.png. A checkpoint embeds its VAE, so `python evaluate.py --ckpt runs/.../best.pt`
-needs nothing else.
+last.pt, metrics.jsonl, masks.png, curves.png. A checkpoint embeds its VAE, so `python evaluate.py --ckpt
+runs/.../best.pt` needs nothing else.
 
-Reading order: SIZES, the model `OCL` (frozen VAE -> guidance; encoder -> queries -> Slot Attention -> slots,
-masks; video: encode_video, the recurrence over frames; decoder -> loss), GuidanceCache, FeatureCache, crop_clips,
-`train` (per step: lr, sigma -> forward -> loss -> update -> log, validate, checkpoint), `describe`, `validate`,
-`checkpoint`, the arguments. Validation metrics come from evaluate.py; what
-keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at
-first.
+Reading order: RECIPES (what each dataset trains with), the schedules of A.5 (lr_at, sigma_at), `train` (per step:
+lr, sigma -> forward -> loss -> update -> log, validate, checkpoint), `describe`, `validate`, `checkpoint`, the
+caches (GuidanceCache, FeatureCache), the arguments. The model is ocl.OCL; validation metrics come from
+evaluate.py; what keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name.
 """
 import argparse
 import json
@@ -36,205 +32,53 @@ from pathlib import Path
 
 import lmdb
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import data
-import decoders
 import evaluate
+import figures
 import msf
+import ocl
 import train_common
-import slot_attention
-from slot_attention import BoxQueries, CNNEncoder, GaussianQueries, Predictor, SlotAttention, SysBinder
-
-# Model sizes: "paper" follows the authors' settings (official-spec sect. 4-5), "cpu" shrinks every width so that
-# the built-in dataset trains on a 2-core CPU, "class" is "cpu" on a 16x16 grid (encoder stride 4) for classroom runs
-# of a few minutes (README, "A classroom size"). Explicit flags override each. The CPU size attends over a 32x32 grid
-# (enc_stride 2: +5.5 ARIfg over 16x16 on shapes) and pays for it with a 1-layer decoder (README, "How the CPU quick
-# start was tuned"); the paper size attends at full resolution like the authors' naive CNN branch.
-SIZES = {
-    "class": dict(slot_dim=64, enc_channels=64, enc_stride=4, dec_dim=64, dec_layers=1, dec_heads=4,
-                  unet_base=32, unet_layers=1, mlp_hidden=256),
-    "cpu": dict(slot_dim=64, enc_channels=64, enc_stride=2, dec_dim=64, dec_layers=1, dec_heads=4,
-                unet_base=32, unet_layers=1, mlp_hidden=256),
-    "paper": dict(slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
-                  unet_base=128, unet_layers=2, mlp_hidden=2048),
-}
-CODE_DIM = {"transformer": 256, "diffusion": 4}  # the guidance each decoder is designed for (A.3); mlp takes any
 
 # -----------------------------------------------------------------------------
-# The model
+# The recipe of every dataset: defaults that explicit flags override (A.4-A.5 and the authors' configs for the
+# paper's datasets; `shapes` and `shapes_video` sized for a 2-core CPU). val_every: steps between validations;
+# val_batch: images or clips per validation batch (default: the training batch); clip: gradient-norm clipping;
+# iters: Slot Attention iterations (per frame for video); clip_frames: frames per training clip (A.4's crop).
+PAPER = dict(steps=50000, batch=32, val_every=1000, lr=2e-4, iters=3, clip=1.0, encoder="dino")  # A.3: big-little
+# authors: MOVi as their STEVE configs: 8 clips of 6 frames per step, clipping 0.02, 1 iteration per frame (A.4-A.5)
+MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False, predictor_lr=1.0)
+RECIPES = {
+    "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn"),  # ours: 2 cores
+    # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), the
+    # box prior on frame 0 and the predictor at a tenth of the lr, which bound and kept identity on a CPU
+    # (results/2026-11-26-video-preset.md); 6,000 steps take about 16 minutes on 2 cores
+    "shapes_video": dict(steps=6000, batch=8, val_every=600, val_batch=4, lr=2e-3, iters=1, clip=1.0,
+                         clip_frames=3, box_prior=True, predictor_lr=0.1, encoder="cnn"),
+    "clevrtex": PAPER, "coco": PAPER, "voc": PAPER, "openimages": PAPER,
+    "movi_c": MOVI, "movi_d": MOVI, "movi_e": MOVI,
+}
+
+# -----------------------------------------------------------------------------
+# The schedules of A.5: functions of the step, so a resumed run needs to save none of them
 
 
-class OCL(nn.Module):
-    """Frozen VAE guidance + primary encoder + queries + Slot Attention + one primary decoder; for video (STEVE,
-    video SlotDiffusion) also the predictor that carries frame t's slots to frame t+1's queries.
-
-    The size arguments default to the paper's (SIZES["paper"]); train_ocl.py always passes them from --size.
-    video: inputs are clips (b, t, 3, H, W); queries: "gaussian" (A.5, images) or "box" (A.5, video: first-frame
-    boxes)."""
-
-    def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), iters=3, bilevel=False,
-                 slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
-                 unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
-                 grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
-        self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
-        code_dim = vae.code_dim
-        # EXERCISE: encoder (a project, not in EXERCISES.md): another primary encoder goes here
-        # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
-        # `dino`: the frozen DinoViT (slot_attention.dino_vit_s8); `dino_sha256` names its weights in checkpoints,
-        # which do not hold them (CNNEncoder leaves them out of state_dict).
-        if encoder not in ("cnn", "dino") or (encoder == "dino") != (dino is not None):
-            raise ValueError(f"encoder '{encoder}' with{'out' if dino is None else ''} a DINO model: 'cnn' takes none, "
-                             f"'dino' takes slot_attention.dino_vit_s8()")
-        self.dino_sha256 = dino_sha256
-        self.encoder = CNNEncoder(slot_dim, enc_channels, enc_stride, dino=dino)
-        # the query initializer (A.5): Gaussian for images; for video the first frame's boxes through an MLP
-        if queries == "box":
-            self.queries = BoxQueries(num_slots, slot_dim)
-        elif queries == "gaussian":
-            self.queries = GaussianQueries(num_slots, slot_dim)
-        else:
-            raise ValueError(f"unknown --queries '{queries}'; choose gaussian or box")
-        self.box_queries = queries == "box"
-        if box_prior and not (video and self.box_queries):
-            raise ValueError("box_prior restricts frame 0's attention to the box queries' boxes: video with box "
-                             "queries only")
-        self.box_prior = box_prior  # --box-prior (ours): frame 0's box slots attend inside their boxes only
-        # video (A.3): one transformer encoder layer turns frame t's slots into frame t+1's queries (STEVE)
-        self.predictor = Predictor(slot_dim, dropout=predictor_dropout) if video else None
-        # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3)
-        if grouping == "sysbinder":
-            if bilevel:
-                raise ValueError("--bilevel is Slot Attention's (BO-QSA); SysBinder has no such option")
-            self.slot_attention = SysBinder(slot_dim, slot_dim, iters, blocks=2)
-        elif grouping == "sa":
-            self.slot_attention = SlotAttention(slot_dim, slot_dim, iters, bilevel=bilevel)
-        else:
-            raise ValueError(f"unknown --slot-attention '{grouping}'; choose sa or sysbinder")
-        token = resolution // 4  # the VAE's scale-1 token grid (4x down-sampling)
-        self.token_grid = (token, token)
-        # EXERCISE: decoder (EXERCISES.md 5): --decoder diffusion on the same kind of VAE (with --code-dim 4)
-        if decoder == "transformer":
-            grids = [(token // 2 ** (n - 1),) * 2 for n in self.guide_scales]  # the token grid of each guide scale
-            self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, slot_dim, dec_dim, dec_layers, dec_heads)
-        elif decoder == "diffusion":
-            self.decoder = decoders.DiffusionDecoder(code_dim, slot_dim, base=unet_base, layers=unet_layers,
-                                                     heads=unet_heads(unet_base))
-        elif decoder == "mlp":
-            self.decoder = decoders.MLPDecoder(slot_dim, code_dim, token * token, hidden=mlp_hidden)
-        else:
-            raise ValueError(f"unknown --decoder '{decoder}'; choose transformer, diffusion or mlp")
-
-    def train(self, mode=True):
-        """nn.Module.train, except for the VAE: it stays in eval mode whatever the rest does."""
-        super().train(mode)
-        self.vae.eval()  # model.train() must not wake the frozen VAE (code replacement, Gumbel sampling)
-        return self
-
-    @torch.no_grad()
-    def guide(self, image):
-        """The frozen VAE's guidance at the guide scales: indices and X, lists over self.guide_scales. Always in
-        fp32, also inside the training step's autocast: the guidance must not depend on the precision it was
-        computed in (the GuidanceCache computes it outside autocast, and both paths must give the same codes)."""
-        with torch.autocast(image.device.type, enabled=False):
-            indices, xs = self.vae.guidance(image.float())  # per VAE scale: (b, g, h_n, w_n), (b, c, h_n, w_n)
-        return [indices[n - 1] for n in self.guide_scales], [xs[n - 1] for n in self.guide_scales]
-
-    @torch.no_grad()
-    def targets(self, image, indices=None):
-        """What the decoder reconstructs, fixed and in fp32: (indices I, guidance X) at the guide scales, or for
-        the mlp decoder the VAE encoder's continuous Z_1 (b, c, h, w) (DINOSAUR reconstructs frozen features; the
-        VAE's quantization and fusion are not used). `indices`: already known (GuidanceCache), X is rebuilt."""
-        with torch.autocast(image.device.type, enabled=False):
-            if self.decoder_kind == "mlp":
-                return None, self.vae.encoder(image.float())  # (b, c, h, w)
-            if indices is None:
-                return self.guide(image)
-            return indices, [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]
-
-    def initial_queries(self, b, sigma, bbox):
-        """S0 (b, s, d): the Gaussian queries with noise sigma, or the MLP of the first frame's boxes bbox (b, K, 4)."""
-        if self.box_queries:
-            if bbox is None:
-                raise ValueError("box queries need the first frame's bounding boxes (a dataset that stores `bbox`)")
-            return self.queries(bbox, sigma)
-        return self.queries(b, sigma)
-
-    def encode(self, image, sigma=0.0, dino_features=None, bbox=None):
-        """phi_e and phi_sa (Sect. 3.1): image (b, 3, H, W) -> slots (b, s, d) and Slot Attention's masks
-        (b, s, h, w), from queries with noise sigma (0: the means, as at evaluation). dino_features: the frozen
-        DINO's map of these images if already known (the feature cache; big-little encoder only).
-        Video: clips (b, t, 3, H, W) and boxes (b, t, K, 4) -> slots (b, t, s, d), masks (b, t, s, h, w)."""
-        if self.video:
-            return self.encode_video(image, sigma, dino_features, bbox)
-        b = image.shape[0]
-        features, grid = self.encoder(image, dino_features)  # phi_e: (b, n, d), (h, w)
-        queries = self.initial_queries(b, sigma, None if bbox is None else bbox[:, 0])  # (b, s, d)
-        slots, attn = self.slot_attention(queries, features)  # phi_sa: (b, s, d), (b, s, n)
-        return slots, attn.view(b, -1, *grid)  # (b, s, d), (b, s, h, w)
-
-    def encode_video(self, clip, sigma=0.0, dino_features=None, bbox=None):
-        """STEVE's recurrence (A.3): frame 0's queries from the first frame's boxes (or Gaussian); at each frame t,
-        Slot Attention from the queries gives frame t's slots and masks; the predictor turns them into frame t+1's
-        queries. Causal: frame t's slots see frames 0..t only. clip (b, t, 3, H, W) -> slots (b, t, s, d), masks
-        (b, t, s, h, w)."""
-        b, t = clip.shape[:2]
-        features, grid = self.encoder(clip.flatten(0, 1), dino_features)  # phi_e per frame: (b*t, n, d), (h, w)
-        features = features.unflatten(0, (b, t))  # (b, t, n, d)
-        queries = self.initial_queries(b, sigma, None if bbox is None else bbox[:, 0])  # (b, s, d) for frame 0
-        # --box-prior: on frame 0 a slot that starts from a box attends only inside that box (BoxQueries.prior)
-        # EXERCISE: box-prior (EXERCISES.md 11): --no-box-prior, the authors' recipe (prior = None)
-        prior = self.queries.prior(bbox[:, 0], grid) if self.box_prior else None  # (b, s, n) or None
-        slots, masks = [], []
-        for i in range(t):
-            frame_prior = prior if i == 0 else None  # the box prior acts on frame 0 only
-            s_i, a_i = self.slot_attention(queries, features[:, i], frame_prior)  # phi_sa: (b, s, d), (b, s, n)
-            slots.append(s_i)
-            masks.append(a_i.view(b, -1, *grid))  # (b, s, h, w)
-            queries = self.predictor(s_i)  # frame i+1's queries (b, s, d)
-        return torch.stack(slots, 1), torch.stack(masks, 1)  # (b, t, s, d), (b, t, s, h, w)
-
-    def forward(self, image, sigma=0.0, indices=None, dino_features=None, bbox=None):
-        """image (b, 3, H, W) -> dict(loss, masks (b, s, h, w), slots (b, s, d)). `indices`: the guidance indices
-        if already known (GuidanceCache); X is then rebuilt from them instead of running the VAE. `dino_features`:
-        DINO's map of the images if already known (the feature cache). bbox (b, t, K, 4): boxes (box queries).
-        Video: clips (b, t, 3, H, W); every frame is decoded from its own slots (STEVE), masks (b, t, s, h, w)."""
-        frames = image.flatten(0, 1) if self.video else image  # the VAE and the decoder are per frame: (b*t, ...)
-        indices, xs = self.targets(frames, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
-        slots, masks = self.encode(image, sigma, dino_features, bbox)  # video: (b, t, s, d), (b, t, s, h, w)
-        per_frame = slots.flatten(0, 1) if self.video else slots  # (b*t, s, d) or (b, s, d)
-        if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
-            loss = self.decoder.loss(self.decoder(xs, per_frame), indices)
-        elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X
-            loss = self.decoder.loss(xs[0], per_frame)
-        else:
-            recon, masks = self.decoder(per_frame, xs.shape[-2:])  # masks from the decoder's alpha (b(*t), s, h, w)
-            loss = F.mse_loss(recon, xs.flatten(2).transpose(1, 2))
-            masks = masks.unflatten(0, slots.shape[:2]) if self.video else masks
-        return {"loss": loss, "masks": masks, "slots": slots}
-
-    @torch.no_grad()
-    def segment(self, image, bbox=None):
-        """What evaluation needs, and nothing else: slots (b, s, d) and masks (b, s, h, w) (Slot Attention's last
-        attention; mlp: the decoder's alpha), from the query means. No decoder loss and no random draw, so
-        validating leaves the training's random stream where it was. Video: whole clips (b, t, 3, H, W) and their
-        boxes (b, t, K, 4) -> slots (b, t, s, d), masks (b, t, s, h, w)."""
-        slots, masks = self.encode(image, bbox=bbox)
-        if self.decoder_kind == "mlp":
-            _, masks = self.decoder(slots.flatten(0, 1) if self.video else slots, self.token_grid)  # (b(*t), s, h, w)
-            masks = masks.unflatten(0, slots.shape[:2]) if self.video else masks
-        return {"slots": slots, "masks": masks}
+def lr_at(step, steps, lr):
+    """Linear warmup over the first 1/20 of the steps, then half a cosine down to lr / 1000 (A.5; the paper does not
+    say where the cosine ends)."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return train_common.cosine(step - warmup, steps - warmup, lr, 1e-3 * lr)  # authors: the cosine ends at lr / 1000
 
 
-def unet_heads(base):
-    """Attention heads of the diffusion UNet: heads of 16 channels on small (CPU) UNets, 8 at paper size."""
-    return max(1, base // 16) if base < 128 else 8
+def sigma_at(step, steps, start):
+    """The noise of the query initialization (A.5): half a cosine from `start` (1) to 0 over training; 0 at
+    evaluation."""
+    return train_common.cosine(step, steps, start, 0.0)
 
 
-class GuidanceCache:
+class GuidanceCache:  # ours: the guidance indices of a training image computed once, reused after
     """The frozen VAE is deterministic (eval mode) and training images are not augmented (paper A.4), so the code
     indices of a training image never change: compute them the first time the image is seen and reuse them (int16,
     ~0.5 KB per image) afterwards; the model rebuilds X from them (vae.x_from_indices). On a CPU the VAE forward
@@ -346,36 +190,6 @@ class FeatureCache:
         return torch.stack(maps).view(len(maps), -1, h, w).to(device, non_blocking=True)
 
 
-def load_ocl(path_or_ckpt, device="cpu", dino_weights=None):
-    """(model in eval mode, checkpoint dict) from an OCL checkpoint (a path or a loaded dict): the VAE it embeds
-    (msf.load_vae of its arguments and weights), DINO (big-little encoder) from its own file, then the OCL model
-    around them. dino_weights: where DINO's weights are (default: where the run found them); other weights than
-    the run's are refused."""
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else train_common.load_checkpoint(path_or_ckpt, "ocl")
-    dino = load_dino(ckpt, dino_weights)
-    weights = ckpt["model"]
-    if ckpt.get("format_version", 1) < 2:  # format 1 called the transformer decoder's classifiers `heads`
-        weights = {k.replace("decoder.heads.", "decoder.classifiers."): v for k, v in weights.items()}
-    vae = msf.load_vae({"model_args": ckpt["vae"]["model_args"],
-                        "model": {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}})
-    model = OCL(vae, **ckpt["model_args"], dino=dino)
-    model.load_state_dict(weights)
-    return model.to(device).eval(), ckpt
-
-
-def load_dino(ckpt, dino_weights=None):
-    """The frozen DINO an OCL checkpoint was trained with (None for the naive CNN): from `dino_weights`, else from
-    where the run took it (its --dino-weights, else torch's hub cache); refused unless its sha256 is the run's."""
-    wanted = ckpt["model_args"].get("dino_sha256")
-    if ckpt["model_args"].get("encoder", "cnn") != "dino":
-        return None
-    source = dino_weights or ckpt["args"].get("dino_weights")
-    dino, found, digest = slot_attention.dino_vit_s8(source)
-    if digest != wanted:
-        raise ValueError(f"this checkpoint was trained with other DINO weights (sha256 {wanted[:16]}...) than "
-                         f"{found} (sha256 {digest[:16]}...); pass --dino-weights with the file the run used")
-    return dino
-
 
 # -----------------------------------------------------------------------------
 # Training
@@ -403,25 +217,24 @@ def train(args):
                           bilevel=args.bilevel, dec_dim=args.dec_dim, dec_layers=args.dec_layers,
                           dec_heads=args.dec_heads, unet_base=args.unet_base, unet_layers=args.unet_layers,
                           mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention,
-                          video=data.PRESETS[args.dataset]["video"], queries=args.queries,
-                          predictor_dropout=args.predictor_dropout)
-        if model_args["video"]:  # video only, so that image checkpoints resume as before
-            model_args["box_prior"] = args.box_prior
+                          video=data.DATASETS[args.dataset]["video"], queries=args.queries,
+                          predictor_dropout=args.predictor_dropout, box_prior=args.box_prior)
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
-            dino, _, model_args["dino_sha256"] = slot_attention.dino_vit_s8(args.dino_weights)
+            dino, model_args["dino_sha256"] = ocl.load_dino(args.dino_weights)
         vae = msf.load_vae(vae_ckpt)  # building it draws from the random generators, as many draws as its kind needs:
         train_common.seed_everything(args.seed)  # seed again, so seed k starts the same encoder, queries and Slot
-        model = OCL(vae, **model_args, dino=dino).to(device)  # Attention whatever the VAE (paired comparisons)
+        model = ocl.OCL(vae, **model_args, dino=dino).to(device)  # Attention whatever the VAE (paired comparisons)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
                                            train_common.checkpoint_bytes(model, params))
-        # the predictor (video) learns at --predictor-lr times the lr of the rest: set_lr scales each group by its
-        # lr_scale. Image models: one group.
+        # the predictor (video) learns at --predictor-lr times the lr of the rest: train_common.set_lr scales each
+        # parameter group by its lr_scale. Image models: one group.
         in_predictor = {id(p) for p in model.predictor.parameters()} if model.video else set()
         groups = [{"params": [p for p in params if id(p) not in in_predictor], "lr_scale": 1.0}]
         if in_predictor:
+            # ours: --predictor-lr (0.1 on shapes_video; MOVi 1.0 as the authors)
             groups.append({"params": [p for p in params if id(p) in in_predictor], "lr_scale": args.predictor_lr})
         optimizer = torch.optim.Adam(groups, lr=args.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on GPUs (A.5); a no-op on CPUs
@@ -445,13 +258,14 @@ def train(args):
             features = FeatureCache(train_data, model_args["dino_sha256"]).open(model, device, args.batch_size, d)
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr.") as guard:
             for step in range(start, args.steps):
-                lr = train_common.set_lr(optimizer, step, args.steps, args.lr)  # warmup, then cosine (A.5)
+                lr = train_common.set_lr(optimizer, lr_at(step, args.steps, args.lr))  # warmup, then cosine (A.5)
                 # EXERCISE: sigma (EXERCISES.md 6): a constant sigma, or 0 throughout (single-object datasets, A.5)
-                sigma = train_common.cosine_decay(step, args.steps, args.sigma, 0.0)  # query noise, 1 -> 0 (A.5)
+                sigma = sigma_at(step, args.steps, args.sigma)  # query noise, 1 -> 0 (A.5)
                 batch = next(batches)
                 image, bbox, keys = batch["image"], batch.get("bbox"), batch["index"]  # this process's share
                 if model.video:  # A.4: a random strided crop of --clip-frames frames of every clip
-                    image, bbox, keys = crop_clips(image, bbox, keys, args.clip_frames, args.seed, step, d)
+                    image, bbox, keys = data.crop_clips(image, bbox, keys, args.clip_frames, args.seed, step,
+                                                          d.rank, d.world)
                 image = image.to(device, non_blocking=True)  # (b, 3, H, W), video (b, t, 3, H, W)
                 bbox = None if bbox is None else bbox.to(device, non_blocking=True)  # video (b, t, K, 4)
                 # the guidance, if seen before (video: per frame)
@@ -486,22 +300,6 @@ def train(args):
     return out
 
 
-def crop_clips(image, bbox, index, window, seed, step, d):
-    """A.4's random strided temporal crop, for this process's clips (b, T, 3, H, W) and boxes (b, T, K, 4): `window`
-    consecutive frames from a first frame drawn from {0, w, 2w, ...} (data.clip_starts: windows that do not
-    overlap, as the authors' {0, 6, 12, 18} on MOVi's 24 frames). The draw is a function of (seed, step) for the
-    global batch, of which this process takes its part: a resumed run and N processes crop as one process does.
-    Returns the cropped clips (b, w, 3, H, W), boxes (b, w, K, 4), and the (clip, frame) key of every frame taken,
-    in clip-major order (for the guidance cache)."""
-    b, t = image.shape[:2]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = data.clip_starts(t, window, b * d.world, g)[d.rank * b:(d.rank + 1) * b]  # (b,) this process's
-    frames = starts[:, None] + torch.arange(min(window, t))  # (b, w) frame numbers
-    rows = torch.arange(b)[:, None]  # (b, 1)
-    keys = [(int(i), int(f)) for i, fs in zip(index, frames) for f in fs]
-    return image[rows, frames], bbox[rows, frames], keys  # (b, w, 3, H, W), (b, w, K, 4)
-
-
 def describe(args, params, vae_ckpt, resolution, device, start):
     """The run's first line: what trains on what, guided by which VAE, for how long, where."""
     encoder = "naive CNN" if args.encoder == "cnn" else (
@@ -510,7 +308,7 @@ def describe(args, params, vae_ckpt, resolution, device, start):
     grouping = "SysBinder (2 blocks)" if args.slot_attention == "sysbinder" else "Slot Attention"
     queries = f"{args.queries} queries" + (" + box prior on frame 0" if args.box_prior else "")
     grouping += f" x {args.iters} iterations, {queries}"
-    video = data.PRESETS[args.dataset]["video"]
+    video = data.DATASETS[args.dataset]["video"]
     name = {"transformer": "STEVE" if video else "SLATE", "diffusion": "video SlotDiffusion" if video else
             "SlotDiffusion", "mlp": "DINOSAUR"}[args.decoder]
     return (f"OCL {name} ({args.decoder}) + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
@@ -523,8 +321,8 @@ def describe(args, params, vae_ckpt, resolution, device, start):
 
 def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: ARI, ARIfg, mIoU, mBO (evaluate.validate_ocl) on the first --val-batches batches,
-    logged and printed x100, and masks.png (Fig. 2 of 8 validation images; video: of one whole clip, one row per
-    frame). Returns the metric means."""
+    logged and printed x100, masks.png (Fig. 2 of 8 validation images; video: of one whole clip, one row per
+    frame) and curves.png (figures.curves). Returns the metric means."""
     values, (image, segment, pred, masks) = evaluate.validate_ocl(model, val_data, device, args.val_batch_size,
                                                                   args.val_batches,
                                                                   thresholds=evaluate.size_thresholds(val_data))
@@ -532,10 +330,12 @@ def validate(model, val_data, args, device, out, step, log):
     log(step + 1, **{f"val_{k}": round(v, 5) for k, v in metrics.items()})
     print("  val | " + " | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()), flush=True)
     n = min(8, len(image))  # of the last validation batch; video: its first clip, one row per frame
+    masks = evaluate.upsample_masks(masks, segment.shape[-2:])  # the masks the metrics scored: (b(, t), s, H, W)
     if model.video:
-        evaluate.fig2(out / "masks.png", image[0], segment[0], pred[0], masks[0])
+        figures.fig2(out / "masks.png", image[0], segment[0], pred[0], masks[0])
     else:
-        evaluate.fig2(out / "masks.png", image[:n], segment[:n], pred[:n], masks[:n])
+        figures.fig2(out / "masks.png", image[:n], segment[:n], pred[:n], masks[:n])
+    figures.curves(out / "metrics.jsonl", out / "curves.png")
     return metrics
 
 
@@ -554,16 +354,16 @@ def checkpoint(args, model_args, model, step, metrics, vae_ckpt):
 def parse_args(argv=None):
     p = data.ArgumentParser(description="Stage 2: Slot Attention OCL guided by a frozen (MSF) VAE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(data.PRESETS)}")
+    p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
     p.add_argument("--decoder", default="transformer", choices=["transformer", "diffusion", "mlp"],
                    help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR-style")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
-    p.add_argument("--slots", type=data.number(int, 1), default=None, help="number of slots (default: dataset preset)")
+    p.add_argument("--slots", type=data.number(int, 1), default=None, help="number of slots (default: the dataset's recipe)")
     p.add_argument("--guide-scales", default="1", choices=["1", "1,2", "2"], help="VAE scales used as guidance (Tab. 5)")
-    p.add_argument("--size", default=None, choices=list(SIZES), help="model widths (default: cpu for the built-in shapes and shapes_video, paper otherwise)")
+    p.add_argument("--size", default=None, choices=list(ocl.SIZES), help="model widths (default: cpu for the built-in shapes and shapes_video, paper otherwise)")
     for name in ("slot-dim", "enc-channels", "dec-dim", "dec-layers", "dec-heads", "unet-base", "unet-layers",
                  "mlp-hidden"):
         p.add_argument(f"--{name}", type=data.number(int, 1), default=None,
@@ -572,9 +372,9 @@ def parse_args(argv=None):
                    help="encoder stride r: masks at H/r (override the --size value)")
     p.add_argument("--encoder", default=None, choices=["cnn", "dino"],
                    help="primary encoder: the naive CNN, or A.3's big-little (frozen DINO ViT-S/8 + the CNN) "
-                        "(default: dataset preset; dino for the paper's datasets, cnn for shapes)")
+                        "(default: the dataset's recipe; dino for the paper's datasets, cnn for shapes)")
     p.add_argument("--dino-weights", default=None,
-                   help=f"--encoder dino: the official {slot_attention.DINO_FILE} (default: torch's hub cache, "
+                   help="--encoder dino: the official dino_deitsmall8_pretrain.pth (default: torch's hub cache, "
                         f"downloaded on first use), or 'random' (smoke runs only)")
     p.add_argument("--cache-features", action="store_true",
                    help="--encoder dino: compute DINO's features of the training images once into an LMDB beside the "
@@ -583,7 +383,7 @@ def parse_args(argv=None):
                    help="sa: Slot Attention (Locatello et al.); sysbinder: block-slot attention with 2 blocks "
                         "(SysBinder, the paper's competitor, A.3)")
     p.add_argument("--iters", type=data.number(int, 1), default=None,
-                   help="Slot Attention iterations (default: dataset preset; 3 for images, 1 per frame for video, as "
+                   help="Slot Attention iterations (default: the dataset's recipe; 3 for images, 1 per frame for video, as "
                         "the authors' STEVE)")
     p.add_argument("--queries", default=None, choices=["gaussian", "box"],
                    help="query initialization (A.5): gaussian (learned means + annealed sigma), or box (the first "
@@ -594,82 +394,82 @@ def parse_args(argv=None):
                    help="video, box queries: on the first frame a slot that starts from a box attends only inside "
                         "that box (ours; default: on for shapes_video, off for MOVi as the authors)")
     p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
-                   help="video: frames per training clip, a random strided crop (default: dataset preset; A.4: 6, "
+                   help="video: frames per training clip, a random strided crop (default: the dataset's recipe; A.4: 6, "
                         "shapes_video: 3); validation takes whole clips")
     p.add_argument("--predictor-dropout", type=data.number(float, 0), default=0.1,
                    help="video: dropout of the predictor, the transformer layer from frame t's slots to frame t+1's "
                         "queries (authors: 0.1)")
     p.add_argument("--predictor-lr", type=data.number(float, 0), default=None,
                    help="video: the predictor's learning rate as a multiple of --lr (default: 1.0 as the authors, "
-                        "0.1 for shapes_video, where it keeps the predictor near the identity; README \"Video\")")
+                        "0.1 for shapes_video, where it keeps the predictor near the identity: ours)")
     p.add_argument("--val-batch-size", type=data.number(int, 1), default=None,
-                   help="clips or images per validation batch (default: dataset preset; paper: 32 images, 4 clips)")
+                   help="clips or images per validation batch (default: the dataset's recipe; paper: 32 images, 4 clips)")
     p.add_argument("--bilevel", action="store_true",
                    help="BO-QSA's truncated gradient (the authors' code): backpropagate through the last iteration only")
     # optimisation (A.5)
     p.add_argument("--steps", type=data.number(int, 1), default=None,
-                   help="training steps (default: dataset preset; paper 50000)")
-    p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: dataset preset (paper 32)")
+                   help="training steps (default: the dataset's recipe; paper 50000)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: the dataset's recipe (paper 32)")
     p.add_argument("--lr", type=data.number(float, above=0), default=None,
-                   help="Adam learning rate (default: dataset preset; paper 2e-4, shapes 2e-3 for its short CPU schedule)")
+                   help="Adam learning rate (default: the dataset's recipe; paper 2e-4, shapes 2e-3 for its short CPU schedule)")
     p.add_argument("--clip", type=data.number(float, above=0), default=None,
-                   help="gradient clipping norm (default: dataset preset; paper 1.0 for images, 0.02 for MOVi; "
+                   help="gradient clipping norm (default: the dataset's recipe; paper 1.0 for images, 0.02 for MOVi; "
                         "shapes_video 1.0)")
     p.add_argument("--sigma", type=data.number(float, 0), default=1.0,
                    help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_vae.py
-    train_common.add_run_args(p, val_default="the preset's: 1000 (A.5), shapes 320; steps/10 with other --steps")
+    train_common.add_run_args(p, val_default="the recipe's: 1000 (A.5), shapes 320; steps/10 with other --steps")
     p.add_argument("--out", default=None,
                    help="run folder (default runs/ocl_<dataset>_<decoder>_<target>, the target named after the VAE "
                         "checkpoint: msf, vqvae, msf-nointer, ...; mlp: z1-<vae>)")
     args = p.parse_args(argv)
 
-    # dataset preset (steps, batch, slots, lr), then the model size, then the checks that need the final values
-    preset = train_common.apply_preset(p, args, "ocl", val_parts=10)
-    video = preset["video"]
-    args.iters = preset.get("ocl_iters", 3) if args.iters is None else args.iters  # MOVi: 1 per frame (authors)
-    args.clip = preset.get("ocl_clip", 1.0) if args.clip is None else args.clip  # A.5: 1.0 images, 0.02 videos
-    args.clip_frames = preset.get("ocl_clip_frames", 6) if args.clip_frames is None else args.clip_frames  # A.4
+    # the dataset's recipe (steps, batch, lr, ...), then the model size, then the checks that need the final values
+    recipe = train_common.apply_recipe(p, args, RECIPES, val_parts=10)
+    video = data.DATASETS[args.dataset]["video"]
+    args.iters = recipe["iters"] if args.iters is None else args.iters
+    args.clip = recipe["clip"] if args.clip is None else args.clip
+    args.clip_frames = recipe.get("clip_frames", 6) if args.clip_frames is None else args.clip_frames  # A.4
     if args.predictor_lr is not None and not video:
         p.error(f"--predictor-lr is the video predictor's; {args.dataset} is an image dataset: leave it out")
-    if video:  # None for images, so that image checkpoints resume as before
-        args.predictor_lr = preset.get("ocl_predictor_lr", 1.0) if args.predictor_lr is None else args.predictor_lr
+    if video:  # images have no predictor: None
+        args.predictor_lr = recipe["predictor_lr"] if args.predictor_lr is None else args.predictor_lr
     args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
     if args.box_prior and args.queries != "box":
         p.error("--box-prior restricts the first frame's box slots to their boxes: it needs --queries box on a video "
                 "dataset")
-    if args.box_prior is None:  # the preset's (shapes_video: on), with box queries only
-        args.box_prior = preset.get("ocl_box_prior", False) and args.queries == "box"
+    if args.box_prior is None:  # the recipe's (shapes_video: on), with box queries only
+        args.box_prior = recipe.get("box_prior", False) and args.queries == "box"
     if args.queries == "box" and not video:
         p.error(f"--queries box initialises slots from the first frame's bounding boxes; {args.dataset} is an image "
                 f"dataset without boxes: use --queries gaussian")
-    args.val_batch_size = args.val_batch_size or preset.get("ocl_val_batch", args.batch_size)
+    args.val_batch_size = args.val_batch_size or recipe.get("val_batch", args.batch_size)
     if video and args.cache_features:
         p.error("--cache-features stores one DINO map per image; it does not cache video frames yet: run without it")
-    args.slots = preset["num_slots"] if args.slots is None else args.slots
-    args.lr = preset["ocl_lr"] if args.lr is None else args.lr
-    args.encoder = preset["encoder"] if args.encoder is None else args.encoder
+    args.slots = data.DATASETS[args.dataset]["num_slots"] if args.slots is None else args.slots
+    args.lr = recipe["lr"] if args.lr is None else args.lr
+    args.encoder = recipe["encoder"] if args.encoder is None else args.encoder
     if args.cache_features and args.encoder != "dino":
         p.error(f"--cache-features caches DINO's features: it needs --encoder dino (this run's is {args.encoder})")
     if args.dino_weights is not None and args.encoder != "dino":
         p.error(f"--dino-weights {args.dino_weights} is for --encoder dino (this run's encoder is {args.encoder})")
     args.size = args.size or ("cpu" if args.dataset in data.BUILTIN else "paper")
-    for key, value in SIZES[args.size].items():  # --size fills every width no flag gave
+    for key, value in ocl.SIZES[args.size].items():  # --size fills every width no flag gave
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.dec_dim % args.dec_heads:  # attention splits its width over the heads
         p.error(f"--dec-heads {args.dec_heads} does not divide --dec-dim {args.dec_dim}: each attention head "
                 f"takes dec-dim / heads channels")
     widths = [args.unet_base * mult for mult in (1, 2, 3, 4)]  # the UNet's levels (decoders.UNet mults)
-    if any(w % 8 or w % unet_heads(args.unet_base) for w in widths):
-        p.error(f"--unet-base {args.unet_base}: the UNet's group norms and its {unet_heads(args.unet_base)} attention "
+    if any(w % 8 or w % ocl.unet_heads(args.unet_base) for w in widths):
+        p.error(f"--unet-base {args.unet_base}: the UNet's group norms and its {ocl.unet_heads(args.unet_base)} attention "
                 f"heads need every level width ({', '.join(map(str, widths))}) divisible by 8 and by the heads; "
                 f"use a multiple of 32 (e.g. 32, 128)")
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
     if args.vae_ckpt is None:  # where `python train_vae.py --dataset D --code-dim c` writes (its default --out)
-        args.vae_ckpt = f"runs/vae_{args.dataset}_msf_c{CODE_DIM.get(args.decoder, 256)}/best.pt"
+        args.vae_ckpt = f"runs/vae_{args.dataset}_msf_c{ocl.CODE_DIM.get(args.decoder, 256)}/best.pt"
     return args
 
 
@@ -678,7 +478,7 @@ def run_folder(args, vae_args):
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
     for other --guide-scales), or for mlp `z1-<vae>`, that VAE's continuous encoder features Z_1 (the fusion is
     bypassed). The model's name adds -dino (big-little encoder), -sysbinder, and for video -gaussian (Gaussian
-    instead of box queries) or -boxprior (the box prior on frame 0, --box-prior: the shapes_video preset). The quick
+    instead of box queries) or -boxprior (the box prior on frame 0, --box-prior: the shapes_video recipe). The quick
     start's run is runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = msf.vae_name(vae_args)
     if args.decoder == "mlp":
@@ -687,7 +487,7 @@ def run_folder(args, vae_args):
         target += "-g" + args.guide_scales.replace(",", "")
     model = args.decoder + ("-dino" if args.encoder == "dino" else "") + \
         ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
-        ("-gaussian" if data.PRESETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
+        ("-gaussian" if data.DATASETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
         ("-boxprior" if args.box_prior else "")
     return f"runs/ocl_{args.dataset}_{model}_{target}"
 
@@ -698,12 +498,13 @@ def load_frozen_vae(args):
     path = Path(args.vae_ckpt)
     if not path.exists():
         raise FileNotFoundError(f"no VAE checkpoint at {path}. Train it first:\n    python train_vae.py "
-                                f"--dataset {args.dataset} --code-dim {CODE_DIM.get(args.decoder, 256)}")
+                                f"--dataset {args.dataset} --code-dim {ocl.CODE_DIM.get(args.decoder, 256)}")
     ckpt = train_common.load_checkpoint(path, "vae")  # refuses an OCL checkpoint, a corrupt file, a newer format
     c = ckpt["model_args"]["code_dim"]
-    if args.decoder in CODE_DIM and c != CODE_DIM[args.decoder]:
-        raise ValueError(f"the {args.decoder} decoder needs c = {CODE_DIM[args.decoder]} guidance, but {path} is a c = {c} VAE; "
-                         f"train one with: python train_vae.py --dataset {args.dataset} --code-dim {CODE_DIM[args.decoder]}")
+    need = ocl.CODE_DIM.get(args.decoder)
+    if need is not None and c != need:
+        raise ValueError(f"the {args.decoder} decoder needs c = {need} guidance, but {path} is a c = {c} VAE; "
+                         f"train one with: python train_vae.py --dataset {args.dataset} --code-dim {need}")
     if ckpt["args"]["dataset"] != args.dataset:
         raise ValueError(f"{path} was trained on '{ckpt['args']['dataset']}', not on '{args.dataset}'")
     scales = [int(n) for n in args.guide_scales.split(",")]  # the single-scale baselines have scale 1 only

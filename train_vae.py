@@ -4,22 +4,22 @@ Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), 
 ("Pretraining VAE": Adam, lr 2e-3, linear warmup over the first 1/20 of the steps then cosine annealing,
 automatic mixed precision, gradient clipping at norm 1.0, 30,000 steps at batch 64).
 
-Run:  python train_vae.py                                   # shapes, MSF, c = 256; ~4 min on a 2-core CPU
+Run:  python train_vae.py                                   # shapes, MSF, c = 256; ~2 min on a 2-core CPU
       python train_vae.py --code-dim 4                      # the guidance of the diffusion decoder
       python train_vae.py --vae vqvae                       # the single-scale baseline (4096 codes)
-      python train_vae.py --dataset clevrtex --device cuda  # paper recipe from the dataset preset
+      python train_vae.py --dataset clevrtex --device cuda  # the paper's recipe (RECIPES)
       torchrun --nproc_per_node 4 train_vae.py --dataset coco   # 4 GPUs, --batch-size stays the global batch
       python train_vae.py --dataset coco --resume           # continue a killed run exactly (same flags)
 
 Writes runs/vae_<dataset>_<vae>_c<code_dim>/: best.pt and last.pt (see `checkpoint`), metrics.jsonl (one JSON
-object per log line and per validation) and recon.png (inputs and reconstructions at every scale).
-train_ocl.py reads best.pt.
+object per log line and per validation), recon.png (inputs and reconstructions at every scale) and curves.png
+(the loss and every validation metric against the step). train_ocl.py reads best.pt.
 
-Reading order: `train` (the loop of A.5: data, model, then per step lr -> forward -> loss -> update -> code
-replacing -> log, validate, checkpoint), `describe`, `validate`, `checkpoint`, the arguments. The model is
-msf.build_vae (every --vae kind), its forward returns the loss (vae.vae_forward: Eq. 1-5 and the VQ losses). What
-keeps a run alive for days (DDP, resume, stop signals, the log) is train_common.py, called by name: skip it at
-first.
+Reading order: RECIPES (what each dataset trains with), the schedules of A.5 (lr_at, anneal_at), `train` (the loop:
+data, model, then per step lr -> forward -> loss -> update -> code replacing -> log, validate, checkpoint),
+`describe`, `validate`, `checkpoint`, the arguments. The model is msf.build_vae (every --vae kind), its forward
+returns the loss (vae.vae_forward: Eq. 1-5 and the VQ losses). What keeps a run alive for days (DDP, resume, stop
+signals, the log) is train_common.py, called by name.
 """
 import argparse
 import sys
@@ -29,9 +29,43 @@ from torch.utils.data import DataLoader
 
 import data
 import evaluate
+import figures
 import msf
 import train_common
 import vae
+
+# -----------------------------------------------------------------------------
+# The recipe of every dataset: defaults that explicit flags override (A.4-A.5 for the paper's datasets: 30,000 steps
+# at batch 64, validation every 600 steps; `shapes` and `shapes_video` sized for a 2-core CPU). Video datasets train
+# on frames: `clip_frames` consecutive frames of each of `batch` clips per step (the authors' MOVi recipe: 16 clips
+# of 6 frames).
+PAPER = dict(steps=30000, batch=64, val_every=600)
+MOVI = dict(PAPER, batch=16, clip_frames=6)  # authors: 16 clips x 6 frames per step
+RECIPES = {
+    "shapes": dict(steps=400, batch=16, val_every=100),  # ours: sized for a 2-core CPU
+    "shapes_video": dict(steps=400, batch=8, val_every=100, clip_frames=2),  # ours: 8 clips x 2 frames per step
+    "clevrtex": PAPER, "coco": PAPER, "voc": PAPER, "openimages": PAPER,
+    "movi_c": MOVI, "movi_d": MOVI, "movi_e": MOVI,
+}
+
+# -----------------------------------------------------------------------------
+# The schedules of A.5: functions of the step, so a resumed run needs to save none of them
+
+
+def lr_at(step, steps, lr):
+    """Linear warmup over the first 1/20 of the steps, then half a cosine down to lr / 1000 (A.5; the paper does not
+    say where the cosine ends)."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return train_common.cosine(step - warmup, steps - warmup, lr, 1e-3 * lr)  # authors: the cosine ends at lr / 1000
+
+
+def anneal_at(step, steps):
+    """GDR's annealing (A.3): the residual alpha and the Gumbel temperature tau, half a cosine from 1 to 0 over the
+    first half of training, 0 after it (the decoder ends on pure codes, matching ends as Eq. 1)."""
+    return train_common.cosine(step, steps // 2, 1.0, 0.0)
+
 
 # -----------------------------------------------------------------------------
 # Training
@@ -80,9 +114,8 @@ def train(args):
         model.train()
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr or --stabilisers on.") as guard:
             for step in range(start, args.steps):
-                lr = train_common.set_lr(optimizer, step, args.steps, args.lr)  # warmup, then cosine (A.5)
-                # residual alpha and Gumbel temperature tau anneal 1 -> 0 over the first half (A.3)
-                anneal = train_common.cosine_decay(step, args.steps // 2) if stabilise else 0.0
+                lr = train_common.set_lr(optimizer, lr_at(step, args.steps, args.lr))  # warmup, then cosine (A.5)
+                anneal = anneal_at(step, args.steps) if stabilise else 0.0  # residual alpha, Gumbel tau: 1 -> 0
                 # videos: which frames of each clip, a function of the step (so a resumed run draws the same)
                 slices = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + d.rank)
                 image = data.video_frames(next(batches)["image"], args.clip_frames, slices)  # (b, 3, H, W)
@@ -93,13 +126,15 @@ def train(args):
                 loss = result["loss"]  # reconstruction at every scale + codebook + commitment terms
                 stopping = guard.check(loss, step)  # non-finite loss, stop signal
                 train_common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip)
-                if model.weight is not None and model.pin_w:  # W of Eq. 3/5 back to orthonormal columns: its scale
-                    vae.retract_(model.weight)  # cannot drift (vae.orthonormal; the model does not change)
+                if model.weight is not None:  # W of Eq. 3/5 back to orthonormal columns: its raw scale cannot
+                    # ours: W back to orthonormal columns after every step
+                    vae.retract_(model.weight)  # drift (vae.orthonormal; the model does not change)
                 # the code-replacing trick (A.3), stopped for the last 10% so the final codebook usage is honest
                 replaced = 0
                 if replacing and (step + 1) % args.replace_every == 0 and step < 0.9 * args.steps:
                     for cb in model.codebooks:
                         moved = cb.replace_dead()  # (k,) codes re-seeded on recent data
+                        # ours: a replaced code starts with fresh Adam moments
                         forget_adam_rows(optimizer, cb.weight, moved)  # a new code, not the old one's momentum
                         replaced += len(moved)
 
@@ -129,8 +164,7 @@ def train(args):
 def model_args_of(args):
     """The flags that define the VAE, as msf.build_vae takes them (and the checkpoint stores them)."""
     return dict(kind=args.vae, code_dim=args.code_dim, channels=args.channels, scales=args.scales, fusion=args.fusion,
-                inter=not args.no_inter, intra=not args.no_intra, sv_shared=args.sv_shared, num_codes=args.num_codes,
-                pin_w=True)
+                inter=not args.no_inter, intra=not args.no_intra, sv_shared=args.sv_shared, num_codes=args.num_codes)
 
 
 def forget_adam_rows(optimizer, param, rows):
@@ -155,7 +189,8 @@ def describe(args, model, train_data, device, start):
 
 def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: evaluate.validate_vae on the first --val-batches batches (reconstruction MSE per
-    scale, codebook usage), logged and printed, and recon.png (rows: input and reconstruction at each scale).
+    scale, codebook usage), logged and printed, recon.png (rows: input and reconstruction at each scale) and
+    curves.png (evaluate.curves: the loss and every validation metric so far).
     Returns the metrics and the score best.pt follows: the reconstruction MSE summed over scales (lower is better)."""
     metrics = evaluate.validate_vae(model, val_data, device, args.batch_size, args.val_batches)
     metrics = {f"val_{k}": v for k, v in metrics.items()}  # val_recon1, val_perplexity1_0, ...
@@ -170,7 +205,9 @@ def validate(model, val_data, args, device, out, step, log):
         recons = model(fixed)["recons"]  # per scale (8, 3, H_n, W_n)
         model.train()
     pyramid = msf.image_pyramid(fixed, len(recons))  # the inputs each scale saw
-    evaluate.save_rows_png(out / "recon.png", [r for pair in zip(pyramid, recons) for r in pair])
+    labels = [f"scale {n}: {what}" for n in range(1, len(recons) + 1) for what in ("input", "reconstruction")]
+    figures.save_rows_png(out / "recon.png", [r for pair in zip(pyramid, recons) for r in pair], labels=labels)
+    figures.curves(out / "metrics.jsonl", out / "curves.png")
     return metrics, sum(v for k, v in metrics.items() if k.startswith("val_recon"))
 
 
@@ -189,10 +226,10 @@ def checkpoint(args, model_args, model, step, metrics):
 def parse_args(argv=None):
     p = data.ArgumentParser(description="Stage 1: train an MSF (or baseline) VQ-VAE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(data.PRESETS)}")
+    p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
     p.add_argument("--resolution", type=data.number(int, 4), default=None,
-                   help="image side (default: the dataset preset; shapes: 64)")
+                   help="image side (default: the dataset's; shapes: 64, the paper's datasets: 128)")
     p.add_argument("--vae", default="msf", choices=["msf", "vqvae", "gdr", "multiscale"],
                    help="msf: Sect. 3.3; vqvae: single scale, 4096 codes; gdr: 2 groups x 64 codes; "
                         "multiscale: pyramid + one shared codebook (Sect. 3.2)")
@@ -217,12 +254,12 @@ def parse_args(argv=None):
                         "4096-code codebook; the inter/intra/sv flags do not apply)")
     # optimisation (A.5)
     p.add_argument("--steps", type=data.number(int, 1), default=None,
-                   help="training steps (default: dataset preset; paper 30000)")
-    p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: dataset preset (paper 64)")
+                   help="training steps (default: the dataset's recipe; paper 30000)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=None, help="default: the dataset's recipe (paper 64)")
     p.add_argument("--lr", type=data.number(float, above=0), default=2e-3, help="Adam learning rate (paper 2e-3)")
     p.add_argument("--clip", type=data.number(float, above=0), default=1.0, help="gradient clipping norm (paper 1.0)")
     p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
-                   help="video datasets: consecutive frames taken from each clip per step (default: dataset preset; "
+                   help="video datasets: consecutive frames taken from each clip per step (default: the dataset's recipe; "
                         "authors: 6; shapes_video: 2, so that a CPU-sized batch holds 8 scenes); a batch is "
                         "--batch-size clips x this many frames")
     # GDR's stabilisers (A.3), which the MSF VAE inherits from its base
@@ -231,14 +268,14 @@ def parse_args(argv=None):
     p.add_argument("--replace-every", type=data.number(int, 0), default=20,
                    help="code-replacing trick period in steps (0 = never)")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_ocl.py
-    train_common.add_run_args(p, val_default="the preset's: 600 (A.5), shapes 100; steps/4 with other --steps")
+    train_common.add_run_args(p, val_default="the recipe's: 600 (A.5), shapes 100; steps/4 with other --steps")
     p.add_argument("--out", default=None, help="run folder (default runs/vae_<dataset>_<vae>_c<code-dim>)")
     args = p.parse_args(argv)
 
-    # dataset preset first (steps, batch, resolution), then the checks that need the final values
-    preset = train_common.apply_preset(p, args, "vae", val_parts=4)
-    args.clip_frames = preset.get("vae_clip_frames", 6) if args.clip_frames is None else args.clip_frames
-    args.resolution = args.resolution or preset["resolution"]
+    # the dataset's recipe first (steps, batch), then the checks that need the final values
+    recipe = train_common.apply_recipe(p, args, RECIPES, val_parts=4)
+    args.clip_frames = recipe.get("clip_frames", 6) if args.clip_frames is None else args.clip_frames
+    args.resolution = args.resolution or data.DATASETS[args.dataset]["resolution"]
     check_ablation_flags(p, args)
     if args.scales is None:  # single-scale baselines: no pyramid; the others: N = 3 (A.3)
         args.scales = 1 if args.vae in ("vqvae", "gdr") else 3

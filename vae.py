@@ -40,7 +40,7 @@ class ResBlock(nn.Module):
         return x + self.conv2(F.silu(self.norm2(h)))
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module):  # ours: a small residual CNN sized for a CPU, 4x down (the paper: SLATE's dVAE)
     """T (b, 3, H, W) -> Z (b, c, H/4, W/4). Two strided convolutions, then the residual blocks run at H/4,
     where compute is 16x cheaper than at full resolution (this is what makes CPU training practical)."""
 
@@ -56,6 +56,7 @@ class Encoder(nn.Module):
             # standardise each sample's Z (zero mean, unit variance, no learnable scale): codes live on a fixed
             # scale and the encoder cannot run away from them once the residual is annealed (GDR's public code
             # gets this with an extra loss pulling Z towards its group-normalised self)
+            # ours: Z standardised per sample (the authors' code: an extra loss pulls Z there)
             nn.GroupNorm(1, code_dim, affine=False),
         )
 
@@ -138,6 +139,7 @@ def vq_losses(z, q, beta=0.25, alpha=0.0):
     encoder near what the decoder is given, r = alpha z + (1 - alpha) q, the annealed residual (van den Oord et al.
     2017, beta = 0.25; measured against r as in GDR's and the authors' code: while alpha is near 1 the decoder
     reads z itself, and pulling z onto codes it does not use yet would only fight the reconstruction)."""
+    # authors: commitment against the annealed residual, as GDR's and the authors' code
     residual = alpha * z + (1 - alpha) * q  # = q without the annealed residual (alpha = 0)
     return F.mse_loss(q, z.detach()), beta * F.mse_loss(z, residual.detach())
 
@@ -232,7 +234,7 @@ class Codebook(nn.Module):
         self.seen += len(zf)
 
     @torch.no_grad()
-    def replace_dead(self):
+    def replace_dead(self):  # ours: code replacing designed here (the paper names it, the authors' code has none)
         """Re-seed the codes that (almost) no token chose since the last call; returns their indices (k,), the same
         on every process."""
         if _distributed():
@@ -286,17 +288,16 @@ def init_projection(dim, groups=2):
     return nn.Parameter(nn.init.orthogonal_(torch.empty(groups * dim, dim)))  # (g*c, c)
 
 
-def orthonormal(weight):
+def orthonormal(weight):  # ours: W kept orthonormal, the Q of its QR (the paper and the authors' code: W free)
     """The W that Eq. 3 and Eq. 5 use: the Q of W = QR (orthonormal columns, signs fixed so that diag(R) > 0).
 
     Why: Eq. 3 and Eq. 5 leave W's scale free, per direction. Scaling W (or one of its directions) by s and the codes
     by 1/s decodes the same X, but the codes live in Z pinv(W), so the codebook and commitment losses shrink by
-    1/s^2, and training grows W (measured on the quick start's VAE: largest singular value 1.0 -> 2.8 in 100 steps,
-    smallest 1.0 -> 0.67). That shrinks the distances of Eq. 1 and flattens its probabilities, and with them Eq. 4's
-    comparison of scales and the Gumbel noise. With orthonormal columns every singular value is 1, pinv(W) = W^T,
+    1/s^2, and training grows W (results/2026-11-26-stage1-fixes.md). That shrinks the distances of Eq. 1 and
+    flattens its probabilities, and with them Eq. 4's comparison of scales and the Gumbel noise. With orthonormal columns every singular value is 1, pinv(W) = W^T,
     Z pinv(W) keeps Z's norm, and every loss and output is the same for any rescaling of W's columns (a test checks
     it); W still learns which c-dimensional subspace of the 2c channels X is read from. At the orthogonal
-    initialisation it is W itself. (GDR and the authors' code leave W free; old checkpoints keep that: pin_w=False.)
+    initialisation it is W itself. (Ours: GDR and the authors' code leave W free.)
     """
     with torch.autocast(weight.device.type, enabled=False):  # the QR needs fp32
         q, r = torch.linalg.qr(weight.float())  # (g*c, c), (c, c)
@@ -374,10 +375,10 @@ class VQVAE(nn.Module):
     forward() returns a dict with lists over scales (one scale here) so train_vae.py treats it like MSF.
     """
 
-    def __init__(self, kind="vqvae", code_dim=256, channels=64, num_codes=4096, groups=2, pin_w=True):
+    def __init__(self, kind="vqvae", code_dim=256, channels=64, num_codes=4096, groups=2):
         super().__init__()
         assert kind in ("vqvae", "gdr"), kind
-        self.kind, self.code_dim, self.num_scales, self.pin_w = kind, code_dim, 1, pin_w
+        self.kind, self.code_dim, self.num_scales = kind, code_dim, 1
         self.encoder, self.decoder = Encoder(code_dim, channels), Decoder(code_dim, channels)
         if kind == "vqvae":
             self.codebooks = nn.ModuleList([Codebook(num_codes, code_dim)])
@@ -389,11 +390,8 @@ class VQVAE(nn.Module):
         self.vocab = [cb.weight.shape[0] for cb in self.codebooks]  # classes per index, e.g. [64, 64]
 
     def projection(self):
-        """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal), or free as checkpoints before
-        format 3 trained it (pin_w=False)."""
-        if self.weight is None or not self.pin_w:
-            return self.weight
-        return orthonormal(self.weight)
+        """W as Eq. 3 and 5 use it: with orthonormal columns (orthonormal); None for the plain VQ-VAE."""
+        return None if self.weight is None else orthonormal(self.weight)
 
     def quantize(self, zs, tau=0.0, alpha=0.0):
         """zs: list with one (b, c, h, w) -> indices [(b, g, h, w)], xs [(b, c, h, w)], parts."""

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msf  # noqa: E402
 import slot_attention  # noqa: E402
+import ocl  # noqa: E402
 import train_ocl  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def read_time(maps, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="cpu", choices=list(train_ocl.SIZES), help="OCL widths (train_ocl.SIZES)")
+    p.add_argument("--size", default="cpu", choices=list(ocl.SIZES), help="OCL widths (ocl.SIZES)")
     p.add_argument("--resolution", type=int, default=128, help="image side (the paper's 128)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant, interleaved")
@@ -72,9 +73,9 @@ def main():
     torch.manual_seed(0)
     vae = msf.build_vae("msf", 256).to(device).eval()
     dino, _, digest = slot_attention.dino_vit_s8("random")
-    common = dict(decoder="transformer", num_slots=11, resolution=args.resolution, **train_ocl.SIZES[args.size])
-    models = {"cnn": train_ocl.OCL(vae, **common).to(device),
-              "dino": train_ocl.OCL(vae, **common, encoder="dino", dino=dino, dino_sha256=digest).to(device)}
+    common = dict(decoder="transformer", num_slots=11, resolution=args.resolution, **ocl.SIZES[args.size])
+    models = {"cnn": ocl.OCL(vae, **common).to(device),
+              "dino": ocl.OCL(vae, **common, encoder="dino", dino=dino, dino_sha256=digest).to(device)}
     opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], 1e-4) for k, m in models.items()}
     image = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device) * 2 - 1
     with torch.no_grad():

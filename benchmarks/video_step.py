@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msf  # noqa: E402
 import slot_attention  # noqa: E402
-import train_ocl  # noqa: E402
+import ocl  # noqa: E402
 
 
 def sync(device):
@@ -46,7 +46,7 @@ def step(model, opt, scaler, clip, bbox, indices, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="paper", choices=list(train_ocl.SIZES), help="OCL widths (train_ocl.SIZES)")
+    p.add_argument("--size", default="paper", choices=list(ocl.SIZES), help="OCL widths (ocl.SIZES)")
     p.add_argument("--resolution", type=int, default=128, help="frame side (the paper's 128)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per training step (paper 8)")
     p.add_argument("--frames", type=int, default=6, help="frames per training clip (paper 6)")
@@ -61,9 +61,9 @@ def main():
     dino, _, digest = slot_attention.dino_vit_s8("random")
     dino = dino.to(device)
     common = dict(num_slots=args.slots, resolution=args.resolution, iters=1, encoder="dino", dino=dino,
-                  dino_sha256=digest, video=True, queries="box", **train_ocl.SIZES[args.size])
-    models = {"STEVE + MSF": train_ocl.OCL(msf.build_vae("msf", 256).eval(), "transformer", **common).to(device),
-              "video SlotDiffusion + MSF": train_ocl.OCL(msf.build_vae("msf", 4).eval(), "diffusion", **common).to(device)}
+                  dino_sha256=digest, video=True, queries="box", **ocl.SIZES[args.size])
+    models = {"STEVE + MSF": ocl.OCL(msf.build_vae("msf", 256).eval(), "transformer", **common).to(device),
+              "video SlotDiffusion + MSF": ocl.OCL(msf.build_vae("msf", 4).eval(), "diffusion", **common).to(device)}
     opts = {k: torch.optim.Adam([q for q in m.parameters() if q.requires_grad], 1e-4) for k, m in models.items()}
     scalers = {k: torch.amp.GradScaler("cuda", enabled=device.type == "cuda") for k in models}
     b, t, r = args.batch_size, args.frames, args.resolution

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import shapes
 
 
 # ----------------------------------------------------------------------------- records
@@ -127,7 +128,7 @@ def test_shapes_masks_are_exact():
     res = 64
     for i in range(40):
         rng = np.random.default_rng([7, 0, i])
-        image, segment, objects = data.render_shapes_sample(rng, res, return_objects=True)
+        image, segment, objects = shapes.render_shapes_sample(rng, res, return_objects=True)
         expected = np.zeros((res, res), np.uint8)
         for k, obj in enumerate(objects, start=1):  # drawn back to front: later objects cover earlier ones
             expected[_oracle_mask(obj, res)] = k
@@ -143,7 +144,7 @@ def test_shapes_masks_are_exact():
 def test_shapes_sizes_spread_at_least_8x():
     sizes = []
     for i in range(400):
-        _, _, objects = data.render_shapes_sample(np.random.default_rng([0, 0, i]), 64, return_objects=True)
+        _, _, objects = shapes.render_shapes_sample(np.random.default_rng([0, 0, i]), 64, return_objects=True)
         sizes += [o["size"] for o in objects]
     sizes = np.array(sizes)
     assert sizes.min() >= 64 * 3 / 32 - 1e-9 and sizes.max() <= 64 * 3 / 4 + 1e-9
@@ -179,7 +180,7 @@ def test_load_dataset_errors_name_the_fix(tmp_path):
 
 
 def test_load_dataset_writes_shapes_on_first_use(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SHAPES_SPLITS", {"train": (0, 4), "val": (1, 2)})
+    monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (0, 4), "val": (1, 2)})
     ds = data.load_dataset("shapes", "val", tmp_path)
     assert len(ds) == 2 and (tmp_path / "shapes" / "train" / "data.mdb").exists()
     item = ds[1]

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 import data
 import slot_attention
+import ocl
+import train_common
 import train_ocl
 from conftest import ROOT, TINY_OCL
 
@@ -150,7 +152,7 @@ def test_big_little_trains_the_projection_keeps_dino_frozen_and_checkpoints_name
     assert ckpt["args"]["dino_weights"] == "random" and ckpt["model_args"]["encoder"] == "dino"
     fresh, _, digest = slot_attention.dino_vit_s8("random")
     assert ckpt["model_args"]["dino_sha256"] == digest
-    model, _ = train_ocl.load_ocl(out / "last.pt")  # DINO rebuilt from its weights, checked by sha256
+    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))  # DINO rebuilt from its weights, checked by sha256
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.dino.state_dict().values(),
                                                   fresh.state_dict().values()))  # unchanged by the 2 steps
     trainable = [n for n, _ in model.named_parameters() if not n.startswith(("vae.", "encoder.dino."))]
@@ -158,7 +160,7 @@ def test_big_little_trains_the_projection_keeps_dino_frozen_and_checkpoints_name
     model.train()
     assert not model.encoder.dino.training and model.encoder.convs.training
     with pytest.raises(ValueError, match="other DINO weights"):
-        train_ocl.load_ocl(out / "last.pt", dino_weights=str(official_file))
+        ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"), dino_weights=str(official_file))
 
 
 # ----------------------------------------------------------------------------- the feature cache

@@ -1,10 +1,11 @@
 """evaluate.py metrics against independent oracles: scikit-learn's adjusted_rand_score (ARI, ARIfg), a brute-force
 best permutation (mIoU), hand-computed cases (mBO, size split, NaN rules), k-means on points with a known answer,
-and the figures' colour rule.
+and the figures (figures.py): the colour rule, the row labels, the curves.
 
 Run: python -m pytest -q tests/test_metrics.py
 """
 import itertools
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 import evaluate
+import figures
 
 
 def sk_ari(pred, true, fg=False):
@@ -178,24 +180,60 @@ def test_fig2_colours_are_stable_across_rows(tmp_path):
     true = torch.zeros(b, H, H, dtype=torch.long)
     pred = torch.randint(0, s, (b, H, H))
     masks = torch.softmax(torch.randn(b, s, H, H), 1)
-    evaluate.fig2(tmp_path / "f.png", images, true, pred, masks, scale=1)
+    figures.fig2(tmp_path / "f.png", images, true, pred, masks, scale=1)
     img = np.asarray(Image.open(tmp_path / "f.png"))
     assert img.shape == ((H + 2) * b, (H + 2) * (3 + s), 3)
-    pal = evaluate.palette()
+    pal = figures.palette()
     for row in range(b):
         for slot in range(s):
             x0 = (3 + slot) * (H + 2)
             assert (img[row * (H + 2), x0] == pal[slot]).all()  # the slot's bar has the slot's colour in every row
-    assert len({tuple(c) for c in evaluate.palette(32)}) == 32
+    assert len({tuple(c) for c in figures.palette(32)}) == 32
 
 
 def test_pca_colours_shared_across_maps():
     a = torch.zeros(3, 2, 2)
     a[:, 0, 0] = torch.tensor([1.0, 0, 0])
     b = a.clone()
-    cols = evaluate.pca_colours([a, b])
+    cols = figures.pca_colours([a, b])
     assert (cols[0] == cols[1]).all()  # the same vector gets the same colour in both maps
     assert not (cols[0][0, 0] == cols[0][1, 1]).all()
+
+
+def test_rows_are_labelled_on_a_margin_at_their_left(tmp_path):
+    """recon.png names its rows (scale n: input / reconstruction): the labels sit on a white margin, each beside
+    its own row, and the images are unchanged to the right of it."""
+    rows = [torch.full((3, 3, 8, 8), v) for v in (-1.0, 0.0)]  # a black row, a grey row
+    figures.save_rows_png(tmp_path / "plain.png", rows, scale=2)
+    figures.save_rows_png(tmp_path / "named.png", rows, scale=2, labels=["scale 1: input", "scale 1: reconstruction"])
+    plain, named = np.asarray(Image.open(tmp_path / "plain.png")), np.asarray(Image.open(tmp_path / "named.png"))
+    margin = named.shape[1] - plain.shape[1]
+    assert margin > 40 and named.shape[0] == plain.shape[0] and (named[:, margin:] == plain).all()
+    band = plain.shape[0] // 2  # each row (with its 2-pixel gap) is half the height
+    for r in range(2):  # dark text pixels in the margin, within the row's own band
+        assert (named[r * band:(r + 1) * band, :margin].min(axis=2) < 128).any()
+
+
+def test_curves_draw_every_quantity_against_one_step_axis(tmp_path):
+    """curves.png from a metrics.jsonl: one panel per quantity (the training loss, then each val_* metric; not the lr),
+    y up, every panel on the same step axis: a falling loss runs from the plot's top left to its bottom right, a
+    rising metric logged from step 100 on starts a quarter of the way in, at the bottom."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 401):
+            f.write(json.dumps({"step": step, "time": 0.0, "loss": 5 - step / 100, "lr": 1e-3}) + "\n")
+            if step % 100 == 0:
+                f.write(json.dumps({"step": step, "time": 0.0, "val_ari": step / 400, "val_mbo": 0.5}) + "\n")
+    figures.curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    img = np.asarray(Image.open(tmp_path / "curves.png")).astype(int)
+    assert img.shape == (150, 4 * 240, 3)  # 3 panels: loss, val_ari, val_mbo, on one row of 4
+
+    def curve_near(x, y):  # the curve's colour within 3 pixels of (x, y)
+        window = img[y - 3:y + 4, x - 3:x + 4]
+        return (np.abs(window - [31, 119, 180]).sum(axis=2) < 60).any()
+    x0, y0, pw, ph = 44, 18, 240 - 56, 150 - 40  # the first panel's plot area
+    assert curve_near(x0, y0) and curve_near(x0 + pw, y0 + ph) and not curve_near(x0, y0 + ph)
+    x1 = 240 + x0 + round(pw * 99 / 399)  # val_ari's first point: step 100 on the axis from step 1 to 400
+    assert curve_near(x1, y0 + ph) and curve_near(240 + x0 + pw, y0) and not curve_near(240 + x0, y0 + ph)
 
 
 def test_perplexity_of_codebook_usage():

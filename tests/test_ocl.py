@@ -14,6 +14,7 @@ import data
 import decoders
 import evaluate
 import msf
+import ocl
 import train_common
 import train_ocl
 import train_vae
@@ -163,7 +164,7 @@ def test_guidance_cache_changes_nothing(tiny_root, tiny_vaes, tmp_path):
 def test_guide_scales_one_and_two(tiny_root, tiny_vaes, tmp_path):
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "g", "transformer", "--steps", "2",
                                    "--guide-scales", "1,2"))
-    model, _ = train_ocl.load_ocl(out / "last.pt")
+    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
     assert model.decoder.grids == [(16, 16), (8, 8)]
 
 
@@ -189,15 +190,15 @@ def test_missing_inputs_print_the_command(tmp_path, tiny_root):
 
 def test_ocl_size_defaults_are_the_paper_size():
     """OCL's constructor defaults are SIZES["paper"] (decoders.py's defaults are the paper's too), not a third size."""
-    params = inspect.signature(train_ocl.OCL.__init__).parameters
-    assert {k: params[k].default for k in train_ocl.SIZES["paper"]} == train_ocl.SIZES["paper"]
+    params = inspect.signature(ocl.OCL.__init__).parameters
+    assert {k: params[k].default for k in ocl.SIZES["paper"]} == ocl.SIZES["paper"]
 
 
 def test_validation_keeps_the_models_mode_and_the_vae_frozen(tiny_root, tiny_vaes, tmp_path):
     """evaluate.validate_ocl serves training (model in train mode) and evaluate.py (eval mode): it must leave the
     mode as it found it (evaluate.py's figures after it ran in train mode before, dropout on in the sampler)."""
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "m", "transformer", "--steps", "1"))
-    model, _ = train_ocl.load_ocl(out / "last.pt")
+    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
     val = data.load_dataset("shapes", "val", tiny_root)
     for training in (False, True):
         model.train(training)
@@ -205,22 +206,18 @@ def test_validation_keeps_the_models_mode_and_the_vae_frozen(tiny_root, tiny_vae
         assert model.training == training and not model.vae.training and len(values["ari"]) == 8
 
 
-def test_format_1_checkpoint_evaluates_and_refuses_resume_by_name(tiny_root, tiny_vaes, tmp_path):
-    """Format 1 called the transformer's classifiers `heads`: its best.pt still evaluates to the same numbers, and
-    --resume from its last.pt is refused with a message, not a state-dict traceback."""
+def test_checkpoint_of_another_format_is_refused_by_name(tiny_root, tiny_vaes, tmp_path):
+    """One checkpoint format: a best.pt or last.pt of another format (an older one stored no format_version) is
+    refused by evaluate.py and by --resume with a one-line message naming both formats, never half-loaded."""
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "new", "transformer", "--steps", "2"))
-    for name in ("best.pt", "last.pt"):
-        ckpt = torch.load(out / name, weights_only=True)
-        old = {k.replace("decoder.classifiers.", "decoder.heads."): v for k, v in ckpt["model"].items()}
-        assert any(k.startswith("decoder.heads.") for k in old)
-        torch.save(dict(ckpt, format_version=1, model=old), tmp_path / f"old_{name}")
-    new = evaluate.main(["--ckpt", str(out / "best.pt"), "--limit", "8"])
-    old = evaluate.main(["--ckpt", str(tmp_path / "old_best.pt"), "--limit", "8"])
-    assert old["metrics"] == new["metrics"]
     (tmp_path / "old_run").mkdir()
-    (tmp_path / "old_last.pt").rename(tmp_path / "old_run" / "last.pt")
-    with pytest.raises(train_common.RunError, match=r"older version of this code \(checkpoint format 1, this code "
-                                                    r"writes 3\)"):
+    for name, version in (("best.pt", 3), ("last.pt", None)):
+        ckpt = torch.load(out / name, weights_only=True)
+        ckpt.pop("format_version") if version is None else ckpt.update(format_version=version)
+        torch.save(ckpt, tmp_path / "old_run" / name)
+    with pytest.raises(SystemExit, match=r"has checkpoint format 3; this code reads format 4 only"):
+        evaluate.main(["--ckpt", str(tmp_path / "old_run" / "best.pt"), "--limit", "8"])
+    with pytest.raises(ValueError, match=r"has checkpoint format 1; this code reads format 4 only"):
         train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old_run", "transformer", "--steps", "2", "--resume"))
 
 
@@ -239,7 +236,7 @@ def test_guidance_is_fp32_inside_autocast(tiny_root, tiny_vaes):
     """The training step runs under autocast; the frozen guidance must be the same codes as outside it (the
     GuidanceCache builds them outside). On the CPU, bfloat16 autocast stands in for the GPU's fp16."""
     ckpt = train_common.load_checkpoint(tiny_vaes[256], "vae")
-    model = train_ocl.OCL(msf.load_vae(ckpt), "transformer", 7, 64, slot_dim=32, enc_channels=16, dec_dim=32,
+    model = ocl.OCL(msf.load_vae(ckpt), "transformer", 7, 64, slot_dim=32, enc_channels=16, dec_dim=32,
                           dec_layers=1)
     image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
     plain = model.targets(image)
@@ -283,13 +280,13 @@ def test_seed_k_starts_the_same_slot_model_whatever_the_vae(tiny_root, tiny_vaes
     vq = train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--vae", "vqvae", "--out",
                                                str(tmp_path / "vq"), "--channels", "16", "--batch-size", "8",
                                                "--steps", "1", "--val-batches", "1"])) / "best.pt"
-    seen, build = [], train_ocl.OCL.__init__
+    seen, build = [], ocl.OCL.__init__
 
     def recording(self, *a, **k):
         build(self, *a, **k)
         seen.append({k: v.clone() for k, v in self.state_dict().items() if k.startswith(("encoder", "queries",
                                                                                           "slot_attention"))})
-    monkeypatch.setattr(train_ocl.OCL, "__init__", recording)
+    monkeypatch.setattr(ocl.OCL, "__init__", recording)
     for vae, out in ((tiny_vaes[256], "a"), (vq, "b")):
         args = ocl_args(tiny_root, tiny_vaes, tmp_path / out, "transformer", "--steps", "1")
         args.vae_ckpt = str(vae)

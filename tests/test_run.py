@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import decoders
+import ocl
 import train_common
 import train_ocl
 import train_vae
@@ -211,7 +212,7 @@ def test_existing_run_needs_resume_or_overwrite(tiny_root, vae256, tmp_path, cap
 
 def poison_third_training_loss(monkeypatch):
     """OCL.forward returns an infinite loss at the third training step (also used by tests/test_video.py)."""
-    forward, calls = train_ocl.OCL.forward, [0]
+    forward, calls = ocl.OCL.forward, [0]
 
     def poisoned(self, *a, **k):
         out = forward(self, *a, **k)
@@ -219,7 +220,7 @@ def poison_third_training_loss(monkeypatch):
         if calls[0] == 3 and self.training:
             out["loss"] = out["loss"] * float("inf")
         return out
-    monkeypatch.setattr(train_ocl.OCL, "forward", poisoned)
+    monkeypatch.setattr(ocl.OCL, "forward", poisoned)
 
 
 def test_ocl_non_finite_loss_keeps_the_last_good_checkpoint(tiny_root, vae256, tmp_path, monkeypatch):
@@ -267,7 +268,7 @@ def test_a_cpu_run_resumes_with_amp_on(tiny_root, vae256, tmp_path):
     train_ocl.train(args)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["train_state"]["scaler"] == {}
-    model = train_ocl.load_ocl(ckpt)[0].train()
+    model = ocl.load_ocl(ckpt)[0].train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     with pytest.raises(RuntimeError):  # what the plain load does

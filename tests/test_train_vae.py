@@ -13,6 +13,7 @@ import torch
 import data
 import msf
 import train_common
+import train_ocl
 import train_vae
 
 TINY = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1"]
@@ -62,16 +63,24 @@ def test_every_vae_kind_trains(tmp_path, tiny_root):
         assert ckpt["model_args"]["kind"] == kind
 
 
-def test_schedules_closed_form():
+@pytest.mark.parametrize("lr_at", [train_vae.lr_at, train_ocl.lr_at])
+def test_lr_schedule_closed_form(lr_at):
+    """A.5 for both stages: linear warmup over the first 1/20 of the steps, then half a cosine to lr / 1000."""
     total, lr = 200, 1.0
-    assert train_common.lr_at(0, total, lr) == pytest.approx(1 / 10)  # warmup over total/20 = 10 steps
-    assert train_common.lr_at(9, total, lr) == pytest.approx(1.0)
+    assert lr_at(0, total, lr) == pytest.approx(1 / 10)  # warmup over total/20 = 10 steps
+    assert lr_at(9, total, lr) == pytest.approx(1.0)
     mid = 10 + (total - 10) // 2  # halfway down the cosine from lr to lr / 1000 (the authors' end point)
-    assert train_common.lr_at(mid, total, lr) == pytest.approx((1 + 1e-3) / 2, abs=0.01)
-    assert train_common.lr_at(total, total, lr) == pytest.approx(1e-3, abs=1e-12)
-    assert train_common.cosine_decay(0, 100) == 1 and train_common.cosine_decay(50, 100) == pytest.approx(0.5)
-    assert train_common.cosine_decay(150, 100) == 0
-    assert train_common.cosine_decay(25, 100, 1, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(mid, total, lr) == pytest.approx((1 + 1e-3) / 2, abs=0.01)
+    assert lr_at(total, total, lr) == pytest.approx(1e-3, abs=1e-12)
+
+
+def test_annealing_schedules_closed_form():
+    """GDR's residual / Gumbel annealing: 1 -> 0 over the first half, then 0; the query noise: start -> 0 over all."""
+    assert train_vae.anneal_at(0, 200) == 1 and train_vae.anneal_at(50, 200) == pytest.approx(0.5)
+    assert train_vae.anneal_at(100, 200) == 0 and train_vae.anneal_at(150, 200) == 0
+    assert train_vae.anneal_at(25, 200) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert train_ocl.sigma_at(0, 100, 1.0) == 1 and train_ocl.sigma_at(50, 100, 2.0) == pytest.approx(1.0)
+    assert train_ocl.sigma_at(100, 100, 1.0) == 0 and train_ocl.sigma_at(150, 100, 1.0) == 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -123,14 +132,17 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_root, monkeypat
 
 def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
     path = tmp_path / "x.pt"
-    torch.save({"kind": "ocl", "format_version": 1}, path)
+    torch.save({"kind": "ocl", "format_version": train_common.CKPT_VERSION}, path)
     with pytest.raises(ValueError, match="OCL checkpoint, but a VAE checkpoint"):
         train_common.load_checkpoint(path, "vae")
     path.write_bytes(b"garbage, not a checkpoint")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         train_common.load_checkpoint(path, "vae")
     torch.save({"kind": "vae", "format_version": 99}, path)
-    with pytest.raises(ValueError, match="newer than this code"):
+    with pytest.raises(ValueError, match="has checkpoint format 99; this code reads format 4 only"):
+        train_common.load_checkpoint(path, "vae")
+    torch.save({"kind": "vae"}, path)  # the first format stored no version
+    with pytest.raises(ValueError, match="has checkpoint format 1; this code reads format 4 only"):
         train_common.load_checkpoint(path, "vae")
 
 

@@ -15,7 +15,9 @@ from sklearn.metrics import adjusted_rand_score
 
 import convert
 import data
+import shapes
 import evaluate
+import ocl
 import train_common
 import train_ocl
 import train_vae
@@ -40,7 +42,7 @@ def test_shapes_video_boxes_are_the_masks_and_clips_move_scale_occlude_enter():
     >= 15% within a clip, enter or leave (visible in some frames only), and who occludes whom changes."""
     moved = scaled = entered = 0
     for i in range(40):
-        image, segment, bbox = data.render_shapes_video(np.random.default_rng([7, i]), res=64, frames=12)
+        image, segment, bbox = shapes.render_shapes_video(np.random.default_rng([7, i]), res=64, frames=12)
         assert image.shape == (12, 64, 64, 3) and segment.shape == (12, 64, 64) and image.dtype == np.uint8
         k = bbox.shape[1]
         assert 2 <= k <= 5 and segment.max() <= k
@@ -74,7 +76,7 @@ def test_shapes_video_is_deterministic_and_loads_as_clips(tmp_path):
     ds = data.load_dataset("shapes_video", "val", tmp_path / "a")
     s = ds[1]
     assert s["image"].shape == (6, 3, 64, 64) and s["segment"].shape == (6, 64, 64) and s["bbox"].shape == (6, 5, 4)
-    assert ds.meta["frames"] == 6 and data.PRESETS["shapes_video"]["video"]
+    assert ds.meta["frames"] == 6 and data.DATASETS["shapes_video"]["video"]
 
 
 def test_clip_starts_are_the_authors_strided_windows():
@@ -89,11 +91,10 @@ def test_crop_is_the_same_for_one_process_and_for_two():
     """The global batch's crop is a function of (seed, step): 2 processes x 2 clips crop as 1 process x 4 clips."""
     clips = torch.arange(4 * 12).float().view(4, 12, 1, 1, 1).expand(4, 12, 3, 2, 2)  # frame value = its number
     boxes = torch.rand(4, 12, 3, 4)
-    one = train_ocl.crop_clips(clips, boxes, list(range(4)), 6, 0, 5, train_common.Dist(0, 1, 0, torch.device("cpu")))
+    one = data.crop_clips(clips, boxes, list(range(4)), 6, 0, 5)  # one process
     for rank in (0, 1):
         part = slice(2 * rank, 2 * rank + 2)
-        mine = train_ocl.crop_clips(clips[part], boxes[part], list(range(4))[part], 6, 0, 5,
-                                    train_common.Dist(rank, 2, 0, torch.device("cpu")))
+        mine = data.crop_clips(clips[part], boxes[part], list(range(4))[part], 6, 0, 5, rank, 2)
         assert torch.equal(mine[0], one[0][part]) and torch.equal(mine[1], one[1][part])
         assert mine[2] == one[2][12 * rank:12 * rank + 12]
     image, bbox, keys = one
@@ -109,7 +110,7 @@ def tiny_video_model(vae_ckpt, decoder="transformer", queries="box", box_prior=F
     import msf
     torch.manual_seed(0)
     vae = msf.load_vae(torch.load(vae_ckpt, weights_only=True))
-    return train_ocl.OCL(vae, decoder, num_slots=4, resolution=64, iters=2, slot_dim=32, enc_channels=16,
+    return ocl.OCL(vae, decoder, num_slots=4, resolution=64, iters=2, slot_dim=32, enc_channels=16,
                          enc_stride=4, dec_dim=32, dec_layers=1, unet_base=16, unet_layers=1, video=True,
                          queries=queries, box_prior=box_prior).eval()
 
@@ -209,7 +210,7 @@ def test_the_predictor_learns_at_predictor_lr_times_the_lr(scale, tiny_video_roo
     extra = () if scale == 0.1 else ("--predictor-lr", str(scale))
     out = train_ocl.train(video_args(tiny_video_root, tiny_video_vaes, tmp_path, "transformer", "--steps", "1", *extra))
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    lr = train_common.lr_at(0, 1, ckpt["args"]["lr"])  # the lr of step 1 (the warmup's end when there is one step)
+    lr = train_ocl.lr_at(0, 1, ckpt["args"]["lr"])  # the lr of step 1 (the warmup's end when there is one step)
     assert ckpt["args"]["predictor_lr"] == scale
     moved = ckpt["model"]["predictor.layer.linear2.weight"].abs().max().item()
     assert 0.9 * scale * lr <= moved <= scale * lr * (1 + 1e-4)

@@ -1,0 +1,159 @@
+"""Figures, written as PNG with Pillow: the paper's Fig. 2 (image, ground truth, prediction, one column per slot) and
+Fig. 3 (the codes of every scale before and after inter-scale fusion, coloured by a PCA), reconstructions row by
+row, and every run's curves.png (its metrics.jsonl as one panel per quantity).
+
+Reading order: palette, to_uint8, save_rows_png / save_grid (every figure is a grid of tiles), fig2, pca_colours,
+fig3, curves. evaluate.py draws Fig. 2 and Fig. 3 for a checkpoint; the training scripts draw masks.png, recon.png
+and curves.png at each validation. Imports data (its IGNORE label) and nothing else of the project.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+
+import data
+
+def palette(n=64):
+    """n distinct colours (uint8 (n, 3)); colour i always belongs to slot / label i, in every row and figure."""
+    i = np.arange(n)
+    hue = (i * 0.618033988749895) % 1.0  # golden-ratio hue steps keep neighbours apart
+    sat, val = 0.65 + 0.35 * (i % 2), 0.95 - 0.3 * ((i // 2) % 2)
+    k = (hue[:, None] * 6 + np.array([5, 3, 1])) % 6  # HSV -> RGB
+    rgb = val[:, None] * (1 - sat[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+    return (rgb * 255).astype(np.uint8)
+
+
+def to_uint8(images):
+    """Images (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8 numpy, the inverse of the dataset's normalisation."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def save_rows_png(path, rows, scale=2, labels=None):
+    """A grid of images, e.g. inputs and reconstructions: rows is a list of (b, 3, H_r, W_r) batches in [-1, 1],
+    each resized (nearest) to the first row's size; one image per column; `labels`: one name per row."""
+    size = rows[0].shape[-2:]
+    save_grid(path, [list(to_uint8(F.interpolate(r.float(), size=size))) for r in rows], scale, labels)
+
+
+def save_grid(path, rows, scale=2, labels=None):
+    """rows: lists of tiles (H, W_i, 3) uint8, the tiles of a row of one height -> a PNG with 2 white pixels between
+    tiles and rows, enlarged `scale` times (nearest); `labels`: one text per row, written on a margin at its left."""
+    sep = [np.full((t[0].shape[0], 2, 3), 255, np.uint8) for t in rows]  # (H_r, 2, 3) per row
+    strips = [np.concatenate([c for tile in tiles for c in (tile, s)], axis=1) for tiles, s in zip(rows, sep)]
+    width = max(r.shape[1] for r in strips)
+    strips = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in strips]
+    img = Image.fromarray(np.concatenate(strips))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if labels:  # text at the final scale: sharp whatever `scale` is
+        draw = ImageDraw.Draw(img)
+        margin = 8 + max(int(draw.textlength(t)) for t in labels)
+        img, top = ImageOps.expand(img, (margin, 0, 0, 0), fill="white"), 0
+        draw = ImageDraw.Draw(img)
+        for text, strip in zip(labels, strips):
+            draw.text((4, top + scale * strip.shape[0] // 2), text, fill="black", anchor="lm")
+            top += scale * strip.shape[0]
+    img.save(path)
+
+
+def _colour_labels(image, labels, alpha=0.6):
+    """Blend the colour of each label over the image; ignored pixels (255) are white."""
+    pal = palette(256)
+    pal[data.IGNORE] = 255  # ignored pixels are white
+    col = pal[labels.cpu().numpy().astype(np.int64) % 256]
+    return (alpha * col + (1 - alpha) * image).astype(np.uint8)
+
+
+def fig2(path, images, true, pred, masks, scale=2):
+    """Fig. 2 style: one row per sample, columns image | ground truth | predicted segmentation | one column per
+    slot (the image where the slot's mask is high, white elsewhere, under a bar of the slot's colour).
+    images (b, 3, H, W) in [-1, 1]; true, pred (b, H, W); masks (b, s, H, W) soft masks summing to 1 over slots, at
+    the image's size (evaluate.upsample_masks: the masks the metrics score)."""
+    pal = palette(256)
+    rows = []
+    for i in range(len(images)):
+        img = to_uint8(images[i])  # (H, W, 3)
+        cols = [img, _colour_labels(img, true[i]), _colour_labels(img, pred[i])]
+        for s in range(masks.shape[1]):
+            m = masks[i, s].detach().float().cpu().numpy()[..., None]  # (H, W, 1)
+            tile = (m * img + (1 - m) * 255).astype(np.uint8)
+            tile[: max(2, img.shape[0] // 16)] = pal[s]  # the slot's colour, as in the segmentation column
+            cols.append(tile)
+        rows.append(cols)
+    save_grid(path, rows, scale)
+
+
+def pca_colours(maps):
+    """Colour token maps by a 3-component PCA fitted jointly on all of them, so one colour means one direction
+    in every map passed together. maps: list of (c, h, w) -> list of (h, w, 3) uint8."""
+    tokens = torch.cat([m.detach().float().cpu().flatten(1).t() for m in maps])  # (sum h*w, c)
+    centred = tokens - tokens.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # rows of v: principal directions
+    proj = centred @ v[:3].t()  # (sum h*w, <=3)
+    if proj.shape[1] < 3:
+        proj = F.pad(proj, (0, 3 - proj.shape[1]))
+    lo, hi = proj.min(0).values, proj.max(0).values
+    rgb = ((proj - lo) / (hi - lo).clamp(min=1e-8) * 255).round().byte().numpy()
+    out, start = [], 0
+    for m in maps:
+        h, w = m.shape[-2:]
+        out.append(rgb[start:start + h * w].reshape(h, w, 3))
+        start += h * w
+    return out
+
+
+def fig3(path, image, columns, scale=2):
+    """Fig. 3 style, one row per scale: the image at that scale, then each column of `columns` (a dict name ->
+    list over scales of (c, h_n, w_n) token maps, e.g. scale-invariant before / after inter-scale fusion,
+    scale-variant, fused), each coloured by a PCA fitted over all scales of that column, up-sampled to the image."""
+    H = image.shape[-1]
+    colours = {name: pca_colours(maps) for name, maps in columns.items()}
+    pyramid = [image]
+    rows = []
+    for n in range(len(next(iter(columns.values())))):
+        if n:
+            pyramid.append(F.avg_pool2d(pyramid[-1][None], 2)[0])
+        tiles = [np.asarray(Image.fromarray(to_uint8(pyramid[n])).resize((H, H), Image.NEAREST))]
+        tiles += [np.asarray(Image.fromarray(colours[name][n]).resize((H, H), Image.NEAREST)) for name in columns]
+        rows.append(tiles)
+    save_grid(path, rows, scale, [f"scale {n + 1}" for n in range(len(rows))])
+    return list(columns)
+
+
+def curves(jsonl, path, columns=4, size=(240, 150)):
+    """curves.png of a run, drawn from its metrics.jsonl: one panel per quantity, the training loss first, then every
+    validation metric (`val_*`), each against the step (PIL only; the training scripts redraw it at every
+    validation). A panel names its quantity, its last value, its y range and its step range."""
+    series = {}  # name -> [(step, value)], in the order of the log
+    for line in Path(jsonl).read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        for name, value in record.items():
+            if (name == "loss" or name.startswith("val_")) and isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(name, []).append((record["step"], value))
+    if not series:
+        return
+    w, h = size
+    rows = -(-len(series) // columns)  # ceil
+    first = min(p[0][0] for p in series.values())  # one step axis for every panel
+    last = max(p[-1][0] for p in series.values())
+    img = Image.new("RGB", (columns * w, rows * h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (name, points) in enumerate(series.items()):
+        x0, y0 = (i % columns) * w + 44, (i // columns) * h + 18  # the plot area: (x0, y0) to (x0 + pw, y0 + ph)
+        pw, ph = w - 56, h - 40
+        steps, values = zip(*points)
+        lo, hi = min(values), max(values)
+        xy = [(x0 + pw * (s - first) / max(1, last - first), y0 + ph * (1 - (v - lo) / ((hi - lo) or 1)))
+              for s, v in points]
+        draw.rectangle((x0, y0, x0 + pw, y0 + ph), outline=(180, 180, 180))
+        draw.line(xy, fill=(31, 119, 180), width=2) if len(xy) > 1 else draw.ellipse(
+            (xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
+        draw.text((x0, y0 - 3), f"{name}  (last {values[-1]:.4g})", fill="black", anchor="lb")
+        draw.text((x0 - 3, y0), f"{hi:.3g}", fill="gray", anchor="rt")
+        draw.text((x0 - 3, y0 + ph), f"{lo:.3g}", fill="gray", anchor="rb")
+        draw.text((x0, y0 + ph + 3), f"step {first}", fill="gray", anchor="lt")
+        draw.text((x0 + pw, y0 + ph + 3), f"{last}", fill="gray", anchor="rt")
+    img.save(path)
