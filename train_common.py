@@ -5,7 +5,7 @@ train_vae.py (stage 1) and train_ocl.py (stage 2) are the two loops of the paper
 around those loops to run for days on several GPUs and survive a kill lives here, as plain functions they call by
 name, so that each loop reads forward -> loss -> step with nothing else in the way:
 
-  the lr           cosine (the shape of every schedule), set_lr (this step's lr on every parameter group)
+  the lr           cosine, warmup_cosine (the shapes of the schedules), set_lr (the lr of every param group)
   randomness       seed_everything, the data order `infinite_batches` (a pure function of seed and step), and
                    the per-worker seeds of the DataLoader
   devices          pick_device, default_workers; `distributed` (torchrun: one process per GPU, DDP)
@@ -50,6 +50,13 @@ def cosine(step, total, start, end):
     """start -> end along half a cosine over `total` steps, then `end`."""
     progress = min(1.0, step / max(1, total))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(step, steps, lr, warmup, end):
+    """The learning rate at `step`: linear warmup to `lr` over the first `warmup` steps, then `cosine` down to `end`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return cosine(step - warmup, steps - warmup, lr, end)
 
 
 def set_lr(optimizer, lr):

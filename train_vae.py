@@ -53,12 +53,9 @@ RECIPES = {
 
 
 def lr_at(step, steps, lr):
-    """Linear warmup over the first 1/20 of the steps, then half a cosine down to lr / 1000 (A.5; the paper does not
-    say where the cosine ends)."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return train_common.cosine(step - warmup, steps - warmup, lr, 1e-3 * lr)  # authors: the cosine ends at lr / 1000
+    """A.5: linear warmup over the first 1/20 of the steps, then half a cosine down to lr / 1000 (where the authors'
+    code ends it; the paper does not say)."""
+    return train_common.warmup_cosine(step, steps, lr, warmup=max(1, steps // 20), end=1e-3 * lr)  # authors: lr/1000
 
 
 def anneal_at(step, steps):
