@@ -105,7 +105,8 @@ def assemble(ids, objects, ignore_ids, stats, min_bbox, max_objects):
     The paper's filters (A.4), counted after the crop and resize: an object whose bounding box covers fewer
     than `min_bbox` pixels is not an object and is IGNORED (255: neither background nor a target, so no metric
     rewards or punishes what a model does there); then a sample with more than `max_objects` objects is dropped
-    (returns None). An object the crop removed entirely is counted and left out."""
+    (returns None), as is one with more than 254 objects (a uint8 segment holds 1..254 besides 0 and 255; only
+    with --max-objects 0). An object the crop removed entirely is counted and left out."""
     segment = np.zeros(ids.shape, np.uint8)
     for i in ignore_ids:
         segment[ids == i] = data.IGNORE
@@ -114,7 +115,7 @@ def assemble(ids, objects, ignore_ids, stats, min_bbox, max_objects):
         mask = ids == oid
         if not mask.any():
             stats["objects_cropped_away"] = stats.get("objects_cropped_away", 0) + 1
-        elif min_bbox and bbox_area(mask) < min_bbox:
+        elif min_bbox and bbox_area(mask) < min_bbox:  # ours: a tiny object is ignored (255), not background
             segment[mask] = data.IGNORE
             stats["objects_below_min_bbox_ignored"] = stats.get("objects_below_min_bbox_ignored", 0) + 1
         else:
@@ -122,8 +123,9 @@ def assemble(ids, objects, ignore_ids, stats, min_bbox, max_objects):
     if max_objects and len(kept) > max_objects:
         stats["samples_over_max_objects_dropped"] = stats.get("samples_over_max_objects_dropped", 0) + 1
         return None
-    if len(kept) > 254:
-        raise ValueError("more than 254 objects do not fit the uint8 segment")
+    if len(kept) > 254:  # labels 1..254: 0 is the background, 255 ignored
+        stats["samples_over_254_objects_dropped"] = stats.get("samples_over_254_objects_dropped", 0) + 1
+        return None
     for k, (mask, _) in enumerate(kept, start=1):
         segment[mask] = k
     return segment, [extra for _, extra in kept]
@@ -209,7 +211,7 @@ def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
         ids = crop_resize_labels(ids, res)
         things = [(s["id"], (s["category_id"], s["area"])) for s in ann["segments_info"]
                   if isthing[s["category_id"]] and not s.get("iscrowd", 0)]
-        crowd = [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)]
+        crowd = [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)]  # ours: ignored (authors: objects)
         yield object_sample(image, res, assemble(ids, things, [0, *crowd], stats, min_bbox, max_objects), np.uint8)
 
 
@@ -221,7 +223,7 @@ def voc_root(src):
     _layout_error("voc", src, "no ImageSets/Segmentation/")
 
 
-def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):
+def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):  # authors: instances (the paper: semantic)
     """Pascal VOC 2012 segmentation: instances from SegmentationObject (palette indices: 0 background, k = k-th
     <object> of the XML, 255 void = ignored), and each instance's class from SegmentationClass (the majority class
     of its pixels), stored as `classes` (K,): `load_dataset(..., semantic=True)` scores classes instead of

@@ -46,8 +46,9 @@ import train_common
 # val_batch: images or clips per validation batch (default: the training batch); clip: gradient-norm clipping;
 # iters: Slot Attention iterations (per frame for video); clip_frames: frames per training clip (A.4's crop).
 PAPER = dict(steps=50000, batch=32, val_every=1000, lr=2e-4, iters=3, clip=1.0, encoder="dino")  # A.3: big-little
-# authors: MOVi as their STEVE configs: 8 clips of 6 frames per step, clipping 0.02, 1 iteration per frame (A.4-A.5)
-MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False, predictor_lr=1.0)
+# MOVi (A.4-A.5): 8 clips of 6 frames per step, 4 per validation batch, clipping 0.02
+MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False,
+            predictor_lr=1.0)  # authors: 1 Slot Attention iteration per frame (their STEVE configs)
 RECIPES = {
     "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn"),  # ours: 2 cores
     # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), the
@@ -78,8 +79,9 @@ def sigma_at(step, steps, start):
 class GuidanceCache:  # ours: the guidance indices of a training image computed once, reused after
     """The frozen VAE is deterministic (eval mode) and training images are not augmented (paper A.4), so the code
     indices of a training image never change: compute them the first time the image is seen and reuse them (int16,
-    ~0.5 KB per image) afterwards; the model rebuilds X from them (vae.x_from_indices). On a CPU the VAE forward
-    was ~30% of a step. Results are identical with and without the cache (--no-cache)."""
+    ~0.5 KB per image) afterwards; the model rebuilds X from them (vae.x_from_indices). On the quick start a step
+    takes 0.19 s while the cache fills and 0.11 s after (results/2026-11-26-quickstart-seeds.md). Results are
+    identical with and without the cache (--no-cache)."""
 
     def __init__(self):
         self.store = {}  # dataset index -> list over guide scales of (g, h, w) int16
@@ -358,7 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
-    p.add_argument("--slots", type=data.number(int, 1), default=None, help="number of slots (default: the dataset's recipe)")
+    p.add_argument("--slots", type=data.number(int, 1), default=None,
+                   help="number of slots (default: the dataset's, data.DATASETS: objects + background)")
     p.add_argument("--guide-scales", default="1", choices=["1", "1,2", "2"], help="VAE scales used as guidance (Tab. 5)")
     p.add_argument("--size", default=None, choices=list(ocl.SIZES), help="model widths (default: cpu for the built-in shapes and shapes_video, paper otherwise)")
     for name in ("slot-dim", "enc-channels", "dec-dim", "dec-layers", "dec-heads", "unet-base", "unet-layers",

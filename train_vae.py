@@ -40,7 +40,7 @@ import vae
 # on frames: `clip_frames` consecutive frames of each of `batch` clips per step (the authors' MOVi recipe: 16 clips
 # of 6 frames).
 PAPER = dict(steps=30000, batch=64, val_every=600)
-MOVI = dict(PAPER, batch=16, clip_frames=6)  # authors: 16 clips x 6 frames per step
+MOVI = dict(PAPER, batch=16, clip_frames=6)  # A.5: 16 clips per step; 6 frames each (A.4)
 RECIPES = {
     "shapes": dict(steps=400, batch=16, val_every=100),  # ours: sized for a 2-core CPU
     "shapes_video": dict(steps=400, batch=8, val_every=100, clip_frames=2),  # ours: 8 clips x 2 frames per step

@@ -93,7 +93,7 @@ class Failed(Exception):
 
 def run(cmd, log, threads):
     """A script of the project in its own process, its output appended to `log`; a failure raises `Failed`.
-    `threads`: torch's CPU threads (OMP_NUM_THREADS), fixed because the digits depend on it (README)."""
+    `threads`: torch's CPU threads (OMP_NUM_THREADS), fixed because the digits depend on it (results/2026-11-26-machines.md)."""
     with open(log, "a") as f:
         f.write(f"$ OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
         f.flush()

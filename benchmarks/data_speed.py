@@ -69,7 +69,7 @@ def main():
         file_ds = FileDataset(files, args.samples)
         lmdb_rate, file_rate = rate(lmdb_ds, args.samples), rate(file_ds, args.samples)
 
-        # conversion rate: the VOC converter on the real sample (../shared/data), replicated
+        # conversion rate: the VOC converter on a real VOC sample beside the checkout (where there is one), replicated
         conv_rate = None
         voc = ROOT.parent / "shared" / "data" / "voc"
         if voc.is_dir():

@@ -1,7 +1,7 @@
 """Training-step time of SLATE+MSF with A.3's big-little encoder (frozen DINO ViT-S/8 + naive CNN) at 128 px:
 DINO's features computed on the fly vs read from the feature cache (--cache-features), side by side (interleaved)
-in one run, and the naive CNN alone for scale. Target (issue 14): the cached step at least 3x faster than the
-uncached one on a CPU.
+in one run, and the naive CNN alone for scale. Target: the cached step at least 3x faster than the uncached one
+on a CPU.
 
 A step here is what train_ocl.py's loop does per batch: the model's loss with the guidance indices already known
 (the GuidanceCache), backward, Adam. The cached variant is handed DINO's fp16 maps as FeatureCache would read them

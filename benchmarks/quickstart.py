@@ -1,8 +1,8 @@
 """Runs the README's bare quick start (python train_vae.py && python train_ocl.py && python evaluate.py) from scratch
 in an empty folder, and records the wall time of every command and the final metrics.
 
-Target (issue "Stage 2"): the whole quick start within 20 minutes on a 2-core CPU, ARIfg >= 0.60 on shapes.
-Video (issue 15): `--dataset shapes_video` runs stage 1 + STEVE + MSF (+ evaluate) the same way; target: within 30
+Target: the whole quick start within 20 minutes on a 2-core CPU, ARIfg >= 0.60 on shapes.
+Video: `--dataset shapes_video` runs stage 1 + STEVE + MSF (+ evaluate) the same way; target: within 30
 minutes, video ARIfg over whole clips >= 0.50. `--ocl-args "--queries gaussian"` is the same run without the boxes.
 
 Run: python benchmarks/quickstart.py [--workdir /tmp/msf-quickstart] [--keep]

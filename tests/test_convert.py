@@ -70,6 +70,19 @@ def test_crc32c_known_vector():
 
 
 @needs_samples
+@pytest.mark.parametrize("count, kept", [(254, True), (255, False)])
+def test_a_sample_with_more_objects_than_a_uint8_segment_holds_is_dropped_and_counted(count, kept):
+    """Labels 1..254 fit a uint8 segment beside 0 (background) and 255 (ignored): with the object filter off
+    (--max-objects 0) a 255th object drops the sample, counted in the meta record's stats, never a traceback."""
+    ids = np.arange(1, 16 * 16 + 1).reshape(16, 16)  # one pixel per id
+    stats = {}
+    out = convert.assemble(ids, [(i, {}) for i in range(1, count + 1)], [], stats, min_bbox=0, max_objects=0)
+    if kept:
+        assert out[0].max() == 254 and len(out[1]) == 254 and not stats
+    else:
+        assert out is None and stats == {"samples_over_254_objects_dropped": 1}
+
+
 def test_coco_panoptic_real_sample(tmp_path):
     src = SHARED_DATA / "coco"
     convert.convert("coco", src, tmp_path / "coco", resolution=128, min_bbox=0, max_objects=0, quiet=True)

@@ -1,5 +1,5 @@
-"""What can go wrong, and what the code says: every bad input and fault of the README's "What can go wrong" table is
-provoked here; each ends in a one-line message that says what to do (never a traceback), and the data or checkpoints
+"""What can go wrong, and what the code says: the bad inputs and faults of docs/messages.md are provoked here (and
+in the other test files); each ends in a one-line message that says what to do (never a traceback), and the data or checkpoints
 the user did not name are bit-identical afterwards.
 
 Run: python -m pytest -q tests/test_faults.py

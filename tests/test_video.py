@@ -313,7 +313,7 @@ def test_a_converted_movi_fixture_trains_and_evaluates(tmp_path):
     assert metrics["ari"]["count"] == 2 and -1 <= metrics["ari_fg"]["mean"] <= 1
 
 
-# ----------------------------------------------------------------------------- resume, DDP, failures (issue 5)
+# ----------------------------------------------------------------------------- resume, DDP, failures
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
