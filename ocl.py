@@ -60,11 +60,11 @@ class OCL(nn.Module):
         code_dim = vae.code_dim
         # EXERCISE: encoder (a project, not in EXERCISES.md): another primary encoder goes here
         # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
-        # `dino`: the frozen DinoViT (slot_attention.dino_vit_s8); `dino_sha256` names its weights in checkpoints,
+        # `dino`: the frozen DinoViT (load_dino); `dino_sha256` names its weights in checkpoints,
         # which do not hold them (CNNEncoder leaves them out of state_dict).
         if encoder not in ("cnn", "dino") or (encoder == "dino") != (dino is not None):
             raise ValueError(f"encoder '{encoder}' with{'out' if dino is None else ''} a DINO model: 'cnn' takes none, "
-                             f"'dino' takes slot_attention.dino_vit_s8()")
+                             f"'dino' takes ocl.load_dino()[0]")
         self.dino_sha256 = dino_sha256
         self.encoder = CNNEncoder(slot_dim, enc_channels, enc_stride, dino=dino)
         # the query initializer (A.5): Gaussian for images; for video the first frame's boxes through an MLP
@@ -114,7 +114,7 @@ class OCL(nn.Module):
     def guide(self, image):
         """The frozen VAE's guidance at the guide scales: indices and X, lists over self.guide_scales. Always in
         fp32, also inside the training step's autocast: the guidance must not depend on the precision it was
-        computed in (the GuidanceCache computes it outside autocast, and both paths must give the same codes)."""
+        computed in (train_ocl.GuidanceCache computes it outside autocast; both paths must give the same codes)."""
         with torch.autocast(image.device.type, enabled=False):
             indices, xs = self.vae.guidance(image.float())  # per VAE scale: (b, g, h_n, w_n), (b, c, h_n, w_n)
         return [indices[n - 1] for n in self.guide_scales], [xs[n - 1] for n in self.guide_scales]
@@ -123,7 +123,8 @@ class OCL(nn.Module):
     def targets(self, image, indices=None):
         """What the decoder reconstructs, fixed and in fp32: (indices I, guidance X) at the guide scales, or for
         the mlp decoder the VAE encoder's continuous Z_1 (b, c, h, w) (DINOSAUR reconstructs frozen features; the
-        VAE's quantization and fusion are not used). `indices`: already known (GuidanceCache), X is rebuilt."""
+        VAE's quantization and fusion are not used). `indices`: already known (train_ocl.GuidanceCache): X is
+        rebuilt from them."""
         with torch.autocast(image.device.type, enabled=False):
             if self.decoder_kind == "mlp":
                 # ours: mlp reconstructs the VAE encoder's Z_1, not DINO features
@@ -177,8 +178,9 @@ class OCL(nn.Module):
 
     def forward(self, image, sigma=0.0, indices=None, dino_features=None, bbox=None):
         """image (b, 3, H, W) -> dict(loss, masks (b, s, h, w), slots (b, s, d)). `indices`: the guidance indices
-        if already known (GuidanceCache); X is then rebuilt from them instead of running the VAE. `dino_features`:
-        DINO's map of the images if already known (the feature cache). bbox (b, t, K, 4): boxes (box queries).
+        if already known (train_ocl.GuidanceCache); X is then rebuilt from them instead of running the VAE.
+        `dino_features`: DINO's map of the images if already known (train_ocl.FeatureCache). bbox (b, t, K, 4): boxes
+        (box queries).
         Video: clips (b, t, 3, H, W); every frame is decoded from its own slots (STEVE), masks (b, t, s, h, w)."""
         frames = image.flatten(0, 1) if self.video else image  # the VAE and the decoder are per frame: (b*t, ...)
         indices, xs = self.targets(frames, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
