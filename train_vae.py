@@ -123,16 +123,14 @@ def train(args):
                 loss = result["loss"]  # reconstruction at every scale + codebook + commitment terms
                 stopping = guard.check(loss, step)  # non-finite loss, stop signal
                 train_common.optimizer_step(loss, optimizer, scaler, model.parameters(), args.clip)
-                if model.weight is not None:  # W of Eq. 3/5 back to orthonormal columns: its raw scale cannot
-                    # ours: W back to orthonormal columns after every step
-                    vae.retract_(model.weight)  # drift (vae.orthonormal; the model does not change)
+                if model.weight is not None:  # ours: W of Eq. 3/5 back to orthonormal columns after every step,
+                    vae.retract_(model.weight)  # so its raw scale cannot drift (vae.orthonormal; same model)
                 # the code-replacing trick (A.3), stopped for the last 10% so the final codebook usage is honest
                 replaced = 0
                 if replacing and (step + 1) % args.replace_every == 0 and step < 0.9 * args.steps:
                     for cb in model.codebooks:
                         moved = cb.replace_dead()  # (k,) codes re-seeded on recent data
-                        # ours: a replaced code starts with fresh Adam moments
-                        forget_adam_rows(optimizer, cb.weight, moved)  # a new code, not the old one's momentum
+                        forget_adam_rows(optimizer, cb.weight, moved)  # ours: a new code, not the old one's momentum
                         replaced += len(moved)
 
                 if (step + 1) % args.log_every == 0 or step == 0:
@@ -187,7 +185,7 @@ def describe(args, model, train_data, device, start):
 def validate(model, val_data, args, device, out, step, log):
     """Validation on process 0: evaluate.validate_vae on the first --val-batches batches (reconstruction MSE per
     scale, codebook usage), logged and printed, recon.png (rows: input and reconstruction at each scale) and
-    curves.png (evaluate.curves: the loss and every validation metric so far).
+    curves.png (figures.curves: the loss and every validation metric so far).
     Returns the metrics and the score best.pt follows: the reconstruction MSE summed over scales (lower is better)."""
     metrics = evaluate.validate_vae(model, val_data, device, args.batch_size, args.val_batches)
     metrics = {f"val_{k}": v for k, v in metrics.items()}  # val_recon1, val_perplexity1_0, ...
