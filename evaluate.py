@@ -305,11 +305,13 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
     """Stage 1 on the first `max_batches` batches of `dataset` (0 = all of it): the reconstruction MSE per scale
     (`recon<n>`), the usage of every codebook k at every scale n (`perplexity<n>_<k>`, and `used<n>_<k>` = the share
     of its codes used), the singular values of W where there is one (`w_sigma_max`, `w_sigma_min`; 1 and 1 for
-    orthonormal columns) and the raw W's scale (`w_raw_scale`), and with clusters = k > 0 Tab. 4's separability of
-    the scale-1 guidance (one k-means per image). Videos are scored on every frame. Returns a dict of floats; the model's train/eval mode is kept."""
+    orthonormal columns) and the raw W's scale (`w_raw_scale`), for multi-scale VAEs the share of scale n's
+    super-pixels whose code scale j won in Eq. 4 (`wins<n>_<j>`), and with clusters = k > 0 Tab. 4's separability of
+    the scale-1 guidance (one k-means per image). Videos are scored on every frame. Returns a dict of floats; the
+    model's train/eval mode is kept."""
     was_training = model.training
     model.eval()
-    sums, count, all_idx, inter, intra = {}, 0, [], [], []
+    sums, count, all_idx, inter, intra, wins = {}, 0, [], [], [], 0
     for i, batch in enumerate(_loader(dataset, batch_size)):
         if max_batches and i == max_batches:
             break
@@ -320,6 +322,8 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
                 sums[k] = sums.get(k, 0.0) + v.item() * len(image)
         count += len(image)
         all_idx.append([idx.cpu() for idx in out["indices"]])  # per scale (b, g, h, w)
+        if "wins" in out["parts"][0]:  # (N, N): row n, how many of scale n's super-pixels each scale won (Eq. 4)
+            wins = wins + torch.stack([p["wins"].cpu() for p in out["parts"]])
         for x in out["xs"][0] if clusters else []:  # x (c, h, w): one image's scale-1 guidance
             e, a = guidance_separability(x[None], clusters, seed=seed)
             inter.append(e)
@@ -331,6 +335,8 @@ def validate_vae(model, dataset, device, batch_size, max_batches=0, clusters=0, 
             m = model.vocab[k]
             metrics[f"perplexity{n + 1}_{k}"] = perplexity(idx[:, k], m)
             metrics[f"used{n + 1}_{k}"] = len(idx[:, k].unique()) / m
+    for n, row in enumerate(wins / wins.sum(1, keepdim=True) if torch.is_tensor(wins) else []):  # shares per row
+        metrics.update({f"wins{n + 1}_{j + 1}": share.item() for j, share in enumerate(row)})
     if getattr(model, "weight", None) is not None:  # W of Eq. 3/5 (gdr, msf): its conditioning, and how far Adam
         sigma = torch.linalg.svdvals(model.projection().detach().float())  # moved the raw W's scale (1 at init)
         metrics["w_sigma_max"], metrics["w_sigma_min"] = sigma.max().item(), sigma.min().item()
@@ -408,12 +414,18 @@ def evaluate_vae(ckpt, args, device):
               "separability": {"inter_cluster": m["inter_cluster"], "intra_cluster": m["intra_cluster"], "clusters": k},
               "reconstruction_mse": {n: v for n, v in m.items() if n.startswith("recon")},
               "codebook_usage": {n: v for n, v in m.items() if n.startswith(("perplexity", "used"))},
-              "projection": {n: v for n, v in m.items() if n.startswith("w_")}}
+              "projection": {n: v for n, v in m.items() if n.startswith("w_")},
+              "scale_wins": {n: v for n, v in m.items() if n.startswith("wins")}}
     print(f"{Path(args.ckpt)}: VAE {ckpt['model_args']['kind']} c={ckpt['model_args']['code_dim']} on "
           f"{a['dataset']}/{args.split} ({count} images)")
     print(f"  separability of scale-1 guidance (Tab. 4, k = {k}): inter-cluster {m['inter_cluster']:.3f}"
           f" | intra-cluster {m['intra_cluster']:.3f}")
     print("  reconstruction MSE: " + " | ".join(f"scale {n[5:]} {v:.4f}" for n, v in result["reconstruction_mse"].items()))
+    print("  codebook perplexity: " + " | ".join(f"{n[10:]} {v:.1f}" for n, v in result["codebook_usage"].items()
+                                                 if n.startswith("perplexity")))
+    if result["scale_wins"]:  # row n: of scale n's super-pixels, the share whose code scale j won (Eq. 4)
+        print("  Eq. 4, share won by each scale: " + " | ".join(f"scale {n[4]} <- {n[6:]} {v:.2f}"
+                                                              for n, v in result["scale_wins"].items()))
     if args.viz:  # Fig. 3: per scale, the codes before / after inter-scale fusion, the scale-variant codes, X
         out_dir = _figure_dir(args)
         batch = next(iter(_loader(dataset, args.viz)))

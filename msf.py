@@ -15,9 +15,10 @@ fuse_continuous (the channel-concat / element-wise-sum alternatives of Tab. 6), 
 train_vae.py trains), build_vae (the one `if` that turns --vae flags into a model), load_vae (the same from a
 checkpoint: what train_ocl.py and evaluate.py call).
 
-Where the paper and the authors' public code differ, this follows the paper: the authors' code has no projection W, quantizes the full c channels in both branches, averages instead of
-concatenating, and uses 256/256/128/64 codes. Here: Eq. 3 project-up with pinv(W), chunk into halves, Eq. 5
-concat and project-down with W, and 4 codebooks of 64 codes (64 x 64 = 4096 combinations).
+Where the paper and the authors' public code differ, this follows the paper: the authors' code has no projection
+W, quantizes the full c channels in both branches, averages instead of concatenating, and uses 256/256/128/64 codes.
+Here: Eq. 3 project-up with pinv(W), chunk into halves, Eq. 5 concat and project-down with W, and 4 codebooks of 64
+codes (64 x 64 = 4096 combinations).
 """
 import torch
 import torch.nn as nn
@@ -66,7 +67,8 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
     Returns indices: N x (b, 2, h_n, w_n) long ([si, sv]; (b, 1, h_n, w_n) without intra-scale fusion) and
     xs: N x (b, c, h_n, w_n); the forward value of xs is Eq. 5 exactly (for alpha = 0) and its gradient reaches
     zs by the straight-through estimator. With return_parts, also per scale a dict of the continuous and
-    quantized halves (for the losses) and the si codes before inter-scale fusion (for Fig. 3).
+    quantized halves (for the losses), the si codes before inter-scale fusion (for Fig. 3) and `wins` (N,), how many
+    of its super-pixels each scale won in Eq. 4.
     """
     N = len(zs)
     c = zs[0].shape[1]
@@ -93,12 +95,15 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
         conf = conf.unflatten(0, (len(sources), b))  # (N', b, h, w): P of each candidate's chosen code
         cand_idx = flat_idx.unflatten(0, (len(sources), b))  # (N', b, h, w): each candidate's code
         # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel
-        # EXERCISE: soft-scales (EXERCISES.md 1): weight the candidates by softmax(conf / T) instead of the argmax
+        # EXERCISE: soft-scales (EXERCISES.md 1): weight the candidates by softmax(log P / T) instead of the argmax
         win = conf.argmax(dim=0)  # (b, h, w) index into `sources`
+        wins = torch.zeros(N, device=win.device)  # (N,) super-pixels each scale wins (validate_vae's wins<n>_<j>)
+        wins[list(sources)] = torch.bincount(win.flatten(), minlength=len(sources)).float()
         idx_si = cand_idx.gather(0, win[None])[0]  # (b, h, w)
         z_si = cands.gather(0, win[None, :, None].expand(1, b, c, h, w))[0]  # (b, c, h, w) the winner's continuous vector
         q_si = vae.cb_select(codebook_si, idx_si, z_si, tau)  # Eq. 2: X^si_n (b, c, h, w)
-        part = {"q_si_own": vae.cb_select(codebook_si, cand_idx[sources.index(n)]).detach()}  # si before inter fusion
+        part = {"q_si_own": vae.cb_select(codebook_si, cand_idx[sources.index(n)]).detach(),  # si before inter fusion
+                "wins": wins}
         if intra:
             # scale-variant half: its own codebook C^sv_n, no voting
             idx_sv, _ = vae.cb_match(codebooks_sv[n], zsv[n], tau)  # (b, h, w)
@@ -178,7 +183,7 @@ class MSFVAE(nn.Module):
 
     def projection(self):
         """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal); None without intra-scale fusion."""
-        # EXERCISE: no-projection (EXERCISES.md 4): return a fixed W (e.g. [I; I] / sqrt(2)) and see what W learns
+        # EXERCISE: no-projection (EXERCISES.md 4): return the fixed W = [I; I] / sqrt(2): what does a learnt W buy?
         return None if self.weight is None else vae.orthonormal(self.weight)
 
     def forward(self, image, tau=0.0, alpha=0.0):

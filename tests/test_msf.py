@@ -101,14 +101,17 @@ def test_known_winning_scale():
     z1 = torch.tensor([0.5, 0.5]).mul(s).view(1, c, 1, 1).expand(1, c, 4, 4).clone()
     z2 = (e1 * s).view(1, c, 1, 1).expand(1, c, 2, 2).clone()
     z3 = torch.tensor([0.7, 0.0]).mul(s).view(1, c, 1, 1).clone()
-    indices, xs = msf.multi_scale_fusion([z1, z2, z3], cb_si, cbs_sv, W)
+    indices, xs, parts = msf.multi_scale_fusion([z1, z2, z3], cb_si, cbs_sv, W, return_parts=True)
+    # how many super-pixels each scale won (validate_vae's wins<n>_<j>): scale 2 wins all 16 + 4 + 1 of them
+    assert [p["wins"].tolist() for p in parts] == [[0, 16, 0], [0, 4, 0], [0, 1, 0]]
     assert (indices[0][:, 0] == 1).all()  # scale 1 borrows e1 from scale 2
     assert (indices[0][:, 1] == 0).all()  # its scale-variant half is a tie -> first code
     assert (indices[1] == torch.tensor([1, 1]).view(1, 2, 1, 1)).all()  # scale 2 keeps its own e1 (both halves)
     assert (indices[2] == torch.tensor([1, 0]).view(1, 2, 1, 1)).all()  # scale 3: borrowed si e1, own sv e0
     # without inter-scale fusion every scale keeps its own vote
-    own, _ = msf.multi_scale_fusion([z1, z2, z3], cb_si, cbs_sv, W, inter=False)
+    own, _, own_parts = msf.multi_scale_fusion([z1, z2, z3], cb_si, cbs_sv, W, inter=False, return_parts=True)
     assert (own[0][:, 0] == 0).all() and (own[1][:, 0] == 1).all() and (own[2][:, 0] == 0).all()
+    assert [p["wins"].tolist() for p in own_parts] == [[16, 0, 0], [0, 4, 0], [0, 0, 1]]
     # Eq. 5: X_1 = concat(e1, e0) W and X_3 = concat(e1, e0) W
     assert torch.allclose(xs[0][0, :, 0, 0], torch.cat([e1, e0]) @ W, atol=1e-6)
     assert torch.allclose(xs[2][0, :, 0, 0], torch.cat([e1, e0]) @ W, atol=1e-6)
@@ -160,3 +163,18 @@ def test_sum_fusion_is_elementwise_sum_of_resampled_scales():
     fused = msf.fuse_continuous(zs, "sum")
     assert torch.allclose(fused[0], zs[0] + zs[1].repeat_interleave(2, 2).repeat_interleave(2, 3))
     assert torch.allclose(fused[1], zs[1] + zs[0].reshape(1, 2, 2, 2, 2, 2).mean((3, 5)))
+
+
+def test_validate_vae_reports_the_share_of_super_pixels_each_scale_wins():
+    """wins<n>_<j>: of scale n's super-pixels, the share whose code scale j won in Eq. 4. Each row sums to 1; without
+    inter-scale fusion every scale wins its own; a single-scale VQ-VAE has no such row."""
+    import evaluate
+    images = [{"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1} for i in range(6)]
+    for inter in (True, False):
+        torch.manual_seed(0)
+        m = evaluate.validate_vae(msf.build_vae("msf", 8, 16, 3, inter=inter).eval(), images, "cpu", 4)
+        shares = torch.tensor([[m[f"wins{n}_{j}"] for j in (1, 2, 3)] for n in (1, 2, 3)])
+        assert torch.allclose(shares.sum(1), torch.ones(3))
+        assert inter or torch.equal(shares, torch.eye(3))
+    assert not any(k.startswith("wins") for k in evaluate.validate_vae(msf.build_vae("vqvae", 8, 16).eval(), images,
+                                                                        "cpu", 4))

@@ -1,0 +1,277 @@
+"""Runs every exercise of EXERCISES.md with the teacher's solution, for seeds 0, 1, 2, and writes the teacher's table.
+
+A cell is one (exercise, seed): a scratch copy of the repository (its tracked files and the untracked ones git does
+not ignore), the exercise's patch from exercises/solutions/ applied with `git apply`, the baseline's checkpoints of
+that seed put where the exercise reads the shipped baseline (exercises/baseline/vae.pt and ocl.pt: seed 0 of the
+class baseline ships there), then the exercise's commands exactly as EXERCISES.md prints them, with `--seed k` added
+to the training commands and `--json` to the evaluate commands. Every cell is written to
+results/exercises/<exercise>__s<seed>.json as it lands; a cell on disk is not run again, so a killed run continues
+with the same command. The baseline's cells run first (the others read its checkpoints, kept under --work).
+
+Run: python benchmarks/exercises.py                          # every exercise but 11 (video), seeds 0, 1, 2
+     python benchmarks/exercises.py --only 11 --seeds 0       # some exercises, some seeds
+     python benchmarks/exercises.py --table                   # the table from the cells on disk
+     python benchmarks/exercises.py --ship                    # seed 0's baseline -> exercises/baseline/ (fp16)
+Cells run side by side (--jobs, one torch thread each by default: the digits of a cell then do not depend on how busy
+the machine is); minutes are the wall time of the exercise's commands as they ran.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2)
+# what answers each exercise's question with little noise, read off the cell: (label, where: "vae" / "ocl" / "loss",
+# key); the four metrics are reported for every exercise beside it
+OBSERVABLES = {
+    "1": ("scale 1's own share of Eq. 4's vote (wins1_1)", "vae", "wins1_1"),
+    "2": ("mIoU of small objects (mIoU_S)", "ocl", "miou_small"),
+    "3": ("share of scale 1's super-pixels won by scale 4 (wins1_4)", "vae", "wins1_4"),
+    "4": ("scale-1 reconstruction MSE x100 (recon1)", "vae", "recon1"),
+    "5": ("ARIfg", "ocl", "ari_fg"),
+    "6": ("ARI (the background in one slot or split)", "ocl", "ari"),
+    "7": ("ARIfg on the same checkpoint", "ocl", "ari_fg"),
+    "8": ("mBO (how tight the masks are)", "ocl", "mbo"),
+    "9": ("final training loss (mean of the last 5 logged)", "loss", "loss"),
+    "10": ("scale-invariant codebook perplexity at scale 1 (of 64)", "vae", "perplexity1_0"),
+    "11": ("ARIfg over whole clips", "ocl", "ari_fg"),
+}
+BASELINE_READS = {"exercises/baseline/vae.pt": "runs/class/vae/best.pt", "exercises/baseline/ocl.pt": "runs/class/ocl/best.pt"}
+
+
+def exercises(text):
+    """{"baseline", "1", "2", ...: {"title", "commands"}} from EXERCISES.md: each `## N. Title` section (and `## The
+    baseline`) with the `python ...` lines of its code blocks, in order."""
+    out = {}
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        title = section.splitlines()[0]
+        m = re.match(r"(\d+)\. (.*)", title)
+        key = m.group(1) if m else "baseline" if title.lower().startswith("the baseline") else None
+        if key:
+            blocks = re.findall(r"```\n(.*?)```", section, flags=re.S)
+            out[key] = {"title": m.group(2) if m else "the baseline",
+                        "commands": [line for b in blocks for line in b.splitlines() if line.startswith("python ")]}
+    return out
+
+
+def patch_of(key):
+    """exercises/solutions/<NN>-<tag>.patch of exercise `key`, or None (exercises that only change a flag)."""
+    found = sorted((ROOT / "exercises" / "solutions").glob(f"{int(key):02d}-*.patch")) if key.isdigit() else []
+    return found[0] if found else None
+
+
+def copy_repository(dst):
+    """The repository as a clone would have it, plus untracked files git does not ignore (the working tree)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+
+
+def run_cell(args, key, spec, seed):
+    """Run one (exercise, seed) in its scratch folder; returns the cell's dict."""
+    work = args.work / f"{key}__s{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    copy_repository(work)
+    (work / "data").symlink_to(args.data_root.resolve())
+    patch = patch_of(key)
+    if patch:
+        subprocess.run(["git", "apply", str(patch)], cwd=work, check=True)
+    if key != "baseline":  # the baseline of this seed stands where the exercise reads the shipped one
+        for shipped, made in BASELINE_READS.items():
+            (work / shipped).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(args.work / f"baseline__s{seed}" / made, work / shipped)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cell = {"exercise": key, "title": spec["title"], "seed": seed, "patch": patch.name if patch else None,
+            "commands": [], "vae": [], "ocl": [], "loss": []}
+    start = time.time()
+    for i, line in enumerate(spec["commands"]):
+        argv = shlex.split(line)[1:]
+        if argv[0] in ("train_vae.py", "train_ocl.py"):
+            argv += ["--seed", str(seed)]
+        if argv[0] == "evaluate.py":
+            argv += ["--json", str(work / f"eval_{i}.json")]
+        t = time.time()
+        with open(work / f"log_{i}.txt", "w") as log:
+            done = subprocess.run([sys.executable, *argv], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise RuntimeError(f"{key} seed {seed}: `{' '.join(argv)}` failed, see {work / f'log_{i}.txt'}")
+        cell["commands"].append({"command": " ".join(argv), "minutes": round((time.time() - t) / 60, 2)})
+        if argv[0] == "evaluate.py":
+            result = json.loads((work / f"eval_{i}.json").read_text())
+            if result["kind"] == "vae":
+                flat = {k: v for group in ("reconstruction_mse", "codebook_usage", "scale_wins") for k, v in
+                        result[group].items()}
+                cell["vae"].append({"ckpt": result["ckpt"], **flat, "inter_cluster": result["separability"]
+                                    ["inter_cluster"], "intra_cluster": result["separability"]["intra_cluster"]})
+            else:
+                cell["ocl"].append({"ckpt": result["ckpt"], **{k: v["mean"] for k, v in result["metrics"].items()}})
+        if argv[0] == "train_ocl.py":  # the end of the training loss, from the run's log
+            out = Path(argv[argv.index("--out") + 1])
+            losses = [r["loss"] for r in map(json.loads, (work / out / "metrics.jsonl").read_text().splitlines())
+                      if "loss" in r]
+            cell["loss"].append({"out": str(out), "loss": statistics.mean(losses[-5:])})
+    cell["minutes"] = round((time.time() - start) / 60, 2)
+    cell["ran_on"] = f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), {args.jobs} " \
+                     f"cell(s) side by side"
+    cell["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip()
+    return cell
+
+
+def value(cell, where, key, which=-1):
+    """One number of a cell: the last VAE / OCL evaluation's `key` (x100 for metrics and reconstruction MSE), or the
+    final training loss; `which` picks among several OCL evaluations (exercise 11 scores two runs)."""
+    if where == "loss":
+        return cell["loss"][which]["loss"]
+    entry = cell[where][which]
+    scale = 100 if where == "ocl" or key.startswith("recon") else 1
+    return scale * entry[key]
+
+
+def spread(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values, digits=2):
+    m, s = spread(values)
+    return f"{m:.{digits}f} +- {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def table(results):
+    """The teacher's table (markdown) from every cell on disk: per exercise the observable and the four metrics as
+    mean +- std over its seeds, the baseline's beside them, and whether the difference leaves the baseline's spread
+    (the two mean +- std intervals do not overlap)."""
+    cells = {}
+    for path in sorted(results.glob("*__s*.json")):
+        cell = json.loads(path.read_text())
+        cells.setdefault(cell["exercise"], []).append(cell)
+    if "baseline" not in cells:
+        return "no baseline cells yet\n"
+    base = cells["baseline"]
+    lines = ["| exercise | seeds | minutes | observable | exercise | baseline | ARI | ARIfg | mIoU | mBO | ARIfg - "
+             "baseline (paired) | outside the baseline's spread? |", "|" + "---|" * 12]
+    metrics = ("ari", "ari_fg", "miou", "mbo")
+    lines.append(f"| the baseline | {len(base)} | {fmt([c['minutes'] for c in base], 1)} | | | | " +
+                 " | ".join(fmt([value(c, 'ocl', k) for c in base]) for k in metrics) + " | | |")
+    for key in sorted((k for k in cells if k != "baseline"), key=int):
+        mine = sorted(cells[key], key=lambda c: c["seed"])
+        label, where, obs = OBSERVABLES[key]
+        # exercise 11 holds its own baseline (the recipe with the box prior, its first OCL run) beside its change
+        ref = [(c, 0) for c in mine] if key == "11" else [(b, -1) for b in base]
+        seeds = {c["seed"] for c in mine}
+        ref_seeds = [(c, w) for c, w in ref if c["seed"] in seeds]
+        ex = [value(c, where, obs) for c in mine]
+        rf = [value(c, where, obs, w) for c, w in ref_seeds]
+        paired = [value(c, "ocl", "ari_fg") - value(r, "ocl", "ari_fg", w) for c, (r, w) in
+                  zip(mine, sorted(ref_seeds, key=lambda p: p[0]["seed"]))]
+        (m1, s1), (m0, s0) = spread(ex), spread(rf)
+        outside = "yes" if abs(m1 - m0) > s1 + s0 else "no"
+        digits = 3 if where == "loss" or obs.startswith("wins") else 2
+        lines.append(f"| {key}. {mine[0]['title']} | {len(mine)} | {fmt([c['minutes'] for c in mine], 1)} | {label} | "
+                     f"{fmt(ex, digits)} | {fmt(rf, digits)} | " +
+                     " | ".join(fmt([value(c, 'ocl', k) for c in mine]) for k in metrics) +
+                     f" | {fmt(paired)} | {outside} |")
+    ran = sorted({c["ran_on"] for group in cells.values() for c in group})
+    return "\n".join(lines) + "\n\nx100; mean +- std over the seeds listed, each on all 500 `val` images (exercise 11: " \
+        "200 clips, its baseline the recipe with the box prior). \"outside\": the exercise's and the baseline's " \
+        "mean +- std of the observable do not overlap. Ran on: " + "; ".join(ran) + ".\n"
+
+
+def ship(args):
+    """Seed 0's class baseline into exercises/baseline/: its VAE and OCL checkpoints with fp16 floats, and the digits
+    they score on the first 64 val images (expected.json, which tests/test_exercises.py checks)."""
+    import torch
+    src = args.work / "baseline__s0"
+    dst = ROOT / "exercises" / "baseline"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, made in (("vae.pt", BASELINE_READS["exercises/baseline/vae.pt"]),
+                       ("ocl.pt", BASELINE_READS["exercises/baseline/ocl.pt"])):
+        ckpt = torch.load(src / made, map_location="cpu", weights_only=True)
+        ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        torch.save(ckpt, dst / name)
+    sys.path.insert(0, str(ROOT))
+    import data
+    import evaluate
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        data.write_shapes(tmp, 64, counts={"train": 2, "val": 64}, quiet=True)  # val's first 64 images, as in data/
+        expected = {}
+        for name in ("vae.pt", "ocl.pt"):
+            expected[name] = evaluate.main(["--ckpt", str(dst / name), "--data-root", tmp, "--limit", "64"])
+    (dst / "expected.json").write_text(json.dumps(expected, indent=1))
+    print(f"wrote {dst}: vae.pt, ocl.pt ({sum((dst / n).stat().st_size for n in ('vae.pt', 'ocl.pt')) / 2 ** 20:.1f} "
+          f"MiB) and expected.json")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=None, help="exercise numbers, e.g. 1,2,5 (default: all but 11; the baseline "
+                                                "always runs first where its cells are missing)")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "exercises")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "exercises", help="the cells' scratch copies")
+    p.add_argument("--data-root", type=Path, default=ROOT / "data", help="the built-in datasets every cell reads")
+    p.add_argument("--jobs", type=int, default=2, help="cells side by side (keep jobs x threads <= cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per command")
+    p.add_argument("--exercises", type=Path, default=ROOT / "EXERCISES.md", help="where the commands are read from")
+    p.add_argument("--table", action="store_true", help="only write the table from the cells on disk")
+    p.add_argument("--ship", action="store_true", help="write seed 0's baseline into exercises/baseline/")
+    args = p.parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    if args.ship:
+        return ship(args)
+    specs = exercises(args.exercises.read_text())
+    wanted = args.only.split(",") if args.only else [k for k in specs if k not in ("baseline", "11")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.table:
+        sys.path.insert(0, str(ROOT))
+        import data  # the datasets every cell reads, written once before the cells start (never by two at once)
+        for name in ("shapes", "shapes_video"):
+            if name == "shapes" or "11" in wanted:
+                data.load_dataset(name, "val", args.data_root)
+
+        def run(key, seed):
+            path = args.results / f"{key}__s{seed}.json"
+            cell = run_cell(args, key, specs[key], seed)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cell, indent=1))
+            os.replace(tmp, path)
+            (args.results / "table.md").write_text(table(args.results))
+            print(f"{key} seed {seed}: {cell['minutes']} min -> {path}", flush=True)
+
+        def missing(key):
+            return [s for s in seeds if not (args.results / f"{key}__s{s}.json").exists() or
+                    (key == "baseline" and not (args.work / f"baseline__s{s}" / "runs").exists())]
+        failed = []
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for todo in ([("baseline", s) for s in missing("baseline")],  # first: the others read its checkpoints
+                         [(k, s) for k in wanted for s in missing(k)]):
+                running = {pool.submit(run, k, s): (k, s) for k, s in todo}
+                for f in concurrent.futures.as_completed(running):
+                    try:
+                        f.result()
+                    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:  # the others go on
+                        print(f"cell {running[f]}: {e}", flush=True)
+                        failed.append(running[f])
+    text = table(args.results)
+    (args.results / "table.md").write_text(text)
+    print(text)
+    if not args.table and failed:
+        sys.exit(f"{len(failed)} cell(s) failed (named above); the same command runs them again")
+
+
+if __name__ == "__main__":
+    main()
