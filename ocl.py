@@ -58,7 +58,7 @@ class OCL(nn.Module):
         self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
         self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
         code_dim = vae.code_dim
-        # EXERCISE: encoder (a project, not in EXERCISES.md): another primary encoder goes here
+        # another primary encoder (a project beyond the exercises) goes here
         # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
         # `dino`: the frozen DinoViT (load_dino); `dino_sha256` names its weights in checkpoints,
         # which do not hold them (CNNEncoder leaves them out of state_dict).
