@@ -495,7 +495,8 @@ def evaluate_ocl(ckpt, args, device):
         if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
             _, xs = model.vae.guidance(image)  # per scale (v, c, h, w)
             gen = torch.Generator(device=device).manual_seed(args.seed)
-            sampled = model.decoder.sample(out["slots"], xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
+            context = model.context(out["slots"])  # what the decoder cross-attends to
+            sampled = model.decoder.sample(context, xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
             rows = [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
             figures.save_rows_png(out_dir / "diffusion_recon.png", rows,
                           labels=["image", "VAE decoding of X", "VAE decoding of the sampled X'"])

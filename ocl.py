@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import decoders
 import msf
 import slot_attention
-from slot_attention import BoxQueries, CNNEncoder, GaussianQueries, Predictor, SlotAttention, SysBinder
+from slot_attention import BlockCoupling, BoxQueries, CNNEncoder, GaussianQueries, Predictor, SlotAttention, SysBinder
 
 # Model sizes (--size): "paper" follows the authors' configs, "cpu" shrinks every width so that the built-in
 # datasets train on a 2-core CPU, "class" is "cpu" on a 16x16 grid (encoder stride 4) for classroom runs of a few
@@ -81,11 +81,17 @@ class OCL(nn.Module):
         self.box_prior = box_prior  # --box-prior (ours): frame 0's box slots attend inside their boxes only
         # video (A.3): one transformer encoder layer turns frame t's slots into frame t+1's queries (STEVE)
         self.predictor = Predictor(slot_dim, dropout=predictor_dropout) if video else None
-        # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3)
+        # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3), whose blocks the
+        # decoder reads as s x 2 coupled tokens of its own width (BlockCoupling), as the original's decoder does
+        self.coupling, context = None, slot_dim  # what the decoder cross-attends to: the slots, of width slot_dim
         if grouping == "sysbinder":
             if bilevel:
                 raise ValueError("--bilevel is Slot Attention's (BO-QSA); SysBinder has no such option")
+            if decoder == "mlp":
+                raise ValueError("SysBinder's blocks are read by a decoder that cross-attends to them: use --decoder "
+                                 "transformer or diffusion with --slot-attention sysbinder")
             self.slot_attention = SysBinder(slot_dim, slot_dim, iters, blocks=2)
+            self.coupling, context = BlockCoupling(slot_dim, dec_dim, blocks=2), dec_dim
         elif grouping == "sa":
             self.slot_attention = SlotAttention(slot_dim, slot_dim, iters, bilevel=bilevel)
         else:
@@ -95,9 +101,10 @@ class OCL(nn.Module):
         # EXERCISE: decoder (EXERCISES.md 5): --decoder diffusion on the same kind of VAE (with --code-dim 4)
         if decoder == "transformer":
             grids = [(token // 2 ** (n - 1),) * 2 for n in self.guide_scales]  # the token grid of each guide scale
-            self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, slot_dim, dec_dim, dec_layers, dec_heads)
+            self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, context, dec_dim, dec_layers,
+                                                       dec_heads)
         elif decoder == "diffusion":
-            self.decoder = decoders.DiffusionDecoder(code_dim, slot_dim, base=unet_base, layers=unet_layers,
+            self.decoder = decoders.DiffusionDecoder(code_dim, context, base=unet_base, layers=unet_layers,
                                                      heads=unet_heads(unet_base))
         elif decoder == "mlp":
             self.decoder = decoders.MLPDecoder(slot_dim, code_dim, token * token, hidden=mlp_hidden)
@@ -187,14 +194,18 @@ class OCL(nn.Module):
         slots, masks = self.encode(image, sigma, dino_features, bbox)  # video: (b, t, s, d), (b, t, s, h, w)
         per_frame = slots.flatten(0, 1) if self.video else slots  # (b*t, s, d) or (b, s, d)
         if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
-            loss = self.decoder.loss(self.decoder(xs, per_frame), indices)
+            loss = self.decoder.loss(self.decoder(xs, self.context(per_frame)), indices)
         elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X
-            loss = self.decoder.loss(xs[0], per_frame)
+            loss = self.decoder.loss(xs[0], self.context(per_frame))
         else:
             recon, masks = self.decoder(per_frame, xs.shape[-2:])  # masks from the decoder's alpha (b(*t), s, h, w)
             loss = F.mse_loss(recon, xs.flatten(2).transpose(1, 2))
             masks = masks.unflatten(0, slots.shape[:2]) if self.video else masks
         return {"loss": loss, "masks": masks, "slots": slots}
+
+    def context(self, slots):
+        """What the decoder cross-attends to: the slots (b, s, d), or SysBinder's coupled blocks (b, s * 2, dec_dim)."""
+        return slots if self.coupling is None else self.coupling(slots)
 
     @torch.no_grad()
     def segment(self, image, bbox=None):

@@ -95,21 +95,28 @@ class SlotAttention(nn.Module):
 
 class SysBinder(nn.Module):
     """Block-slot attention (SysBinder, Singh et al. 2022b), the paper's first competitor (Tab. 1-2, A.3: "group
-    number two" = 2 blocks per slot): (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d), masks (b, s, n).
+    number two" = 2 blocks per slot), as its authors' code has it: (S0 (b, s, d), F (b, n, d_in)) -> slots (b, s, d),
+    masks (b, s, n). Same interface as SlotAttention.
 
-    A slot is M blocks of d/M channels. Each iteration reads the inputs as Slot Attention does (`attend`), then
-    1. block-wise update: block m of the update goes through block m's own GRU and residual MLP;
-    2. block coupling: the M blocks of a slot exchange information through one transformer layer over the M blocks
-       (learned block positions say which block is which);
-    3. block binding: every block becomes an attention-weighted mixture of its own K learned prototypes (the
-       prototypes pass through a small MLP first), which pushes each block towards one factor of the object.
-    Masks are the attention of the last iteration, as Slot Attention's. Same interface as SlotAttention.
+    A slot is M blocks of d/M channels. Each iteration reads the inputs as Slot Attention does (`attend`: the blocks
+    meet only there, in the attention logits over the whole slot), then block by block, with nothing shared between
+    blocks:
+    1. update: block m of the update goes through block m's own GRU (the original's block-diagonal GRU) and a
+       residual MLP after a non-affine LayerNorm of the block (`mlp_hidden` channels over all blocks; the original's
+       192);
+    2. binding: block m becomes an attention-weighted mixture of its K prototypes: the prototype parameters pass
+       through an MLP (the original's 3 hidden layers of 4 x d/M), memory and block are LayerNormed per block without
+       affine parameters, and the block is replaced by the attention read-out of the NORMALISED memory, so every
+       block lies in the convex hull of its unit-variance prototypes.
+    The blocks of a slot are coupled once, after the iterations, in the decoder's input (BlockCoupling). Masks are
+    the attention of the last iteration, as Slot Attention's.
     """
 
-    def __init__(self, dim, input_dim, iters=3, blocks=2, prototypes=64, eps=1e-8):
+    def __init__(self, dim, input_dim, iters=3, blocks=2, prototypes=64, mlp_hidden=192, eps=1e-8):
         super().__init__()
-        if dim % blocks:
-            raise ValueError(f"SysBinder: {blocks} blocks do not divide the slot width {dim}")
+        if dim % blocks or mlp_hidden % blocks:
+            raise ValueError(f"SysBinder: {blocks} blocks must divide the slot width ({dim}) and the MLP's width "
+                             f"({mlp_hidden}): give --slot-dim a multiple of {blocks}")
         self.dim, self.iters, self.blocks, self.eps = dim, iters, blocks, eps
         db = dim // blocks  # channels per block
         self.norm_inputs, self.norm_slots = nn.LayerNorm(input_dim), nn.LayerNorm(dim)
@@ -117,37 +124,75 @@ class SysBinder(nn.Module):
         self.to_k = nn.Linear(input_dim, dim, bias=False)
         self.to_v = nn.Linear(input_dim, dim, bias=False)
         self.grus = nn.ModuleList(nn.GRUCell(db, db) for _ in range(blocks))  # 1. one GRU and one MLP per block
-        self.mlps = nn.ModuleList(nn.Sequential(nn.LayerNorm(db), nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
-                                  for _ in range(blocks))
-        self.block_pos = nn.Parameter(torch.zeros(1, blocks, db))  # 2. coupling: a transformer layer over blocks
-        self.coupling = nn.TransformerEncoderLayer(db, nhead=1, dim_feedforward=4 * db, dropout=0.0,
-                                                   batch_first=True, norm_first=True)
-        self.prototypes = nn.Parameter(torch.empty(blocks, prototypes, db))  # 3. binding: K prototypes per block
-        nn.init.trunc_normal_(self.prototypes)
-        self.prototype_mlp = nn.Sequential(nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
-        self.norm_bind = nn.LayerNorm(db)
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(db, mlp_hidden // blocks), nn.ReLU(),
+                                                nn.Linear(mlp_hidden // blocks, db)) for _ in range(blocks))
+        self.prototypes = nn.Parameter(nn.init.trunc_normal_(torch.empty(prototypes, blocks, db)))  # 2. (K, M, d/M)
+        self.prototype_mlp = nn.Sequential(nn.Linear(db, 4 * db), nn.ReLU(), nn.Linear(4 * db, 4 * db), nn.ReLU(),
+                                           nn.Linear(4 * db, 4 * db), nn.ReLU(), nn.Linear(4 * db, db))
+
+    def block_norm(self, x):
+        """LayerNorm of every block of x (..., M, d/M) on its own, without affine parameters (the original's
+        BlockLayerNorm)."""
+        return F.layer_norm(x, x.shape[-1:])
+
+    def memory(self):
+        """The prototypes as the blocks read them: through the MLP, then normalised per block, (M, K, d/M)."""
+        return self.block_norm(self.prototype_mlp(self.prototypes)).transpose(0, 1)  # (M, K, d/M)
+
+    def update(self, updates, prev):
+        """One iteration's update of the slots prev (b, s, d) by the attention read-out `updates` (b, s, d): block
+        by block GRU, residual MLP and binding to the prototypes. Block m of the result depends on block m of its
+        inputs only."""
+        b, s, d = prev.shape
+        m, db = self.blocks, d // self.blocks
+        u, p = updates.reshape(b * s, m, db), prev.reshape(b * s, m, db)  # the blocks
+        blocks = torch.stack([self.grus[j](u[:, j], p[:, j]) for j in range(m)], dim=1)  # 1. (b*s, m, d/M)
+        normed = self.block_norm(blocks)
+        blocks = blocks + torch.stack([self.mlps[j](normed[:, j]) for j in range(m)], dim=1)  # (b*s, m, d/M)
+        memory = self.memory()  # 2. (m, K, d/M)
+        logits = torch.einsum("xmc,mkc->xmk", self.block_norm(blocks), memory) / math.sqrt(db)  # (b*s, m, K)
+        blocks = torch.einsum("xmk,mkc->xmc", logits.softmax(dim=-1), memory)  # mixtures of the normalised memory
+        return blocks.reshape(b, s, d)  # (b, s, d)
 
     def forward(self, queries, inputs, prior=None):
-        b, s, d = queries.shape
-        m, db = self.blocks, d // self.blocks
         inputs = self.norm_inputs(inputs)  # (b, n, d_in)
         k, v = self.to_k(inputs), self.to_v(inputs)  # (b, n, d) each
         slots = queries
         for _ in range(self.iters):
             updates, attn = attend(self.to_q(self.norm_slots(slots)), k, v, self.eps, prior)  # (b, s, d), (b, s, n)
-            u = updates.reshape(b * s, m, db)  # the update's blocks
-            prev = slots.reshape(b * s, m, db)  # the slot's blocks
-            new = []
-            for j in range(m):  # 1. block j: its own GRU and residual MLP
-                block = self.grus[j](u[:, j], prev[:, j])  # (b*s, db)
-                new.append(block + self.mlps[j](block))
-            blocks = torch.stack(new, dim=1)  # (b*s, m, db)
-            blocks = self.coupling(blocks + self.block_pos)  # 2. the blocks of a slot attend to each other
-            memory = self.prototypes + self.prototype_mlp(self.prototypes)  # 3. (m, K, db)
-            logits = torch.einsum("xmc,mkc->xmk", self.norm_bind(blocks), memory) / math.sqrt(db)  # (b*s, m, K)
-            blocks = torch.einsum("xmk,mkc->xmc", logits.softmax(dim=-1), memory)  # mixtures of prototypes
-            slots = blocks.reshape(b, s, d)  # (b, s, d)
+            slots = self.update(updates, slots)  # (b, s, d)
         return slots, attn  # attn of the last iteration: (b, s, n), sums to 1 over slots
+
+
+class BlockCoupling(nn.Module):
+    """SysBinder's decoder input: the M blocks of every slot become M tokens of width `dim`, coupled once (Singh et
+    al.'s block coupler): each block projected on its own, plus a learned position per block (through a block-wise
+    MLP), then one 4-head transformer layer over the M tokens of a slot (normalised input, as the original's first
+    layer, ReLU FFN of 4 x dim) and a final LayerNorm. slots (b, s, d) -> tokens (b, s * M, dim), which the decoder
+    cross-attends to instead of the s slots."""
+
+    def __init__(self, slot_dim, dim, blocks=2, heads=4):
+        super().__init__()
+        self.blocks, self.dim = blocks, dim
+        db = slot_dim // blocks
+        self.proj = nn.ModuleList(nn.Linear(db, dim) for _ in range(blocks))  # block m -> token m
+        self.block_pos = nn.Parameter(torch.zeros(blocks, dim))  # (M, dim), through the block-wise MLP
+        self.pos_mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                      for _ in range(blocks))
+        self.norm_in, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, slots):
+        b, s, d = slots.shape
+        parts = slots.reshape(b * s, self.blocks, d // self.blocks)  # (b*s, M, d/M)
+        pos = torch.stack([mlp(p) for mlp, p in zip(self.pos_mlps, self.block_pos)])  # (M, dim)
+        x = torch.stack([proj(parts[:, j]) for j, proj in enumerate(self.proj)], dim=1) + pos  # (b*s, M, dim)
+        x = self.norm_in(x)  # the original's first layer normalises its input and adds to the normalised one
+        x = x + self.attn(x, x, x, need_weights=False)[0]  # the blocks of a slot attend to each other
+        x = x + self.ffn(self.norm_ffn(x))
+        return self.norm_out(x).reshape(b, s * self.blocks, self.dim)  # (b, s*M, dim)
 
 
 # -----------------------------------------------------------------------------

@@ -380,8 +380,8 @@ def parse_args(argv=None):
                    help="--encoder dino: compute DINO's features of the training images once into an LMDB beside the "
                         "dataset (data/<dataset>_features/dino_train) and read them back (this run and later ones)")
     p.add_argument("--slot-attention", default="sa", choices=["sa", "sysbinder"],
-                   help="sa: Slot Attention (Locatello et al.); sysbinder: block-slot attention with 2 blocks "
-                        "(SysBinder, the paper's competitor, A.3)")
+                   help="sa: Slot Attention (Locatello et al.); sysbinder: block-slot attention with 2 blocks, as "
+                        "SysBinder's authors' code (the paper's competitor, A.3; the decoder reads the coupled blocks)")
     p.add_argument("--iters", type=data.number(int, 1), default=None,
                    help="Slot Attention iterations (default: the dataset's recipe; 3 for images, 1 per frame for video, as "
                         "the authors' STEVE)")

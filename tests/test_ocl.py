@@ -18,7 +18,7 @@ import ocl
 import train_common
 import train_ocl
 import train_vae
-from slot_attention import CNNEncoder, GaussianQueries, SlotAttention, SysBinder
+from slot_attention import BlockCoupling, CNNEncoder, GaussianQueries, SlotAttention, SysBinder
 
 from conftest import TINY_OCL
 
@@ -296,9 +296,11 @@ def test_seed_k_starts_the_same_slot_model_whatever_the_vae(tiny_root, tiny_vaes
 
 # ----------------------------------------------------------------------------- SysBinder (the competitor)
 
-def test_sysbinder_blocks_bind_to_prototypes_and_slots_are_equivariant():
+def test_sysbinder_slots_are_equivariant_and_its_blocks_meet_only_in_the_attention():
+    """As the original: permuting the queries permutes the slots; with the attention's read-out held fixed, block 1
+    of the previous slots does not reach block 2 of the new ones (block GRU, block MLP, block binding)."""
     torch.manual_seed(0)
-    sb = SysBinder(32, 8, iters=3, blocks=2, prototypes=5).eval()
+    sb = SysBinder(32, 8, iters=3, blocks=2, prototypes=5, mlp_hidden=24).eval()
     queries, inputs = torch.randn(2, 4, 32), torch.randn(2, 30, 8)
     with torch.no_grad():
         slots, attn = sb(queries, inputs)
@@ -308,12 +310,44 @@ def test_sysbinder_blocks_bind_to_prototypes_and_slots_are_equivariant():
     torch.testing.assert_close(attn.sum(1), torch.ones(2, 30))  # softmax over slots
     torch.testing.assert_close(slots_p, slots[:, perm], atol=1e-5, rtol=1e-5)  # permuting queries permutes slots
     torch.testing.assert_close(attn_p, attn[:, perm], atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # every block is a convex mixture of its own 5 prototypes: inside their per-channel range
-        memory = sb.prototypes + sb.prototype_mlp(sb.prototypes)  # (2 blocks, 5, 16)
-    blocks = slots.reshape(2, 4, 2, 16)
+    updates, prev = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    other = prev.clone()
+    other[..., :16] = torch.randn(2, 4, 16)  # block 1 of the previous slots changes
+    with torch.no_grad():
+        new, new_other = sb.update(updates, prev), sb.update(updates, other)
+    assert torch.equal(new[..., 16:], new_other[..., 16:]) and not torch.allclose(new[..., :16], new_other[..., :16])
+
+
+def test_every_sysbinder_block_lies_in_the_convex_hull_of_its_normalised_prototypes():
+    """Block m of a slot = a mixture of block m's prototypes after the MLP and the non-affine per-block LayerNorm:
+    non-negative least squares (scipy) finds weights summing to 1 that rebuild it exactly."""
+    from scipy.optimize import nnls
+    torch.manual_seed(1)
+    sb = SysBinder(32, 8, iters=2, blocks=2, prototypes=20, mlp_hidden=24).eval()
+    with torch.no_grad():
+        slots, _ = sb(torch.randn(3, 4, 32), torch.randn(3, 30, 8))
+        memory = sb.memory()  # (2, 20, 16)
+    variance = memory.var(-1, unbiased=False)  # normalised: zero mean, unit variance (LayerNorm's eps aside)
+    assert torch.allclose(memory.mean(-1), torch.zeros(2, 20), atol=1e-5) and (variance > 0.95).all()
+    assert (variance <= 1 + 1e-5).all()
     for m in range(2):
-        lo, hi = memory[m].min(0).values, memory[m].max(0).values
-        assert (blocks[:, :, m] >= lo - 1e-5).all() and (blocks[:, :, m] <= hi + 1e-5).all()
+        a = torch.cat([memory[m].t(), 100 * torch.ones(1, 20)]).double().numpy()  # (17, K): the sum row weighs most
+        for block in slots.reshape(-1, 2, 16)[:, m]:
+            w, residual = nnls(a, torch.cat([block, torch.tensor([100.0])]).double().numpy())
+            assert residual < 1e-4 and abs(w.sum() - 1) < 1e-5
+
+
+def test_sysbinder_coupling_makes_tokens_of_each_slot_from_its_own_blocks():
+    """The decoder reads 2 tokens per slot (BlockCoupling): changing slot 1 changes its own tokens, not slot 2's."""
+    torch.manual_seed(0)
+    coupling = BlockCoupling(32, 24, blocks=2).eval()
+    slots = torch.randn(2, 3, 32)
+    other = slots.clone()
+    other[:, 0] = torch.randn(2, 32)
+    with torch.no_grad():
+        tokens, tokens_other = coupling(slots), coupling(other)
+    assert tokens.shape == (2, 6, 24)
+    assert torch.equal(tokens[:, 2:], tokens_other[:, 2:]) and not torch.allclose(tokens[:, :2], tokens_other[:, :2])
 
 
 def test_slate_with_sysbinder_trains_and_evaluate_scores_it(tiny_root, tiny_vaes, tmp_path):
@@ -321,6 +355,7 @@ def test_slate_with_sysbinder_trains_and_evaluate_scores_it(tiny_root, tiny_vaes
                                    "sysbinder", "--steps", "2"))
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["model_args"]["grouping"] == "sysbinder" and "slot_attention.prototypes" in ckpt["model"]
+    assert "coupling.block_pos" in ckpt["model"]  # the decoder reads the coupled blocks
     evaluate.main(["--ckpt", str(out / "best.pt"), "--json", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert {"ari", "ari_fg", "miou", "mbo"} <= set(metrics) and -1 <= metrics["ari_fg"]["mean"] <= 1
