@@ -461,7 +461,8 @@ def evaluate_ocl(ckpt, args, device):
     stats = summary(values)
     encoder = {"cnn": "", "dino": ", DINO big-little encoder"}[ckpt["model_args"]["encoder"]]
     encoder += " (RANDOM DINO weights: a smoke run)" if a.get("dino_weights") == "random" else ""
-    print(f"{args.ckpt}: {a['decoder']} + {msf.vae_name(ckpt['vae']['model_args'])} VAE{encoder}, step {ckpt['step']}, "
+    target = f"{msf.vae_name(ckpt['vae']['model_args'])} VAE" if ckpt["vae"] else "DINO's features (DINOSAUR)"
+    print(f"{args.ckpt}: {a['decoder']} + {target}{encoder}, step {ckpt['step']}, "
           f"{a['dataset']}/{args.split}" + (", the authors' metric protocol" if args.protocol == "authors" else ""))
     columns = [("ARI", "ari"), ("ARIfg", "ari_fg"), ("mIoU", "miou"), ("mBO", "mbo")]
     if "ari_fg_frame" in stats:  # video: the metrics are over whole clips; ARIfg frame by frame beside them

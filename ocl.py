@@ -48,16 +48,20 @@ class OCL(nn.Module):
 
     The size arguments default to the paper's (SIZES["paper"]); train_ocl.py always passes them from --size.
     video: inputs are clips (b, t, 3, H, W); queries: "gaussian" (A.5, images) or "box" (A.5, video: first-frame
-    boxes)."""
+    boxes). vae: None for DINOSAUR on the big-little encoder (decoder "mlp", encoder "dino"), which reconstructs
+    DINO's features and reads no VAE."""
 
     def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), iters=3, bilevel=False,
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
                  grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)  # frozen: never trained, never in train mode
+        self.dinosaur = decoder == "mlp" and encoder == "dino"  # DINOSAUR proper: DINO's features are the target
+        if (vae is None) != self.dinosaur:
+            raise ValueError("a VAE guides every model but DINOSAUR (--decoder mlp --encoder dino), which reads none")
+        self.vae = vae if vae is None else vae.eval().requires_grad_(False)  # frozen: never trained or in train mode
         self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
-        code_dim = vae.code_dim
+        code_dim = 384 if vae is None else vae.code_dim  # DINO ViT-S/8's channels, or the VAE's c
         # another primary encoder (a project beyond the exercises) goes here
         # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
         # `dino`: the frozen DinoViT (load_dino); `dino_sha256` names its weights in checkpoints,
@@ -106,15 +110,19 @@ class OCL(nn.Module):
         elif decoder == "diffusion":
             self.decoder = decoders.DiffusionDecoder(code_dim, context, base=unet_base, layers=unet_layers,
                                                      heads=unet_heads(unet_base))
-        elif decoder == "mlp":
-            self.decoder = decoders.MLPDecoder(slot_dim, code_dim, token * token, hidden=mlp_hidden)
+        elif decoder == "mlp":  # DINOSAUR: DINO's map at H/8 with the big-little encoder, else the VAE's Z_1 at H/4
+            if self.dinosaur:
+                self.token_grid = (resolution // 8, resolution // 8)
+            self.decoder = decoders.MLPDecoder(slot_dim, code_dim, self.token_grid[0] * self.token_grid[1],
+                                               hidden=mlp_hidden)
         else:
             raise ValueError(f"unknown --decoder '{decoder}'; choose transformer, diffusion or mlp")
 
     def train(self, mode=True):
         """nn.Module.train, except for the VAE: it stays in eval mode whatever the rest does."""
         super().train(mode)
-        self.vae.eval()  # model.train() must not wake the frozen VAE (code replacement, Gumbel sampling)
+        if self.vae is not None:
+            self.vae.eval()  # model.train() must not wake the frozen VAE (code replacement, Gumbel sampling)
         return self
 
     @torch.no_grad()
@@ -127,14 +135,15 @@ class OCL(nn.Module):
         return [indices[n - 1] for n in self.guide_scales], [xs[n - 1] for n in self.guide_scales]
 
     @torch.no_grad()
-    def targets(self, image, indices=None):
-        """What the decoder reconstructs, fixed and in fp32: (indices I, guidance X) at the guide scales, or for
-        the mlp decoder the VAE encoder's continuous Z_1 (b, c, h, w) (DINOSAUR reconstructs frozen features; the
-        VAE's quantization and fusion are not used). `indices`: already known (train_ocl.GuidanceCache): X is
-        rebuilt from them."""
+    def targets(self, image, indices=None, dino_features=None):
+        """What the decoder reconstructs, fixed and in fp32: (indices I, guidance X) at the guide scales; for the
+        mlp decoder frozen features: DINOSAUR's, DINO's map (b, 384, H/8, W/8) (`dino_features` where the encoder
+        already has it), or with the naive CNN a stand-in, the frozen VAE encoder's continuous Z_1 (b, c, H/4, W/4).
+        `indices`: already known (train_ocl.GuidanceCache): X is rebuilt from them."""
         with torch.autocast(image.device.type, enabled=False):
-            if self.decoder_kind == "mlp":
-                # ours: mlp reconstructs the VAE encoder's Z_1, not DINO features
+            if self.dinosaur:
+                return None, (self.encoder.dino_map(image) if dino_features is None else dino_features).float()
+            if self.decoder_kind == "mlp":  # ours: without DINO, the stand-in target is the VAE encoder's Z_1
                 return None, self.vae.encoder(image.float())  # (b, c, h, w)
             if indices is None:
                 return self.guide(image)
@@ -190,7 +199,9 @@ class OCL(nn.Module):
         (box queries).
         Video: clips (b, t, 3, H, W); every frame is decoded from its own slots (STEVE), masks (b, t, s, h, w)."""
         frames = image.flatten(0, 1) if self.video else image  # the VAE and the decoder are per frame: (b*t, ...)
-        indices, xs = self.targets(frames, indices)  # the guidance I, X of Sect. 3.1 (mlp: Z_1 as xs)
+        if self.dinosaur and dino_features is None:  # DINO's map, once: the encoder's input and the target
+            dino_features = self.encoder.dino_map(frames)  # (b(*t), 384, H/8, W/8)
+        indices, xs = self.targets(frames, indices, dino_features)  # I, X of Sect. 3.1 (mlp: the features as xs)
         slots, masks = self.encode(image, sigma, dino_features, bbox)  # video: (b, t, s, d), (b, t, s, h, w)
         per_frame = slots.flatten(0, 1) if self.video else slots  # (b*t, s, d) or (b, s, d)
         if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
@@ -234,12 +245,13 @@ def load_ocl(ckpt, device="cpu", dino_weights=None):
     safely): the VAE it embeds (msf.load_vae of its arguments and weights), DINO (big-little encoder) from its own
     file, then the OCL model around them. dino_weights: where DINO's weights are (default: where the run found
     them); other weights than the run's are refused."""
-    dino = None
+    dino, vae = None, None
     if ckpt["model_args"]["encoder"] == "dino":
         dino, _ = load_dino(dino_weights or ckpt["args"]["dino_weights"], ckpt["model_args"]["dino_sha256"])
     weights = ckpt["model"]
-    vae = msf.load_vae({"model_args": ckpt["vae"]["model_args"],
-                        "model": {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}})
+    if ckpt["vae"] is not None:  # every model but DINOSAUR embeds its frozen VAE
+        vae = msf.load_vae({"model_args": ckpt["vae"]["model_args"],
+                            "model": {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}})
     model = OCL(vae, **ckpt["model_args"], dino=dino)
     model.load_state_dict(weights)
     return model.to(device).eval(), ckpt

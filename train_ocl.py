@@ -7,7 +7,8 @@ clipping at 1.0, 50,000 steps at batch 32; the VAE is frozen; sigma of the query
 
 Run:  python train_ocl.py                                    # shapes, SLATE + MSF, CPU-sized
       python train_ocl.py --decoder diffusion                # SlotDiffusion + MSF (needs a c = 4 VAE)
-      python train_ocl.py --decoder mlp                      # DINOSAUR-style reference
+      python train_ocl.py --decoder mlp                      # DINOSAUR's decoder on a stand-in target (shapes)
+      python train_ocl.py --dataset coco --decoder mlp       # DINOSAUR: DINO's features, big-little encoder, no VAE
       python train_ocl.py --dataset coco --decoder diffusion --device cuda   # the paper's recipe (RECIPES)
       torchrun --nproc_per_node 4 train_ocl.py --dataset coco --decoder diffusion   # 4 GPUs, same global batch
       python train_ocl.py --dataset coco --decoder diffusion --resume        # continue a killed run exactly
@@ -202,9 +203,9 @@ def train(args):
         # model selection on `select`, a slice held out of the training split: the val split is only ever reported
         train_data = data.load_dataset(args.dataset, "train", args.data_root)  # missing data is named before the VAE
         val_data = data.load_dataset(args.dataset, "select", args.data_root)
-        vae_ckpt = load_frozen_vae(args)
-        args.out = args.out or run_folder(args, vae_ckpt["model_args"])  # named after the guidance it learns from
-        resolution = vae_ckpt["args"]["resolution"]
+        vae_ckpt = load_frozen_vae(args) if args.vae_ckpt else None  # DINOSAUR on DINO's features reads no VAE
+        args.out = args.out or run_folder(args, vae_ckpt and vae_ckpt["model_args"])  # named after its target
+        resolution = vae_ckpt["args"]["resolution"] if vae_ckpt else train_data.meta["resolution"]
         if train_data.meta["resolution"] != resolution:
             raise ValueError(f"the VAE was trained at {resolution}px but the dataset holds "
                              f"{train_data.meta['resolution']}px images")
@@ -221,7 +222,8 @@ def train(args):
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
             dino, model_args["dino_sha256"] = ocl.load_dino(args.dino_weights)
-        vae = msf.load_vae(vae_ckpt)  # building it draws from the random generators, as many draws as its kind needs:
+        vae = msf.load_vae(vae_ckpt) if vae_ckpt else None  # building it draws from the random generators, as many
+        # draws as its kind needs:
         train_common.seed_everything(args.seed)  # seed again, so seed k starts the same encoder, queries and Slot
         model = ocl.OCL(vae, **model_args, dino=dino).to(device)  # Attention whatever the VAE (paired comparisons)
         model.train()
@@ -241,7 +243,7 @@ def train(args):
         start, best, metrics = 0, -float("inf"), {}  # best: the highest validation ARI + ARIfg
         if args.resume:  # weights (the VAE the run started with included), optimizer, RNG
             start, best, metrics, _ = train_common.resume(out, "ocl", args, model_args, model, optimizer, scaler, d,
-                                                          extra={"vae": vae_ckpt["model_args"]})
+                                                          extra={"vae": vae_ckpt["model_args"]} if vae_ckpt else None)
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
             print(describe(args, params, vae_ckpt, resolution, device, start))
@@ -310,7 +312,10 @@ def describe(args, params, vae_ckpt, resolution, device, start):
     video = data.DATASETS[args.dataset]["video"]
     name = {"transformer": "STEVE" if video else "SLATE", "diffusion": "video SlotDiffusion" if video else
             "SlotDiffusion", "mlp": "DINOSAUR"}[args.decoder]
-    return (f"OCL {name} ({args.decoder}) + frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt}) | "
+    target = f"frozen {vae_ckpt['model_args']['kind']} VAE ({args.vae_ckpt})" if vae_ckpt else "DINO's features"
+    if args.decoder == "mlp" and args.encoder == "cnn":
+        name = "a DINOSAUR stand-in: the VAE encoder's Z_1 as target, not DINO's features"
+    return (f"OCL {name} ({args.decoder}) + {target} | "
             f"{encoder} | {grouping}" + (" + predictor (frame t's slots -> frame t+1's queries)" if video else "") +
             f" | {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters | {args.slots} slots | "
             f"{args.dataset} {resolution}px | {args.steps} steps x batch {args.batch_size}"
@@ -343,7 +348,7 @@ def checkpoint(args, model_args, model, step, metrics, vae_ckpt):
     "model" under vae.*, arguments in "vae"), so evaluate.py needs nothing else. last.pt adds "train_state"."""
     return {"kind": "ocl", "format_version": train_common.CKPT_VERSION, "args": vars(args), "model_args": model_args,
             "model": model.state_dict(), "step": step + 1, "metrics": metrics,
-            "vae": {"model_args": vae_ckpt["model_args"], "args": vae_ckpt["args"]}}
+            "vae": {"model_args": vae_ckpt["model_args"], "args": vae_ckpt["args"]} if vae_ckpt else None}
 
 
 # -----------------------------------------------------------------------------
@@ -356,7 +361,9 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
     p.add_argument("--decoder", default="transformer", choices=["transformer", "diffusion", "mlp"],
-                   help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR-style")
+                   help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR: with --encoder dino it "
+                        "reconstructs the frozen DINO's features (no VAE); with --encoder cnn (shapes, no DINO "
+                        "weights) a stand-in: the frozen VAE encoder's continuous Z_1")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
@@ -468,7 +475,11 @@ def parse_args(argv=None):
                 f"use a multiple of 32 (e.g. 32, 128)")
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
-    if args.vae_ckpt is None:  # where `python train_vae.py --dataset D --code-dim c` writes (its default --out)
+    if args.decoder == "mlp" and args.encoder == "dino":  # DINOSAUR: DINO's features are the target, no VAE
+        if args.vae_ckpt is not None:
+            p.error("--decoder mlp --encoder dino is DINOSAUR: it reconstructs DINO's features and reads no VAE; "
+                    "leave out --vae-ckpt (or use --encoder cnn for the stand-in that reconstructs a VAE's Z_1)")
+    elif args.vae_ckpt is None:  # where `python train_vae.py --dataset D --code-dim c` writes (its default --out)
         args.vae_ckpt = f"runs/vae_{args.dataset}_msf_c{ocl.CODE_DIM.get(args.decoder, 256)}/best.pt"
     return args
 
@@ -476,12 +487,13 @@ def parse_args(argv=None):
 def run_folder(args, vae_args):
     """The default --out: runs/ocl_<dataset>_<decoder>_<target>, the target being what the decoder reconstructs:
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
-    for other --guide-scales), or for mlp `z1-<vae>`, that VAE's continuous encoder features Z_1 (the fusion is
-    bypassed). The model's name adds -dino (big-little encoder), -sysbinder, and for video -gaussian (Gaussian
-    instead of box queries) or -boxprior (the box prior on frame 0, --box-prior: the shapes_video recipe). The quick
-    start's run is runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
-    target = msf.vae_name(vae_args)
-    if args.decoder == "mlp":
+    for other --guide-scales); for mlp, DINOSAUR, `dino` (DINO's features, no VAE: vae_args None) or with the naive
+    CNN `z1-<vae>`, that VAE's continuous encoder features Z_1 (the stand-in; the fusion is bypassed). The model's
+    name adds -dino (big-little encoder), -sysbinder, and for video -gaussian (Gaussian instead of box queries) or
+    -boxprior (the box prior on frame 0, --box-prior: the shapes_video recipe). The quick start's run is
+    runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
+    target = "dino" if vae_args is None else msf.vae_name(vae_args)
+    if args.decoder == "mlp" and vae_args is not None:
         target = f"z1-{target}"
     elif args.guide_scales != "1":
         target += "-g" + args.guide_scales.replace(",", "")

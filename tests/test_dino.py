@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-import slot_attention
+import evaluate
 import ocl
+import slot_attention
 import train_common
 import train_ocl
 from conftest import ROOT, TINY_OCL
@@ -221,3 +222,42 @@ def test_feature_cache_under_two_gloo_processes_has_one_writer(tiny_root, tiny_v
     with env.begin() as txn:
         assert json.loads(txn.get(b"header"))["complete"] and env.stat()["entries"] == len(train) + 1
     env.close()
+
+
+# ----------------------------------------------------------------------------- DINOSAUR on DINO's features
+
+def test_dinosaur_reconstructs_dinos_map_computed_once_and_reads_no_vae(tiny_root, tmp_path):
+    """--decoder mlp --encoder dino is DINOSAUR: the target is the frozen DINO's map (b, 384, H/8, W/8), computed once
+    per step and shared with the encoder (or both from the feature cache); MSE over tokens and channels; alpha masks
+    on DINO's grid; no VAE is loaded, stored or named, and evaluate.py scores it."""
+    with pytest.raises(SystemExit):  # a VAE given to a model that reads none is refused
+        train_ocl.parse_args(["--decoder", "mlp", "--encoder", "dino", "--vae-ckpt", "runs/x/best.pt"])
+    args = train_ocl.parse_args(["--data-root", str(tiny_root), "--decoder", "mlp", "--encoder", "dino",
+                                 "--dino-weights", "random", "--out", str(tmp_path / "run"), *TINY_OCL, "--steps", "2"])
+    assert args.vae_ckpt is None and train_ocl.run_folder(args, None) == "runs/ocl_shapes_mlp-dino_dino"
+    out = train_ocl.train(args)
+    ckpt = train_common.load_checkpoint(out / "best.pt", "ocl")
+    assert ckpt["vae"] is None and not any(k.startswith("vae.") for k in ckpt["model"])
+    model, _ = ocl.load_ocl(ckpt)
+    calls = []
+    model.encoder.dino.register_forward_hook(lambda *a: calls.append(1))
+    image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
+    with torch.no_grad():
+        result = model(image)
+        assert len(calls) == 1  # one DINO forward per step: encoder input and target
+        maps = model.encoder.dino_map(image)  # (1, 384, 8, 8)
+        recon, alpha = model.decoder(model.encode(image, dino_features=maps)[0], (8, 8))
+        assert len(calls) == 2 and model(image, dino_features=maps) is not None and len(calls) == 2  # cached: none
+    assert maps.shape == (1, 384, 8, 8) and recon.shape == (1, 64, 384) and alpha.shape == (1, 7, 8, 8)
+    target = maps.float().flatten(2).transpose(1, 2)  # (1, 64 tokens, 384 channels)
+    assert torch.allclose(result["loss"], ((recon - target) ** 2).mean(), rtol=1e-5)  # MSE over tokens and channels
+    torch.testing.assert_close(result["masks"].sum(1), torch.ones(1, 8, 8))  # alpha: a softmax over slots
+    assert evaluate.main(["--ckpt", str(out / "best.pt"), "--limit", "4"])["metrics"]["ari"]["count"] == 4
+
+
+def test_dinosaurs_mlp_is_three_hidden_layers_of_2048_at_paper_size():
+    model = ocl.OCL(None, "mlp", 7, 128, encoder="dino", dino=slot_attention.dino_vit_s8("random")[0])
+    layers = [m for m in model.decoder.mlp]
+    widths = [(m.in_features, m.out_features) for m in layers if isinstance(m, torch.nn.Linear)]
+    assert widths == [(256, 2048), (2048, 2048), (2048, 2048), (2048, 385)]  # 384 features + 1 alpha logit
+    assert sum(isinstance(m, torch.nn.GELU) for m in layers) == 3 and model.token_grid == (16, 16)
