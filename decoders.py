@@ -251,18 +251,21 @@ class DiffusionDecoder(nn.Module):
     """SlotDiffusion's decoder: learns eps_theta(x_t, t, S) with loss ||eps - eps_theta(x_t, t, S)||^2 where
     x_t = sqrt(alpha_bar_t) X + sqrt(1 - alpha_bar_t) eps, t ~ U{0..T-1} (DDPM, epsilon prediction).
 
-    X is multiplied by `scale` = 1 / std(X) measured on the first training batch (latent diffusion's latent
-    scaling: the noise schedule assumes unit-variance data); `sample` undoes it.
+    latent_scale "auto": X is multiplied by `scale` = 1 / std(X) measured on the first training batch (ours; latent
+    diffusion's latent scaling: the noise schedule assumes unit-variance data); "1": X as it is (SlotDiffusion and the
+    authors' code). `sample` undoes it.
     """
 
     def __init__(self, code_dim, slot_dim, base=128, mults=(1, 2, 3, 4), layers=2, attn_levels=(1, 2, 3), heads=8,
-                 dropout=0.1, steps=1000, beta_start=0.0015, beta_end=0.0195):
+                 dropout=0.1, steps=1000, beta_start=0.0015, beta_end=0.0195, latent_scale="auto"):
         super().__init__()
         self.unet = UNet(code_dim, slot_dim, base, mults, layers, attn_levels, heads, dropout)
         betas, alpha_bar = noise_schedule(steps, beta_start, beta_end)
         self.register_buffer("betas", betas)
         self.register_buffer("alpha_bar", alpha_bar)
-        self.register_buffer("scale", torch.tensor(0.0))  # 0 = not measured yet
+        if latent_scale not in ("auto", "1"):
+            raise ValueError(f"latent scale {latent_scale!r}: choose auto (1 / std of the first batch) or 1")
+        self.register_buffer("scale", torch.tensor(0.0 if latent_scale == "auto" else 1.0))  # 0: not measured yet
 
     def loss(self, x0, slots, t=None):
         """The DDPM loss of one batch: x0 = X (b, c, h, w) the frozen VAE's guidance, slots (b, s, d); a random time

@@ -494,13 +494,14 @@ def evaluate_ocl(ckpt, args, device):
             figures.fig2(out_dir / "fig2.png", image, segment, pred, masks)
             print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
         if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
-            _, xs = model.vae.guidance(image)  # per scale (v, c, h, w)
+            target = model.targets(image)[1][0]  # what it diffuses: X, or Z_1 (--diffusion-target z), (v, c, h, w)
             gen = torch.Generator(device=device).manual_seed(args.seed)
             context = model.context(out["slots"])  # what the decoder cross-attends to
-            sampled = model.decoder.sample(context, xs[0].shape, steps=25, generator=gen)  # (v, c, h, w)
-            rows = [image, model.vae.decoder(xs[0]), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
+            sampled = model.decoder.sample(context, target.shape, steps=25, generator=gen)  # (v, c, h, w)
+            rows = [image, model.vae.decoder(target), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
+            name = "Z_1" if model.diffuses_z else "X"
             figures.save_rows_png(out_dir / "diffusion_recon.png", rows,
-                          labels=["image", "VAE decoding of X", "VAE decoding of the sampled X'"])
+                                  labels=["image", f"VAE decoding of {name}", f"VAE decoding of the sampled {name}'"])
             print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}

@@ -54,13 +54,15 @@ class OCL(nn.Module):
     def __init__(self, vae, decoder, num_slots, resolution, guide_scales=(1,), iters=3, bilevel=False,
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
-                 grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False):
+                 grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False,
+                 diffusion_target="x", latent_scale="auto"):
         super().__init__()
         self.dinosaur = decoder == "mlp" and encoder == "dino"  # DINOSAUR proper: DINO's features are the target
         if (vae is None) != self.dinosaur:
             raise ValueError("a VAE guides every model but DINOSAUR (--decoder mlp --encoder dino), which reads none")
         self.vae = vae if vae is None else vae.eval().requires_grad_(False)  # frozen: never trained or in train mode
         self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
+        self.diffuses_z = decoder == "diffusion" and diffusion_target == "z"  # Z_1, not X (--diffusion-target z)
         code_dim = 384 if vae is None else vae.code_dim  # DINO ViT-S/8's channels, or the VAE's c
         # another primary encoder (a project beyond the exercises) goes here
         # phi_e: the naive CNN (ablations, shapes) or A.3's big-little, a frozen DINO ViT-S/8 beside that CNN.
@@ -107,9 +109,11 @@ class OCL(nn.Module):
             grids = [(token // 2 ** (n - 1),) * 2 for n in self.guide_scales]  # the token grid of each guide scale
             self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, context, dec_dim, dec_layers,
                                                        dec_heads)
-        elif decoder == "diffusion":
+        elif decoder == "diffusion":  # it diffuses X (the paper's text) or Z_1 (SlotDiffusion, the authors' code)
+            if diffusion_target not in ("x", "z"):
+                raise ValueError(f"diffusion target {diffusion_target!r}: choose x (the guidance) or z (Z_1)")
             self.decoder = decoders.DiffusionDecoder(code_dim, context, base=unet_base, layers=unet_layers,
-                                                     heads=unet_heads(unet_base))
+                                                     heads=unet_heads(unet_base), latent_scale=latent_scale)
         elif decoder == "mlp":  # DINOSAUR: DINO's map at H/8 with the big-little encoder, else the VAE's Z_1 at H/4
             if self.dinosaur:
                 self.token_grid = (resolution // 8, resolution // 8)
@@ -137,14 +141,17 @@ class OCL(nn.Module):
     @torch.no_grad()
     def targets(self, image, indices=None, dino_features=None):
         """What the decoder reconstructs, fixed and in fp32: (indices I, guidance X) at the guide scales; for the
-        mlp decoder frozen features: DINOSAUR's, DINO's map (b, 384, H/8, W/8) (`dino_features` where the encoder
-        already has it), or with the naive CNN a stand-in, the frozen VAE encoder's continuous Z_1 (b, c, H/4, W/4).
+        diffusion decoder with --diffusion-target z the VAE encoder's continuous Z_1 instead of X; for the mlp
+        decoder frozen features: DINOSAUR's, DINO's map (b, 384, H/8, W/8) (`dino_features` where the encoder already
+        has it), or with the naive CNN a stand-in, the frozen VAE encoder's continuous Z_1 (b, c, H/4, W/4).
         `indices`: already known (train_ocl.GuidanceCache): X is rebuilt from them."""
         with torch.autocast(image.device.type, enabled=False):
             if self.dinosaur:
                 return None, (self.encoder.dino_map(image) if dino_features is None else dino_features).float()
             if self.decoder_kind == "mlp":  # ours: without DINO, the stand-in target is the VAE encoder's Z_1
                 return None, self.vae.encoder(image.float())  # (b, c, h, w)
+            if self.diffuses_z:  # authors: SlotDiffusion diffuses the continuous Z_1 before quantization
+                return None, [self.vae.encoder(image.float())]  # [(b, c, h, w)]
             if indices is None:
                 return self.guide(image)
             return indices, [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]

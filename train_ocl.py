@@ -218,7 +218,8 @@ def train(args):
                           dec_heads=args.dec_heads, unet_base=args.unet_base, unet_layers=args.unet_layers,
                           mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention,
                           video=data.DATASETS[args.dataset]["video"], queries=args.queries,
-                          predictor_dropout=args.predictor_dropout, box_prior=args.box_prior)
+                          predictor_dropout=args.predictor_dropout, box_prior=args.box_prior,
+                          diffusion_target=args.diffusion_target, latent_scale=args.latent_scale)
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
             dino, model_args["dino_sha256"] = ocl.load_dino(args.dino_weights)
@@ -253,7 +254,8 @@ def train(args):
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
-        cache = None if args.no_cache or args.decoder == "mlp" else GuidanceCache()  # mlp needs Z_1, not indices
+        # the cache holds code indices: the targets of mlp (features) and of diffusion on Z_1 are continuous
+        cache = None if args.no_cache or args.decoder == "mlp" or model.diffuses_z else GuidanceCache()
         features = None  # --cache-features: DINO's maps of the training images, computed once (FeatureCache)
         if args.cache_features:
             features = FeatureCache(train_data, model_args["dino_sha256"]).open(model, device, args.batch_size, d)
@@ -364,6 +366,13 @@ def parse_args(argv=None):
                    help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR: with --encoder dino it "
                         "reconstructs the frozen DINO's features (no VAE); with --encoder cnn (shapes, no DINO "
                         "weights) a stand-in: the frozen VAE encoder's continuous Z_1")
+    p.add_argument("--diffusion-target", default="x", choices=["x", "z"],
+                   help="diffusion: what is noised and denoised: x, the quantised fused guidance X (the paper's text, "
+                        "Sect. 3.1); z, the VAE encoder's continuous Z_1 before quantisation (SlotDiffusion's and "
+                        "the authors' code, eaq=True: MSF then reaches the decoder through the encoder's weights only)")
+    p.add_argument("--latent-scale", default="auto", choices=["auto", "1"],
+                   help="diffusion: auto, the target times 1 / std of the first training batch (ours: the noise "
+                        "schedule assumes unit variance); 1, the target as it is (SlotDiffusion, the authors' code)")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
@@ -473,6 +482,9 @@ def parse_args(argv=None):
         p.error(f"--unet-base {args.unet_base}: the UNet's group norms and its {ocl.unet_heads(args.unet_base)} attention "
                 f"heads need every level width ({', '.join(map(str, widths))}) divisible by 8 and by the heads; "
                 f"use a multiple of 32 (e.g. 32, 128)")
+    if args.decoder != "diffusion" and (args.diffusion_target, args.latent_scale) != ("x", "auto"):
+        p.error(f"--diffusion-target and --latent-scale set the diffusion decoder's target; --decoder {args.decoder} "
+                f"has none: leave them out")
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
     if args.decoder == "mlp" and args.encoder == "dino":  # DINOSAUR: DINO's features are the target, no VAE
@@ -489,15 +501,17 @@ def run_folder(args, vae_args):
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
     for other --guide-scales); for mlp, DINOSAUR, `dino` (DINO's features, no VAE: vae_args None) or with the naive
     CNN `z1-<vae>`, that VAE's continuous encoder features Z_1 (the stand-in; the fusion is bypassed). The model's
-    name adds -dino (big-little encoder), -sysbinder, and for video -gaussian (Gaussian instead of box queries) or
-    -boxprior (the box prior on frame 0, --box-prior: the shapes_video recipe). The quick start's run is
+    name adds -z and -scale1 (diffusion: --diffusion-target z, --latent-scale 1), -dino (big-little encoder),
+    -sysbinder, and for video -gaussian (Gaussian instead of box queries) or -boxprior (the box prior on frame 0,
+    --box-prior: the shapes_video recipe). The quick start's run is
     runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = "dino" if vae_args is None else msf.vae_name(vae_args)
     if args.decoder == "mlp" and vae_args is not None:
         target = f"z1-{target}"
     elif args.guide_scales != "1":
         target += "-g" + args.guide_scales.replace(",", "")
-    model = args.decoder + ("-dino" if args.encoder == "dino" else "") + \
+    model = args.decoder + ("-z" if args.diffusion_target == "z" else "") + \
+        ("-scale1" if args.latent_scale == "1" else "") + ("-dino" if args.encoder == "dino" else "") + \
         ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
         ("-gaussian" if data.DATASETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
         ("-boxprior" if args.box_prior else "")

@@ -232,6 +232,32 @@ def test_validation_does_not_change_training(decoder, tiny_root, tiny_vaes, tmp_
     assert len(la) == 4 and la == lb
 
 
+def test_diffusion_target_and_latent_scale(tiny_root, tiny_vaes, tmp_path):
+    """--diffusion-target z noises the VAE encoder's continuous Z_1 (SlotDiffusion, the authors' code), x the guidance
+    X (the paper's text); --latent-scale 1 keeps the target as it is, auto scales it by 1 / std of the first batch.
+    Both name their run folder and are refused with the other decoders."""
+    for flags, name in (([], "diffusion_msf"), (["--diffusion-target", "z", "--latent-scale", "1"],
+                                                 "diffusion-z-scale1_msf")):
+        args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
+        vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
+        assert train_ocl.run_folder(args, vae_args) == f"runs/ocl_shapes_{name}"
+    with pytest.raises(SystemExit):
+        train_ocl.parse_args(["--diffusion-target", "z"])  # the transformer decoder has no diffusion target
+    image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
+    for target, scale in (("x", "auto"), ("z", "1"), ("z", "auto")):
+        out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / f"{target}{scale}", "diffusion", "--steps", "1",
+                                       "--diffusion-target", target, "--latent-scale", scale))
+        model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+        seen = []
+        model.decoder.loss = lambda x0, slots, t=None: seen.append(x0) or torch.zeros(())
+        model(image)
+        with torch.no_grad():
+            z1, x = model.vae.encoder(image), model.vae.guidance(image)[1][0]  # Z_1 and X at scale 1
+        assert torch.equal(seen[0], z1 if target == "z" else x)
+        stored = ckpt["model"]["decoder.scale"]
+        assert stored == 1.0 if scale == "1" else 0 < stored != 1.0  # auto: measured on the first batch
+
+
 def test_guidance_is_fp32_inside_autocast(tiny_root, tiny_vaes):
     """The training step runs under autocast; the frozen guidance must be the same codes as outside it (the
     GuidanceCache builds them outside). On the CPU, bfloat16 autocast stands in for the GPU's fp16."""
