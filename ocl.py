@@ -55,7 +55,7 @@ class OCL(nn.Module):
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
                  grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False,
-                 diffusion_target="x", latent_scale="auto"):
+                 diffusion_target="x", latent_scale="auto", predictor="ours", boxless="gaussian"):
         super().__init__()
         self.dinosaur = decoder == "mlp" and encoder == "dino"  # DINOSAUR proper: DINO's features are the target
         if (vae is None) != self.dinosaur:
@@ -75,7 +75,7 @@ class OCL(nn.Module):
         self.encoder = CNNEncoder(slot_dim, enc_channels, enc_stride, dino=dino)
         # the query initializer (A.5): Gaussian for images; for video the first frame's boxes through an MLP
         if queries == "box":
-            self.queries = BoxQueries(num_slots, slot_dim)
+            self.queries = BoxQueries(num_slots, slot_dim, boxless)
         elif queries == "gaussian":
             self.queries = GaussianQueries(num_slots, slot_dim)
         else:
@@ -86,7 +86,7 @@ class OCL(nn.Module):
                              "queries only")
         self.box_prior = box_prior  # --box-prior (ours): frame 0's box slots attend inside their boxes only
         # video (A.3): one transformer encoder layer turns frame t's slots into frame t+1's queries (STEVE)
-        self.predictor = Predictor(slot_dim, dropout=predictor_dropout) if video else None
+        self.predictor = Predictor(slot_dim, dropout=predictor_dropout, kind=predictor) if video else None
         # phi_sa: Slot Attention, or the competitor SysBinder (block-slot attention, 2 blocks: A.3), whose blocks the
         # decoder reads as s x 2 coupled tokens of its own width (BlockCoupling), as the original's decoder does
         self.coupling, context = None, slot_dim  # what the decoder cross-attends to: the slots, of width slot_dim

@@ -167,9 +167,8 @@ class SysBinder(nn.Module):
 class BlockCoupling(nn.Module):
     """SysBinder's decoder input: the M blocks of every slot become M tokens of width `dim`, coupled once (Singh et
     al.'s block coupler): each block projected on its own, plus a learned position per block (through a block-wise
-    MLP), then one 4-head transformer layer over the M tokens of a slot (normalised input, as the original's first
-    layer, ReLU FFN of 4 x dim) and a final LayerNorm. slots (b, s, d) -> tokens (b, s * M, dim), which the decoder
-    cross-attends to instead of the s slots."""
+    MLP), then one 4-head transformer layer over the M tokens of a slot with a final LayerNorm (SinghEncoderLayer).
+    slots (b, s, d) -> tokens (b, s * M, dim), which the decoder cross-attends to instead of the s slots."""
 
     def __init__(self, slot_dim, dim, blocks=2, heads=4):
         super().__init__()
@@ -179,20 +178,14 @@ class BlockCoupling(nn.Module):
         self.block_pos = nn.Parameter(torch.zeros(blocks, dim))  # (M, dim), through the block-wise MLP
         self.pos_mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
                                       for _ in range(blocks))
-        self.norm_in, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
-        self.norm_ffn = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
-        self.norm_out = nn.LayerNorm(dim)
+        self.layer = SinghEncoderLayer(dim, heads)  # the original's 1-layer coupler with its final LayerNorm
 
     def forward(self, slots):
         b, s, d = slots.shape
         parts = slots.reshape(b * s, self.blocks, d // self.blocks)  # (b*s, M, d/M)
         pos = torch.stack([mlp(p) for mlp, p in zip(self.pos_mlps, self.block_pos)])  # (M, dim)
         x = torch.stack([proj(parts[:, j]) for j, proj in enumerate(self.proj)], dim=1) + pos  # (b*s, M, dim)
-        x = self.norm_in(x)  # the original's first layer normalises its input and adds to the normalised one
-        x = x + self.attn(x, x, x, need_weights=False)[0]  # the blocks of a slot attend to each other
-        x = x + self.ffn(self.norm_ffn(x))
-        return self.norm_out(x).reshape(b, s * self.blocks, self.dim)  # (b, s*M, dim)
+        return self.layer(x).reshape(b, s * self.blocks, self.dim)  # the blocks of a slot attend: (b, s*M, dim)
 
 
 # -----------------------------------------------------------------------------
@@ -230,19 +223,23 @@ class BoxQueries(nn.Module):
     box, and with it slots change objects between frames more often.
 
     Slots without a box (more slots than objects in the first frame: the background, and spares for objects that
-    enter later) start from learned per-slot queries, the image model's GaussianQueries (trainable means, the
-    annealed sigma; ours). The authors give them the zero box instead, which makes them identical: identical slots
-    split the same pixels between them, and the model can collapse onto them.
+    enter later), boxless="gaussian" (ours): learned per-slot queries, the image model's GaussianQueries (trainable
+    means, the annealed sigma). boxless="zero" (the authors'): the MLP of the zero box, and every box enters the MLP
+    as it is (not centred); this makes the box-less slots identical: identical slots split the same pixels between
+    them, and the model can collapse onto them.
     Boxes are compacted: the slots of the visible objects come first, in record order, then the box-less ones.
     More visible objects than s - 1: the s - 1 largest keep their boxes, so that one slot always starts free for the
     background (MOVi-E: up to 23 objects, 21 slots; the authors' code stops with an assertion there).
     """
 
-    def __init__(self, num_slots, dim):
+    def __init__(self, num_slots, dim, boxless="gaussian"):
         super().__init__()
+        if boxless not in ("gaussian", "zero"):
+            raise ValueError(f"unknown --boxless '{boxless}'; choose gaussian (ours) or zero (the authors')")
         self.num_slots = num_slots
         self.mlp = nn.Sequential(nn.Linear(4, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.free = GaussianQueries(num_slots, dim)  # the queries of slots without a box
+        # the queries of slots without a box: Gaussian queries (ours), or (None) the MLP of the zero box (authors)
+        self.free = GaussianQueries(num_slots, dim) if boxless == "gaussian" else None
 
     def slot_boxes(self, boxes):
         """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> the box of each slot (b, s, 4)
@@ -263,6 +260,8 @@ class BoxQueries(nn.Module):
         """boxes (b, K, 4) of the first frame, zeros where an object is not visible -> queries (b, s, d). sigma: the
         annealed noise of the box-less slots' Gaussian queries; the box queries get none."""
         chosen, visible = self.slot_boxes(boxes)  # (b, s, 4), (b, s)
+        if self.free is None:  # authors: every slot the MLP of its box as it is, a box-less slot the zero box's
+            return self.mlp(chosen)  # (b, s, d)
         m = min(boxes.shape[1], self.num_slots - 1)  # slots that may have a box
         # ours: boxes centred as 2 * box - 1; no noise on box queries (as SAVi)
         boxed = F.pad(self.mlp(2 * chosen[:, :m] - 1), (0, 0, 0, self.num_slots - m))  # (b, s, d), boxes in [-1, 1]
@@ -288,28 +287,60 @@ class BoxQueries(nn.Module):
 class Predictor(nn.Module):
     """STEVE's transition (A.3: "an additional transformer encoder block to bridge current and subsequent queries"):
     the slots of frame t, (b, s, d), attend to each other in one transformer encoder layer and become the queries of
-    frame t+1. GELU, FFN 4d, dropout 0.1 as the authors' `transit`, but pre-norm (x + attn(LN(x)), as STEVE's own
-    blocks) where the authors' layer is post-norm: a post-norm layer can map all slots of a frame to one query, and
-    then no slot keeps its object.
+    frame t+1. It sees only frame t's slots, so the recurrence is causal: frame t's slots depend on frames 0..t alone.
+    Three layers under one name (--predictor):
 
-    The layer's two residual branches (the attention's output projection, the FFN's second linear map) start at
-    zero, so that at initialization the queries of frame t+1 ARE the slots of frame t (ours; Fixup and ReZero start
-    residual branches at zero too): each slot starts by following its own object, and training learns what to
-    change. Initialised as usual, the branches can grow to add one vector to every slot, so that all queries of a
-    frame point one way and every frame is segmented from scratch (results/2026-11-26-video-preset.md).
-    It sees only frame t's slots, so the recurrence is causal: frame t's slots depend on frames 0..t alone."""
+    "authors": the authors' `transit`, torch's layer as they configure it: post-norm, no biases, GELU, FFN 4d,
+    dropout 0.1.
+    "steve": STEVE's own (Singh et al. 2022c): SinghEncoderLayer, its input normalised first, a ReLU FFN and a final
+    LayerNorm.
+    "ours": pre-norm (x + attn(LN(x)), as STEVE's blocks) with the authors' GELU, FFN 4d and dropout, and its two
+    residual branches (the attention's output projection, the FFN's second linear map) starting at zero, so that
+    at initialization the queries of frame t+1 ARE the slots of frame t (Fixup and ReZero start residual branches at
+    zero too): each slot starts by following its own object, and training learns what to change. A post-norm
+    layer can map all slots of a frame to one query, and a layer initialised as usual can grow to add one vector
+    to every slot, so that every frame is segmented from scratch (results/2026-11-26-video-preset.md).
+    """
 
-    def __init__(self, dim, heads=4, dropout=0.1):
+    def __init__(self, dim, heads=4, dropout=0.1, kind="ours"):
         super().__init__()
-        self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
-                                                norm_first=True)  # ours: pre-norm (authors: post-norm)
-        # ours: the residual branches start at zero
-        for residual in (self.layer.self_attn.out_proj, self.layer.linear2):  # the predictor starts as the identity
-            nn.init.zeros_(residual.weight)
-            nn.init.zeros_(residual.bias)
+        if kind == "steve":
+            self.layer = SinghEncoderLayer(dim, heads, dropout)
+        elif kind == "authors":
+            self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+                                                    norm_first=False, bias=False)
+        elif kind == "ours":
+            self.layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+                                                    norm_first=True)  # ours: pre-norm (authors: post-norm)
+            # ours: the residual branches start at zero
+            for residual in (self.layer.self_attn.out_proj, self.layer.linear2):  # the predictor starts as identity
+                nn.init.zeros_(residual.weight)
+                nn.init.zeros_(residual.bias)
+        else:
+            raise ValueError(f"unknown --predictor '{kind}'; choose authors, steve or ours")
 
     def forward(self, slots):
         return self.layer(slots)  # (b, s, d)
+
+
+class SinghEncoderLayer(nn.Module):
+    """One transformer encoder layer as Singh et al.'s codes have it (STEVE's predictor, SysBinder's block coupler):
+    the input is normalised first and the attention (4 heads, no biases) adds to the normalised input, then a
+    pre-norm ReLU FFN of 4 x dim, then a final LayerNorm. x (b, n, dim) -> (b, n, dim)."""
+
+    def __init__(self, dim, heads=4, dropout=0.0):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, bias=False, batch_first=True)
+        self.norm_ffn, self.norm_out = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = self.norm_in(x)  # (b, n, dim)
+        x = x + self.drop(self.attn(x, x, x, need_weights=False)[0])
+        x = x + self.ffn(self.norm_ffn(x))
+        return self.norm_out(x)  # (b, n, dim)
 
 
 # -----------------------------------------------------------------------------

@@ -48,15 +48,16 @@ import train_common
 # iters: Slot Attention iterations (per frame for video); clip_frames: frames per training clip (A.4's crop).
 PAPER = dict(steps=50000, batch=32, val_every=1000, lr=2e-4, iters=3, clip=1.0, encoder="dino")  # A.3: big-little
 # MOVi (A.4-A.5): 8 clips of 6 frames per step, 4 per validation batch, clipping 0.02
-MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False,
-            predictor_lr=1.0)  # authors: 1 Slot Attention iteration per frame (their STEVE configs)
+MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False, predictor_lr=1.0,
+            predictor="authors", boxless="zero")  # authors: 1 iteration per frame, their predictor and box queries
 RECIPES = {
     "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn"),  # ours: 2 cores
-    # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), the
-    # box prior on frame 0 and the predictor at a tenth of the lr, which bound and kept identity on a CPU
-    # (results/2026-11-26-video-preset.md); 6,000 steps take about 16 minutes on 2 cores
+    # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), our
+    # predictor and box-less queries, the box prior on frame 0 and the predictor at a tenth of the lr, which bound
+    # and kept identity on a CPU (results/2026-11-26-video-preset.md); 6,000 steps take about 16 minutes on 2 cores
     "shapes_video": dict(steps=6000, batch=8, val_every=600, val_batch=4, lr=2e-3, iters=1, clip=1.0,
-                         clip_frames=3, box_prior=True, predictor_lr=0.1, encoder="cnn"),
+                         clip_frames=3, box_prior=True, predictor_lr=0.1, predictor="ours", boxless="gaussian",
+                         encoder="cnn"),
     "clevrtex": PAPER, "coco": PAPER, "voc": PAPER, "openimages": PAPER,
     "movi_c": MOVI, "movi_d": MOVI, "movi_e": MOVI,
 }
@@ -219,6 +220,7 @@ def train(args):
                           mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention,
                           video=data.DATASETS[args.dataset]["video"], queries=args.queries,
                           predictor_dropout=args.predictor_dropout, box_prior=args.box_prior,
+                          predictor=args.predictor or "ours", boxless=args.boxless or "gaussian",
                           diffusion_target=args.diffusion_target, latent_scale=args.latent_scale)
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
@@ -412,6 +414,15 @@ def parse_args(argv=None):
     p.add_argument("--clip-frames", type=data.number(int, 1), default=None,
                    help="video: frames per training clip, a random strided crop (default: the dataset's recipe; A.4: 6, "
                         "shapes_video: 3); validation takes whole clips")
+    p.add_argument("--predictor", default=None, choices=["authors", "steve", "ours"],
+                   help="video: the layer from frame t's slots to frame t+1's queries: authors (their post-norm, "
+                        "bias-free layer), steve (STEVE's: normalised input, ReLU FFN, final LayerNorm) or ours "
+                        "(pre-norm, residual branches starting at zero) (default: the dataset's recipe; MOVi: "
+                        "authors, shapes_video: ours)")
+    p.add_argument("--boxless", default=None, choices=["zero", "gaussian"],
+                   help="video, box queries: the slots without a box start from the MLP of the zero box, every box "
+                        "entering the MLP as it is (zero: the authors'), or from learned Gaussian queries, the boxes "
+                        "centred (gaussian: ours) (default: the dataset's recipe; MOVi: zero, shapes_video: gaussian)")
     p.add_argument("--predictor-dropout", type=data.number(float, 0), default=0.1,
                    help="video: dropout of the predictor, the transformer layer from frame t's slots to frame t+1's "
                         "queries (authors: 0.1)")
@@ -449,8 +460,13 @@ def parse_args(argv=None):
     args.clip_frames = recipe.get("clip_frames", 6) if args.clip_frames is None else args.clip_frames  # A.4
     if args.predictor_lr is not None and not video:
         p.error(f"--predictor-lr is the video predictor's; {args.dataset} is an image dataset: leave it out")
-    if video:  # images have no predictor: None
+    for flag, name in (("--predictor", args.predictor), ("--boxless", args.boxless)):
+        if name is not None and not video:
+            p.error(f"{flag} {name} sets the video model; {args.dataset} is an image dataset: leave it out")
+    if video:  # images have no predictor and no box queries: None
         args.predictor_lr = recipe["predictor_lr"] if args.predictor_lr is None else args.predictor_lr
+        args.predictor = recipe["predictor"] if args.predictor is None else args.predictor
+        args.boxless = recipe["boxless"] if args.boxless is None else args.boxless
     args.queries = ("box" if video else "gaussian") if args.queries is None else args.queries
     if args.box_prior and args.queries != "box":
         p.error("--box-prior restricts the first frame's box slots to their boxes: it needs --queries box on a video "
@@ -502,8 +518,9 @@ def run_folder(args, vae_args):
     for other --guide-scales); for mlp, DINOSAUR, `dino` (DINO's features, no VAE: vae_args None) or with the naive
     CNN `z1-<vae>`, that VAE's continuous encoder features Z_1 (the stand-in; the fusion is bypassed). The model's
     name adds -z and -scale1 (diffusion: --diffusion-target z, --latent-scale 1), -dino (big-little encoder),
-    -sysbinder, and for video -gaussian (Gaussian instead of box queries) or -boxprior (the box prior on frame 0,
-    --box-prior: the shapes_video recipe). The quick start's run is
+    -sysbinder, and for video -gaussian (Gaussian instead of box queries), -boxprior (the box prior on frame 0, as
+    the shapes_video recipe has it), then every video switch that differs from the dataset's recipe: -pred<kind>
+    (--predictor), -boxless<kind> (--boxless), -plr<x> (--predictor-lr). The quick start's run is
     runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = "dino" if vae_args is None else msf.vae_name(vae_args)
     if args.decoder == "mlp" and vae_args is not None:
@@ -515,6 +532,13 @@ def run_folder(args, vae_args):
         ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
         ("-gaussian" if data.DATASETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
         ("-boxprior" if args.box_prior else "")
+    recipe = RECIPES[args.dataset]
+    if data.DATASETS[args.dataset]["video"]:  # runs that differ in a video switch must not share a folder
+        model += "".join(f"-{tag}{value:g}" if isinstance(value, float) else f"-{tag}{value}"
+                         for tag, key, value in (("pred", "predictor", args.predictor),
+                                                 ("boxless", "boxless", args.boxless),
+                                                 ("plr", "predictor_lr", args.predictor_lr))
+                         if value != recipe[key])
     return f"runs/ocl_{args.dataset}_{model}_{target}"
 
 

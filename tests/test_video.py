@@ -202,6 +202,38 @@ def test_an_untrained_predictor_hands_each_slot_on_unchanged():
     assert not torch.allclose(predictor(slots), slots)
 
 
+def test_the_authors_box_queries_give_every_boxless_slot_the_mlp_of_the_zero_box():
+    """--boxless zero (the MOVi recipes, as the authors): every box enters the MLP as it is, a slot without a box
+    gets the MLP of the zero box, so all such slots start identical; no noise reaches any of them."""
+    q = BoxQueries(num_slots=4, dim=8, boxless="zero")
+    mid, none = [0.5, 0.5, 0.8, 0.8], [0, 0, 0, 0]
+    out = q(torch.tensor([[none, mid]]), sigma=1.0)[0]  # (4, 8)
+    assert q.free is None and torch.allclose(out[0], q.mlp(torch.tensor(mid)))  # the box as it is, not 2 box - 1
+    assert all(torch.allclose(out[k], q.mlp(torch.zeros(4))) for k in (1, 2, 3))
+
+
+def test_the_three_predictors():
+    """--predictor authors: torch's layer post-norm without biases (the authors' transit); steve: STEVE's layer,
+    which normalises its input first (a per-slot affine change of the input changes nothing) and ends with a
+    LayerNorm; ours: pre-norm, starting as the identity (the test above). Refused on images; named in run folders
+    where they differ from the dataset's recipe."""
+    torch.manual_seed(0)
+    authors = Predictor(16, kind="authors").layer
+    assert not authors.norm_first and all(m.bias is None for m in authors.modules() if isinstance(m, torch.nn.Linear))
+    steve, slots = Predictor(16, kind="steve", dropout=0.0).eval(), torch.randn(3, 5, 16)
+    out = steve(slots)
+    torch.testing.assert_close(steve(3 * slots + 2), out)  # the input is normalised per slot first
+    torch.testing.assert_close(out.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)  # the final LayerNorm
+    movi, video = train_ocl.parse_args(["--dataset", "movi_c"]), train_ocl.parse_args(["--dataset", "shapes_video"])
+    assert (movi.predictor, movi.boxless, video.predictor, video.boxless) == ("authors", "zero", "ours", "gaussian")
+    with pytest.raises(SystemExit):
+        train_ocl.parse_args(["--predictor", "steve"])  # an image dataset has no predictor
+    vae_args = {"kind": "msf"}
+    assert train_ocl.run_folder(video, vae_args) == "runs/ocl_shapes_video_transformer-boxprior_msf"
+    other = train_ocl.parse_args(["--dataset", "shapes_video", "--predictor", "steve", "--predictor-lr", "1"])
+    assert train_ocl.run_folder(other, vae_args) == "runs/ocl_shapes_video_transformer-boxprior-predsteve-plr1_msf"
+
+
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 def test_the_predictor_learns_at_predictor_lr_times_the_lr(scale, tiny_video_root, tiny_video_vaes, tmp_path):
     """Adam's first step moves a weight by lr * g / (|g| + eps), that is by the lr itself wherever the gradient is not
