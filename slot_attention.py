@@ -358,25 +358,29 @@ def position_grid(h, w, device=None):
 class CNNEncoder(nn.Module):
     """The naive CNN primary encoder phi_e: T (b, 3, H, W) -> F (b, (H/r)*(W/r), d), plus the grid size (h, w).
 
-    A first convolution with stride r (4: one cell per 4x4 patch; 2: overlapping 4x4 windows; 1: 3x3 at full
-    resolution), then two 3x3 convolutions (64 channels), ReLU between the three but none after the last; a
-    learned linear map of the position grid is added to every cell (soft position embedding); then LayerNorm and a
-    two-layer MLP per cell. Masks come out at H/r. Locatello et al. put a ReLU after their last convolution too;
-    here the features stay signed when the position embedding is added, and the LayerNorm + MLP after it are the
+    Stride r = 1 (the paper size): Kipf et al.'s naive CNN, four 5x5 convolutions at full resolution. Stride 4 or 2
+    (ours, the CPU sizes): a first convolution with stride r (4: one cell per 4x4 patch; 2: overlapping 4x4 windows),
+    then two 3x3 convolutions. 64 channels, ReLU between the convolutions but none after the last; a learned linear
+    map of the position grid is added to every cell (soft position embedding); then LayerNorm and a two-layer MLP
+    per cell. Masks come out at H/r. Locatello et al. put a ReLU after their last convolution too; here the
+    features stay signed when the position embedding is added, and the LayerNorm + MLP after it are the
     nonlinearity (ours; every number in results/ was measured this way; a ReLU there is a one-line exercise).
     """
 
     def __init__(self, out_dim, channels=64, stride=4, dino=None):
         super().__init__()
-        first = {1: (3, 1), 2: (4, 1), 4: (4, 0)}  # stride -> (kernel, padding) of the first convolution
+        first = {1: (5, 2), 2: (4, 1), 4: (4, 0)}  # stride -> (kernel, padding) of the first convolution
         if stride not in first:
             raise ValueError(f"encoder stride {stride}: choose 4 (masks at H/4), 2 (H/2) or 1 (full resolution)")
         ch, r, (k, pad) = channels, stride, first[stride]
+        k2 = 5 if r == 1 else 3  # the other convolutions' kernel: Kipf et al.'s 5x5 at full resolution
+        convs = [nn.Conv2d(3, ch, k, stride=r, padding=pad), nn.ReLU()]  # (b, ch, H/r, W/r)
+        for _ in range(2 if r == 1 else 1):  # four convolutions in all at full resolution, three at the CPU sizes
+            convs += [nn.Conv2d(ch, ch, k2, padding=k2 // 2), nn.ReLU()]
         self.convs = nn.Sequential(
-            nn.Conv2d(3, ch, k, stride=r, padding=pad), nn.ReLU(),  # (b, ch, H/r, W/r)
-            nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(),
+            *convs,
             # EXERCISE: encoder-relu (EXERCISES.md 8): add nn.ReLU() after this last convolution, as Locatello et al.
-            nn.Conv2d(ch, ch, 3, padding=1),  # (b, ch, H/r, W/r); at r = 2 a cell sees 12 px across
+            nn.Conv2d(ch, ch, k2, padding=k2 // 2),  # (b, ch, H/r, W/r); at r = 2 a cell sees 12 px across
         )
         self.pos = nn.Linear(4, ch)  # soft position embedding
         self.norm = nn.LayerNorm(ch)
@@ -480,13 +484,15 @@ class DinoViT(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def position(self, h, w):
-        """Position embeddings for an h x w patch grid (1, 1 + h*w, d): the [CLS] one as is, the patch ones resized
-        bicubically from the native grid; at the native grid they are returned untouched (no resampling)."""
+        """Position embeddings for an h x w patch grid (1, 1 + h*w, d) as DINO's own interpolate_pos_encoding makes
+        them, so that the features at any resolution are the official model's: the [CLS] one as is, the patch ones
+        resized bicubically by the scale factor ((h + 0.1) / 28, (w + 0.1) / 28) (DINO adds 0.1 against float error
+        in the output size); at the native grid they are returned untouched."""
         cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, d), (1, 28*28, d)
         side = math.isqrt(grid.shape[1])
         if (h, w) != (side, side):
             grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, d, 28, 28)
-            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # (1, d, h, w)
+            grid = F.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")  # (1, d, h, w)
             grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, d)
         return torch.cat([cls, grid], dim=1)
 

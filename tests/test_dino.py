@@ -67,7 +67,8 @@ def plain_vit(sd, image):
     pos = sd["pos_embed"]
     if h != 28:
         grid = pos[:, 1:].reshape(1, 28, 28, D).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / 28, (w + 0.1) / 28), mode="bicubic")  # DINO's formula
+        grid = grid.flatten(2).transpose(1, 2)
         pos = torch.cat([pos[:, :1], grid], 1)
     t = torch.cat([sd["cls_token"].expand(b, 1, D), t], 1) + pos
     for i in range(DEPTH):
@@ -114,6 +115,37 @@ def test_position_embeddings_are_untouched_at_the_native_grid(official_file):
     model, _, _ = slot_attention.dino_vit_s8(str(official_file))
     assert torch.equal(model.position(28, 28), model.pos_embed)  # no resampling at 224 px
     assert model.position(16, 16).shape == (1, 1 + 256, D)  # 128 px
+
+
+def cubic_1d(values, out_len, scale):
+    """Bicubic resampling along one axis written out from its definition: Keys' cubic convolution with a = -0.75,
+    output cell i read at the input coordinate (i + 0.5) / scale - 0.5 (half-pixel centres), edge values repeated.
+    values (n, ...) -> (out_len, ...)."""
+    a, n = -0.75, len(values)
+
+    def kernel(x):
+        x = abs(x)
+        return ((a + 2) * x - (a + 3)) * x * x + 1 if x <= 1 else ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    out = []
+    for i in range(out_len):
+        src = (i + 0.5) / scale - 0.5
+        base = math.floor(src)
+        out.append(sum(kernel(src - j) * values[min(max(j, 0), n - 1)] for j in range(base - 1, base + 3)))
+    return torch.stack(out)
+
+
+def test_position_embeddings_at_128_px_are_dinos_interpolate_pos_encoding():
+    """At a 16x16 patch grid (128 px) the patch position embeddings are DINO's: bicubic by the scale factor
+    (16 + 0.1) / 28 along each axis (not a resize to 16 x 16 cells), held against the formula written out."""
+    model = slot_attention.dino_vit_s8("random")[0]
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=torch.Generator().manual_seed(0)))
+        ours = model.position(16, 16)[0, 1:].reshape(16, 16, D).double()
+    grid = model.pos_embed[0, 1:].detach().reshape(28, 28, D).double()
+    rows = cubic_1d(grid, 16, 16.1 / 28)  # (16, 28, D): along the rows, then along the columns
+    expected = cubic_1d(rows.transpose(0, 1), 16, 16.1 / 28).transpose(0, 1)  # (16, 16, D)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.position(16, 16)[:, 0], model.pos_embed[:, 0])  # [CLS] as it is
 
 
 def test_bad_weight_files_are_named(tmp_path):
