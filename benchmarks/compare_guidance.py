@@ -56,6 +56,12 @@ VARIANTS = {
     "msf-g2": ([], ["--guide-scales", "2"], "MSF, guidance at scale 2 only"),
     "msf-concat": (["--fusion", "concat"], [], "channel-concat fusion of continuous scales (Tab. 6)"),
     "msf-sum": (["--fusion", "sum"], [], "element-wise-sum fusion of continuous scales (Tab. 6)"),
+    # the reference methods as their authors publish them, on MSF's guidance
+    "msf-sysbinder": ([], ["--slot-attention", "sysbinder"], "MSF guidance, SysBinder instead of Slot Attention"),
+    "msf-z": ([], ["--diffusion-target", "z"], "MSF's encoder, SlotDiffusion diffusing Z_1 (the authors' code)"),
+    "msf-scale1": ([], ["--latent-scale", "1"], "MSF guidance, SlotDiffusion on X unscaled (the originals' scale)"),
+    "msf-z-scale1": ([], ["--diffusion-target", "z", "--latent-scale", "1"],
+                     "MSF's encoder, SlotDiffusion on Z_1 unscaled: the authors' SlotDiffusion"),
 }
 MAIN = ["vqvae", "vqvae+stab", "gdr", "multiscale", "msf"]
 ABLATIONS = ["msf-nointer", "msf-nointra", "msf-svshared", "msf-N2", "msf-N4", "msf-g12", "msf-g2", "msf-concat",
@@ -260,7 +266,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="shapes")
     p.add_argument("--data-root", type=Path, default=ROOT / "data")
     p.add_argument("--cells", default="main", help="main, ablations, all, or variant names separated by commas")
-    p.add_argument("--decoders", default="transformer,diffusion", help="transformer and/or diffusion")
+    p.add_argument("--decoders", default="transformer,diffusion", help="transformer, diffusion and/or mlp")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--ocl-steps", type=int, default=3200)
