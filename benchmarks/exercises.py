@@ -179,7 +179,7 @@ def table(results):
         paired = [value(c, "ocl", "ari_fg") - value(r, "ocl", "ari_fg", w) for c, (r, w) in
                   zip(mine, sorted(ref_seeds, key=lambda p: p[0]["seed"]))]
         (m1, s1), (m0, s0) = spread(ex), spread(rf)
-        outside = "yes" if abs(m1 - m0) > s1 + s0 else "no"
+        outside = ("yes" if abs(m1 - m0) > s1 + s0 else "no") if len(ex) > 1 else "-"  # one seed: no spread
         digits = 3 if where == "loss" or obs.startswith("wins") else 2
         lines.append(f"| {key}. {mine[0]['title']} | {len(mine)} | {fmt([c['minutes'] for c in mine], 1)} | {label} | "
                      f"{fmt(ex, digits)} | {fmt(rf, digits)} | " +
