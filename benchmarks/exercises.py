@@ -139,14 +139,18 @@ def value(cell, where, key, which=-1):
         return cell["loss"][which]["loss"]
     entry = cell[where][which]
     scale = 100 if where == "ocl" or key.startswith("recon") else 1
-    return scale * entry[key]
+    return scale * entry[key] if key in entry else float("nan")  # e.g. the share of a 4th scale the baseline lacks
 
 
 def spread(values):
+    if any(v != v for v in values):  # NaN anywhere: no mean to speak of
+        return float("nan"), float("nan")
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def fmt(values, digits=2):
+    if any(v != v for v in values):  # NaN: the quantity does not exist there
+        return "-"
     m, s = spread(values)
     return f"{m:.{digits}f} +- {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
@@ -179,7 +183,7 @@ def table(results):
         paired = [value(c, "ocl", "ari_fg") - value(r, "ocl", "ari_fg", w) for c, (r, w) in
                   zip(mine, sorted(ref_seeds, key=lambda p: p[0]["seed"]))]
         (m1, s1), (m0, s0) = spread(ex), spread(rf)
-        outside = ("yes" if abs(m1 - m0) > s1 + s0 else "no") if len(ex) > 1 else "-"  # one seed: no spread
+        outside = ("yes" if abs(m1 - m0) > s1 + s0 else "no") if len(ex) > 1 and m0 == m0 else "-"  # no spread
         digits = 3 if where == "loss" or obs.startswith("wins") else 2
         lines.append(f"| {key}. {mine[0]['title']} | {len(mine)} | {fmt([c['minutes'] for c in mine], 1)} | {label} | "
                      f"{fmt(ex, digits)} | {fmt(rf, digits)} | " +
