@@ -167,10 +167,10 @@ def table(results):
         return "no baseline cells yet\n"
     base = cells["baseline"]
     lines = ["| exercise | seeds | minutes | observable | exercise | baseline | ARI | ARIfg | mIoU | mBO | ARIfg - "
-             "baseline (paired) | outside the baseline's spread? |", "|" + "---|" * 12]
+             "baseline (paired) | observable outside the baseline's spread? | metrics outside it |", "|" + "---|" * 13]
     metrics = ("ari", "ari_fg", "miou", "mbo")
     lines.append(f"| the baseline | {len(base)} | {fmt([c['minutes'] for c in base], 1)} | | | | " +
-                 " | ".join(fmt([value(c, 'ocl', k) for c in base]) for k in metrics) + " | | |")
+                 " | ".join(fmt([value(c, 'ocl', k) for c in base]) for k in metrics) + " | | | |")
     for key in sorted((k for k in cells if k != "baseline"), key=int):
         mine = sorted(cells[key], key=lambda c: c["seed"])
         label, where, obs = OBSERVABLES[key]
@@ -184,15 +184,23 @@ def table(results):
                   zip(mine, sorted(ref_seeds, key=lambda p: p[0]["seed"]))]
         (m1, s1), (m0, s0) = spread(ex), spread(rf)
         outside = ("yes" if abs(m1 - m0) > s1 + s0 else "no") if len(ex) > 1 and m0 == m0 else "-"  # no spread
+        moved = []  # the metrics whose mean +- std does not overlap the baseline's (on the same seeds)
+        for k, name in zip(metrics, ("ARI", "ARIfg", "mIoU", "mBO")):
+            (a1, b1), (a0, b0) = spread([value(c, "ocl", k) for c in mine]), spread([value(r, "ocl", k, w)
+                                                                                      for r, w in ref_seeds])
+            if len(mine) > 1 and abs(a1 - a0) > b1 + b0:
+                moved.append(f"{name} {'+' if a1 > a0 else '-'}{abs(a1 - a0):.1f}")
         digits = 3 if where == "loss" or obs.startswith("wins") else 2
         lines.append(f"| {key}. {mine[0]['title']} | {len(mine)} | {fmt([c['minutes'] for c in mine], 1)} | {label} | "
                      f"{fmt(ex, digits)} | {fmt(rf, digits)} | " +
                      " | ".join(fmt([value(c, 'ocl', k) for c in mine]) for k in metrics) +
-                     f" | {fmt(paired)} | {outside} |")
+                     f" | {fmt(paired)} | {outside} | {', '.join(moved) or ('none' if len(mine) > 1 else '-')} |")
     ran = sorted({c["ran_on"] for group in cells.values() for c in group})
     return "\n".join(lines) + "\n\nx100; mean +- std over the seeds listed, each on all 500 `val` images (exercise 11: " \
         "200 clips, its baseline the recipe with the box prior). \"outside\": the exercise's and the baseline's " \
-        "mean +- std of the observable do not overlap. Ran on: " + "; ".join(ran) + ".\n"
+        "mean +- std of the observable do not overlap; \"metrics outside it\": the same test for each of the four " \
+        "metrics, with the difference of the means. Paired: seed k of the exercise minus seed k of the baseline. " \
+        "Ran on: " + "; ".join(ran) + ".\n"
 
 
 def ship(args):
