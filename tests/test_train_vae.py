@@ -44,7 +44,7 @@ def test_twenty_steps_write_a_safe_checkpoint_and_learn(tmp_path, tiny_root):
     best = torch.load(out / "best.pt", weights_only=True)["metrics"]
     result = evaluate.main(["--ckpt", str(out / "best.pt"), "--split", "select", "--batch-size", "8"])
     assert result["samples"] == 4 and result["reconstruction_mse"]["recon1"] == best["val_recon1"]
-    scored = {**result["reconstruction_mse"], **result["codebook_usage"], **result["projection"]}
+    scored = {**result["reconstruction_mse"], **result["codebook_usage"], **result["projection"], **result["scale_wins"]}
     assert {f"val_{k}": v for k, v in scored.items()} == best
 
 
