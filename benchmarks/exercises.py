@@ -155,10 +155,26 @@ def fmt(values, digits=2):
     return f"{m:.{digits}f} +- {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
+def seeds_to_show(diffs, most=30):
+    """The fewest seeds at which a paired difference of this mean and std would be significant (two-sided paired t
+    test, 5%), if more seeds kept the mean and std measured here: "3" means it already is at 3 seeds. None where
+    the difference has no spread to speak of; f">{most}" beyond `most`."""
+    from scipy.stats import t  # a runtime requirement already
+    if len(diffs) < 2 or any(d != d for d in diffs):
+        return None
+    mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+    if std == 0:
+        return None
+    for n in range(2, most + 1):
+        if abs(mean) / (std / n ** 0.5) > t.ppf(0.975, n - 1):
+            return str(n)
+    return f">{most}"
+
+
 def table(results):
-    """The teacher's table (markdown) from every cell on disk: per exercise the observable and the four metrics as
-    mean +- std over its seeds, the baseline's beside them, and whether the difference leaves the baseline's spread
-    (the two mean +- std intervals do not overlap)."""
+    """The teacher's table (markdown) from every cell on disk: per exercise the observable as mean +- std over its
+    seeds beside the baseline's, their paired difference and the seeds at which it would show, whether the two
+    leave each other's spread (the mean +- std intervals do not overlap), and the four metrics."""
     cells = {}
     for path in sorted(results.glob("*__s*.json")):
         cell = json.loads(path.read_text())
@@ -166,41 +182,45 @@ def table(results):
     if "baseline" not in cells:
         return "no baseline cells yet\n"
     base = cells["baseline"]
-    lines = ["| exercise | seeds | minutes | observable | exercise | baseline | ARI | ARIfg | mIoU | mBO | ARIfg - "
-             "baseline (paired) | observable outside the baseline's spread? | metrics outside it |", "|" + "---|" * 13]
+    lines = ["| exercise | seeds | minutes | observable | exercise | baseline | paired difference | seeds to show it | "
+             "outside the baseline's spread? | ARI | ARIfg | mIoU | mBO | metrics outside the baseline's spread |",
+             "|" + "---|" * 14]
     metrics = ("ari", "ari_fg", "miou", "mbo")
-    lines.append(f"| the baseline | {len(base)} | {fmt([c['minutes'] for c in base], 1)} | | | | " +
-                 " | ".join(fmt([value(c, 'ocl', k) for c in base]) for k in metrics) + " | | | |")
+    lines.append(f"| the baseline | {len(base)} | {fmt([c['minutes'] for c in base], 1)} | | | | | | | " +
+                 " | ".join(fmt([value(c, 'ocl', k) for c in base]) for k in metrics) + " | |")
     for key in sorted((k for k in cells if k != "baseline"), key=int):
         mine = sorted(cells[key], key=lambda c: c["seed"])
         label, where, obs = OBSERVABLES[key]
         # exercise 11 holds its own baseline (the recipe with the box prior, its first OCL run) beside its change
         ref = [(c, 0) for c in mine] if key == "11" else [(b, -1) for b in base]
-        seeds = {c["seed"] for c in mine}
-        ref_seeds = [(c, w) for c, w in ref if c["seed"] in seeds]
-        ex = [value(c, where, obs) for c in mine]
-        rf = [value(c, where, obs, w) for c, w in ref_seeds]
-        paired = [value(c, "ocl", "ari_fg") - value(r, "ocl", "ari_fg", w) for c, (r, w) in
-                  zip(mine, sorted(ref_seeds, key=lambda p: p[0]["seed"]))]
+        by_seed = {c["seed"]: (c, w) for c, w in ref}
+        mine = [c for c in mine if c["seed"] in by_seed]
+        pairs = [(c, *by_seed[c["seed"]]) for c in mine]  # seed k of the exercise beside seed k of the baseline
+        ex = [value(c, where, obs) for c, _, _ in pairs]
+        rf = [value(r, where, obs, w) for _, r, w in pairs]
+        diffs = [a - b for a, b in zip(ex, rf)]
         (m1, s1), (m0, s0) = spread(ex), spread(rf)
         outside = ("yes" if abs(m1 - m0) > s1 + s0 else "no") if len(ex) > 1 and m0 == m0 else "-"  # no spread
         moved = []  # the metrics whose mean +- std does not overlap the baseline's (on the same seeds)
         for k, name in zip(metrics, ("ARI", "ARIfg", "mIoU", "mBO")):
-            (a1, b1), (a0, b0) = spread([value(c, "ocl", k) for c in mine]), spread([value(r, "ocl", k, w)
-                                                                                      for r, w in ref_seeds])
+            (a1, b1), (a0, b0) = spread([value(c, "ocl", k) for c, _, _ in pairs]), \
+                spread([value(r, "ocl", k, w) for _, r, w in pairs])
             if len(mine) > 1 and abs(a1 - a0) > b1 + b0:
                 moved.append(f"{name} {'+' if a1 > a0 else '-'}{abs(a1 - a0):.1f}")
         digits = 3 if where == "loss" or obs.startswith("wins") else 2
         lines.append(f"| {key}. {mine[0]['title']} | {len(mine)} | {fmt([c['minutes'] for c in mine], 1)} | {label} | "
-                     f"{fmt(ex, digits)} | {fmt(rf, digits)} | " +
-                     " | ".join(fmt([value(c, 'ocl', k) for c in mine]) for k in metrics) +
-                     f" | {fmt(paired)} | {outside} | {', '.join(moved) or ('none' if len(mine) > 1 else '-')} |")
+                     f"{fmt(ex, digits)} | {fmt(rf, digits)} | {fmt(diffs, digits)} | {seeds_to_show(diffs) or '-'} | "
+                     f"{outside} | " + " | ".join(fmt([value(c, 'ocl', k) for c, _, _ in pairs]) for k in metrics) +
+                     f" | {', '.join(moved) or ('none' if len(mine) > 1 else '-')} |")
     ran = sorted({c["ran_on"] for group in cells.values() for c in group})
-    return "\n".join(lines) + "\n\nx100; mean +- std over the seeds listed, each on all 500 `val` images (exercise 11: " \
-        "200 clips, its baseline the recipe with the box prior). \"outside\": the exercise's and the baseline's " \
-        "mean +- std of the observable do not overlap; \"metrics outside it\": the same test for each of the four " \
-        "metrics, with the difference of the means. Paired: seed k of the exercise minus seed k of the baseline. " \
-        "Ran on: " + "; ".join(ran) + ".\n"
+    return "\n".join(lines) + (
+        "\n\nx100 (the loss and the shares as they are); mean +- std over the seeds listed, each on all 500 `val` "
+        "images (exercise 11: 200 clips, its baseline the recipe with the box prior). Paired difference: seed k of "
+        "the exercise minus seed k of the baseline. Seeds to show it: the fewest seeds at which that paired difference "
+        "would pass a two-sided paired t test at 5% if its mean and std held (no more than the seeds listed: it "
+        "already does). \"Outside\": the exercise's and the baseline's mean +- std do not overlap; \"metrics outside "
+        "it\": the same test for each of the four metrics, with the difference of the means. Ran on: "
+        + "; ".join(ran) + ".\n")
 
 
 def ship(args):
