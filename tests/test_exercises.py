@@ -108,6 +108,25 @@ def test_every_tag_in_the_code_belongs_to_one_exercise():
                                                   if f"# EXERCISE: {named[n - 1]} " in line), (n, named[n - 1])
 
 
+def test_every_solution_applies_to_the_code_and_changes_its_exercises_tag():
+    """The teacher's patches (exercises/solutions/NN-<tag>.patch) apply to the code as it is, and each changes the
+    file holding its own exercise's tag, within a few lines of it: a change to the code that moves the place
+    breaks this, not the class."""
+    import subprocess
+    patches = sorted((ROOT / "exercises" / "solutions").glob("*.patch"))
+    assert len(patches) >= 5
+    named = dict(sections())
+    for patch in patches:
+        n, tag = int(patch.name[:2]), patch.stem[3:]
+        assert f"`# EXERCISE: {tag}`" in named[n], (patch.name, "names another exercise's tag")
+        done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, (patch.name, done.stderr)
+        where = tag_file(named[n])
+        hunks = re.findall(rf"^\+\+\+ b/{re.escape(where)}\n@@ -(\d+)", patch.read_text(), flags=re.M)
+        line = next(i for i, code in enumerate(CODE[where].splitlines(), 1) if f"# EXERCISE: {tag} " in code)
+        assert hunks and abs(int(hunks[0]) + 3 - line) <= 10, (patch.name, where, hunks, line)
+
+
 @pytest.fixture(scope="module")
 def first_64_val(tmp_path_factory):
     """The first 64 images of shapes' val split (sample i does not depend on the split's size)."""
@@ -116,7 +135,6 @@ def first_64_val(tmp_path_factory):
     return root
 
 
-@pytest.mark.skipif(not (SHIPPED / "expected.json").exists(), reason="no shipped baseline in exercises/baseline/")
 @pytest.mark.parametrize("name", ["vae.pt", "ocl.pt"])
 def test_the_shipped_baseline_scores_the_digits_written_beside_it(name, first_64_val):
     """A change to the model code that silently changes what the shipped checkpoints compute fails here (rebuild them
