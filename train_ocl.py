@@ -264,7 +264,7 @@ def train(args):
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr.") as guard:
             for step in range(start, args.steps):
                 lr = train_common.set_lr(optimizer, lr_at(step, args.steps, args.lr))  # warmup, then cosine (A.5)
-                # EXERCISE: sigma (EXERCISES.md 6): a constant sigma, or 0 throughout (single-object datasets, A.5)
+                # EXERCISE: sigma (EXERCISES.md 6): `--sigma 0` keeps the noise at 0 (A.5: single-object data)
                 sigma = sigma_at(step, args.steps, args.sigma)  # query noise, 1 -> 0 (A.5)
                 batch = next(batches)
                 image, bbox, keys = batch["image"], batch.get("bbox"), batch["index"]  # this process's share
