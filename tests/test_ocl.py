@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_ocl.py
 """
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -385,3 +386,28 @@ def test_slate_with_sysbinder_trains_and_evaluate_scores_it(tiny_root, tiny_vaes
     evaluate.main(["--ckpt", str(out / "best.pt"), "--json", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert {"ari", "ari_fg", "miou", "mbo"} <= set(metrics) and -1 <= metrics["ari_fg"]["mean"] <= 1
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "diffusion"])
+def test_slot_use_measures_what_the_decoder_takes_from_its_slots(decoder, tiny_root, tiny_vaes, tmp_path):
+    """benchmarks/slot_use.py. Given the same slots for every image, "another image's slots" are the image's own:
+    both losses are equal to the last bit. With the model's own slots they are not. The masks' summary against a
+    hand-made split of 16 cells: 12 / 3 / 1 cells -> shares 0.75 / 0.1875 / 0.0625, all three above 5%."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import slot_use
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / decoder, decoder, "--steps", "2"))
+    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    val = data.load_dataset("shapes", "val", tiny_root)
+    images = torch.stack([torch.as_tensor(val[i]["image"]) for i in range(4)])  # (4, 3, 64, 64)
+    rows = slot_use.slot_use(model, images, timesteps=(10, 500))["rows"]
+    assert len(rows) == (2 if decoder == "diffusion" else 1) and all(own != other for _, own, other, _ in rows)
+    slots, _ = model.encode(images)
+    masks = torch.zeros(4, slots.shape[1], 4, 4)
+    masks[:, 0].view(4, -1)[:, :12] = 1  # slot 0 wins 12 cells, slot 1 three, slot 2 one
+    masks[:, 1].view(4, -1)[:, 12:15] = 1
+    masks[:, 2].view(4, -1)[:, 15] = 1
+    model.encode = lambda image: (slots[:1].expand_as(slots), masks)  # every image: image 0's slots
+    out = slot_use.slot_use(model, images, timesteps=(10, 500))
+    assert all(own == other for _, own, other, _ in out["rows"])
+    assert out["cover"] == 3 and out["largest"] == 0.75
