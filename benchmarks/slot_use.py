@@ -62,8 +62,9 @@ def main(argv=None):
         raise SystemExit("--ckpt: a video model; this measures image models")
     a = ckpt["args"]
     ds = data.load_dataset(a["dataset"], args.split, args.data_root or a["data_root"])
-    if len(ds) < 2:
-        raise SystemExit(f"{a['dataset']}/{args.split} has {len(ds)} image(s); another image's slots need 2 or more")
+    if min(args.images, len(ds)) < 2:  # with one image, "another image's slots" would be its own
+        raise SystemExit(f"--images {args.images} of {a['dataset']}/{args.split} ({len(ds)} there): another image's "
+                         f"slots need 2 or more; give --images 2 or more")
     images = torch.stack([torch.as_tensor(ds[i]["image"]) for i in range(min(args.images, len(ds)))])
     out = slot_use(model, images, [int(t) for t in args.timesteps.split(",")], args.seed)
     print(f"{args.ckpt}: {model.decoder_kind} decoder, {len(images)} {a['dataset']}/{args.split} images")
