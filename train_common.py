@@ -193,6 +193,16 @@ def reseed_for_rank(seed, d):
         torch.manual_seed(seed * 1009 + d.rank)
 
 
+def gather_objects(obj, d):
+    """[obj of process 0, obj of process 1, ...] on every process, for per-process state of any shape (the
+    code-replacing samples); objects travel between this run's own processes only."""
+    if d.world == 1:
+        return [obj]
+    parts = [None] * d.world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def _gather(t, d):
     """[t of process 0, t of process 1, ...] on every process (same shapes everywhere)."""
     if d.world == 1:
@@ -354,12 +364,13 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True, 
 
 def rng_state(d):
     """Every random generator the run uses, as plain tensors and numbers (weights_only loads them): Python's and
-    NumPy's, and torch's CPU (and CUDA) generator of every process. Call it on all processes (it gathers)."""
+    NumPy's (augmentations drawn in the main process) and torch's CPU (and CUDA) generator, each of every process.
+    Call it on all processes (it gathers)."""
     # the generators' own state objects are tuples and arrays that weights_only=True would refuse: store tensors
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    state = {"python": gather_objects([version, torch.tensor(internal, dtype=torch.int64), gauss], d),
+             "numpy": gather_objects([torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)], d),
              "torch": _gather(torch.get_rng_state(), d)}
     if d.device.type == "cuda":
         state["cuda"] = _gather(torch.cuda.get_rng_state(d.device), d)
@@ -367,12 +378,15 @@ def rng_state(d):
 
 
 def set_rng_state(state, d):
-    """Put back what rng_state saved; this process takes its own torch generator (rank k: the k-th saved one)."""
-    version, internal, gauss = state["python"]
+    """Put back what rng_state saved; this process takes its own generators (rank k: the k-th saved ones)."""
+    same = len(state["torch"]) == d.world
+    if isinstance(state["python"][0], int):  # a last.pt written before Python's and NumPy's were kept per process
+        state = {**state, "python": [state["python"]], "numpy": [state["numpy"]]}
+    version, internal, gauss = state["python"][d.rank if len(state["python"]) == d.world else 0]
     random.setstate((version, tuple(internal.tolist()), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
+    keys, pos, has_gauss, cached = state["numpy"][d.rank if len(state["numpy"]) == d.world else 0]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if len(state["torch"]) != d.world:  # another process count: the data order is the same, the noise is not
+    if not same:  # another process count: the data order is the same, the noise is not
         if d.main:
             print(f"note: resuming a {len(state['torch'])}-process run with {d.world} processes; the data order is "
                   f"unchanged, sampling noise is not bit-identical")
@@ -384,8 +398,8 @@ def set_rng_state(state, d):
 
 def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
     """last.pt = `ckpt` (the weights, as best.pt holds them) plus the training state: optimizer, AMP grad scaler,
-    best score so far, every random generator, and `extra` (the VAE's code-replacing pools). Call it on all
-    processes (the generators are gathered); process 0 writes it, with a numbered copy step_<k>.pt, keeping the
+    best score so far, every random generator, and `extra` (the VAE's code-replacing pools of every process). Call it
+    on all processes (the generators are gathered); process 0 writes it, with a numbered copy step_<k>.pt, keeping the
     newest `keep` copies (the paper kept the final 25 of about 50). A copy is a hard link where the file system
     allows: no extra space until last.pt is replaced (os.replace gives last.pt a new file; the link keeps the old)."""
     ckpt["train_state"] = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best": best,

@@ -88,7 +88,7 @@ def train(args):
         if not replacing:
             for cb in model.codebooks:
                 cb.pool = 0  # no code replacing: no pool of recent vectors to keep (and no random draws for it)
-        pools = sum(cb.pool * cb.weight.shape[1] * 4 for cb in model.codebooks)  # code-replacing samples, fp32
+        pools = d.world * sum(cb.pool * cb.weight.shape[1] * 4 for cb in model.codebooks)  # each process's samples
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
                                            train_common.checkpoint_bytes(model, model.parameters(), pools))
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -97,7 +97,7 @@ def train(args):
         start, best, metrics = 0, float("inf"), {}  # best: the lowest summed validation reconstruction error
         if args.resume:  # weights, optimizer, RNG; the code-replacing pools are the VAE's own extra state
             start, best, metrics, state = train_common.resume(out, "vae", args, model_args, model, optimizer, scaler, d)
-            for cb, pool in zip(model.codebooks, state["pools"]):
+            for cb, pool in zip(model.codebooks, my_pools(state["pools"], d)):
                 cb.load_pool_state(pool)
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
@@ -148,12 +148,26 @@ def train(args):
                         train_common.save_checkpoint(out / "best.pt", best_ckpt)
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # last: after everything of this step
                     train_common.save_last(out, checkpoint(args, model_args, model, step, metrics), optimizer, scaler,
-                                           best, d, args.keep, pools=[cb.pool_state() for cb in model.codebooks])
+                                           best, d, args.keep,
+                                           pools=train_common.gather_objects([cb.pool_state() for cb in model.codebooks], d))
                 if stopping:
                     raise guard.stopped(step, out)
         if d.main:
             print(f"done: {out / 'best.pt'} (val reconstruction {best:.4f}); reconstructions in {out / 'recon.png'}")
     return out
+
+
+def my_pools(saved, d):
+    """This process's code-replacing state from last.pt's `pools` ([process][codebook]). Resumed with another
+    process count, process 0 takes the counts of all saved processes summed (the total that decides which codes are
+    dead) and its own sample; the others start with none."""
+    if saved and isinstance(saved[0], dict):  # a last.pt written before pools were kept per process
+        saved = [saved]
+    if len(saved) == d.world:
+        return saved[d.rank]
+    if d.rank > 0:
+        return [{"recent": p["recent"][:0], "seen": 0, "hits": torch.zeros_like(p["hits"])} for p in saved[0]]
+    return [{**p, "hits": sum(q[j]["hits"] for q in saved)} for j, p in enumerate(saved[0])]
 
 
 def model_args_of(args):

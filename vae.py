@@ -261,11 +261,14 @@ class Codebook(nn.Module):
         return dead
 
     def pool_state(self):
-        """What the code-replacing trick carries from step to step, for last.pt (exact resume)."""
-        return {"recent": self.recent.cpu(), "seen": self.seen}
+        """What the code-replacing trick carries from step to step, for last.pt (exact resume). Each process has its
+        own: its counts since the last replacement (`hits`, summed over processes only when codes are replaced) and
+        its sample of recent vectors."""
+        return {"recent": self.recent.cpu(), "seen": self.seen, "hits": self.hits.cpu()}
 
     def load_pool_state(self, state):
         self.recent, self.seen = state["recent"].to(self.weight.device), int(state["seen"])
+        self.hits.copy_(state["hits"])
 
     def _sync_from_rank0(self):
         if _distributed():

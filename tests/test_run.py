@@ -138,6 +138,58 @@ def test_two_gloo_processes_take_the_single_process_steps(script, tiny_root, vae
     assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3, 4]
 
 
+def children(pid):
+    """The process ids torchrun started (its direct children), from /proc."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("script,how", [("train_vae.py", "SIGTERM to torchrun"), ("train_ocl.py", "SIGKILL to rank 1")])
+def test_two_gloo_processes_stopped_and_resumed_end_bit_identical(script, how, tiny_root, vae256, tmp_path):
+    """torchrun with 2 processes, uninterrupted vs stopped after a checkpoint and continued with --resume: the same
+    bits. Everything one process holds apart from the others must be in last.pt: each process's random generators
+    (Gumbel and query noise, augmentation), and for the VAE each process's code-use counts and sample of recent
+    vectors (code replacing at step 20 sums the counts both processes made since step 0, across the stop)."""
+    if script == "train_vae.py":
+        extra = [*VAE_TINY, "--code-dim", "4", "--steps", "24", "--ckpt-every", "4", "--replace-every", "20",
+                 "--val-every", "12"]
+    else:
+        extra = [*OCL_TINY, "--vae-ckpt", str(vae256), "--steps", "16", "--ckpt-every", "4", "--val-every", "8"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run([*torchrun, *command(script, tiny_root, full, *extra)[1:]], tmp_path)
+    proc = subprocess.Popen([*torchrun, *command(script, tiny_root, cut, *extra)[1:]], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (cut / "step_0000008.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    if how == "SIGTERM to torchrun":  # as a cluster scheduler stops a job: the step ends, last.pt is written
+        proc.send_signal(signal.SIGTERM)
+    else:  # one process dies at once; torchrun ends the other; last.pt is the newest checkpoint
+        os.kill(children(proc.pid)[1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    stopped_at = torch.load(cut / "last.pt", weights_only=True)["step"]
+    assert 8 <= stopped_at < int(extra[extra.index("--steps") + 1])
+    run([*torchrun, *command(script, tiny_root, cut, *extra, "--resume")[1:]], tmp_path)
+    assert_same_weights(full, cut, exact=True)  # code-use counts (hits) included
+    assert losses(full) == losses(cut)
+
+
+def test_code_replacing_state_resumed_with_another_process_count():
+    """A 2-process last.pt resumed by 1 or 3 processes: the counts that decide which codes are dead keep their total
+    (hand-made counts), process 0 keeps its sample of recent vectors, the others start empty."""
+    def pool(hits, n):
+        return {"recent": torch.ones(n, 4), "seen": n, "hits": torch.tensor(hits)}
+    saved = [[pool([1.0, 0.0, 2.0], 5)], [pool([0.0, 3.0, 1.0], 7)]]  # [process][codebook]
+    one = train_vae.my_pools(saved, train_common.Dist(0, 1, 0, torch.device("cpu")))
+    assert one[0]["hits"].tolist() == [1.0, 3.0, 3.0] and len(one[0]["recent"]) == 5
+    third = train_vae.my_pools(saved, train_common.Dist(2, 3, 2, torch.device("cpu")))
+    assert third[0]["hits"].tolist() == [0.0, 0.0, 0.0] and len(third[0]["recent"]) == 0 and third[0]["seen"] == 0
+    same = train_vae.my_pools(saved, train_common.Dist(1, 2, 1, torch.device("cpu")))
+    assert same[0]["hits"].tolist() == [0.0, 3.0, 1.0] and same[0]["seen"] == 7
+
+
 # ----------------------------------------------------------------------------- data order and workers
 
 
