@@ -110,11 +110,12 @@ def test_coco_panoptic_real_sample(tmp_path):
     assert item["areas"].shape == (len(classes),) and item["classes"].tolist() == classes
 
     # the paper's filters (defaults): tiny objects become ignored, then this image has > 10 objects: dropped
-    convert.convert("coco", src, tmp_path / "filtered", resolution=128, quiet=True)
-    meta = data.read_meta(tmp_path / "filtered" / "val")
-    tiny = sum(1 for k in range(1, len(classes) + 1) if convert.bbox_area(expected == k) < 16)
-    assert meta["count"] == 0 and meta["filtered"]["samples_over_max_objects_dropped"] == 1
-    assert meta["filtered"].get("objects_below_min_bbox_ignored", 0) == tiny
+    # (a split that keeps no sample is refused with the reasons counted, and nothing is written)
+    with pytest.raises(convert.ConversionError, match=r"coco/val: no sample kept, nothing written \(objects cropped "
+                                                      r"away: 7; samples over max objects dropped: 1\)\. Check the "
+                                                      r"download.*--max-objects"):
+        convert.convert("coco", src, tmp_path / "filtered", resolution=128, quiet=True)
+    assert not list((tmp_path / "filtered").iterdir())  # not even a hidden temporary
     convert.convert("coco", src, tmp_path / "loose", resolution=128, max_objects=40, quiet=True)
     (rec,) = records(tmp_path / "loose" / "val")[1]
     small = [k for k in range(1, len(classes) + 1) if convert.bbox_area(expected == k) < 16]
@@ -373,6 +374,13 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
         convert.main(["voc", "--src", str(src), "--out", str(out)])
+    # a download whose only masks are unreadable: refused with the reason, and the split already there is kept
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_999999\n")
+    with pytest.raises(SystemExit, match=r"voc/train: no sample kept, nothing written \(samples unreadable skipped: "
+                                         r"1\)\. Check the download"):
+        convert.main(["voc", "--src", str(src), "--out", str(out), "--overwrite"])
+    assert data.read_meta(out / "train")["count"] == 1
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000063\n2007_999999\n")
     convert.main(["voc", "--src", str(src), "--out", str(out), "--overwrite", "--limit", "1", "--resolution", "64"])
     assert data.read_meta(out / "train")["resolution"] == 64
     data.main(["info", str(out)])
