@@ -54,25 +54,9 @@ def nearest_exact_index(n_in, n_out):
     return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
-def centre_square(h, w):
-    """(top, left, side) of the largest centred square (integer offsets, as the authors' CenterCrop)."""
-    side = min(h, w)
-    return (h - side) // 2, (w - side) // 2, side
-
-
-def crop_resize_image(image, res):
-    """(H, W, 3) uint8 -> (res, res, 3) uint8: centre square, bilinear resize with antialias."""
-    top, left, side = centre_square(*image.shape[:2])
-    x = torch.from_numpy(np.ascontiguousarray(image[top:top + side, left:left + side, :3]))
-    x = x.permute(2, 0, 1)[None].float()  # (1, 3, s, s)
-    if side != res:
-        x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
-    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # (res, res, 3)
-
-
 def crop_resize_labels(labels, res):
     """(H, W) label map of any integer dtype -> (res, res), same dtype: centre square, NEAREST-EXACT (no new values)."""
-    top, left, side = centre_square(*labels.shape[:2])
+    top, left, side = data.centre_square(*labels.shape[:2])
     idx = nearest_exact_index(side, res)
     return labels[top:top + side, left:left + side][idx][:, idx]
 
@@ -136,7 +120,7 @@ def object_sample(image, res, assembled, class_dtype):
     if assembled is None:
         return None
     segment, extra = assembled
-    return {"image": crop_resize_image(image, res), "segment": segment,
+    return {"image": data.square_image(image, res), "segment": segment,
             "classes": np.array([c for c, _ in extra], class_dtype).reshape(-1),
             "areas": np.array([a for _, a in extra], np.float32).reshape(-1)}
 
@@ -256,7 +240,7 @@ def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):  # authors
             yield None
             continue
         segment, classes = out
-        yield {"image": crop_resize_image(image, res), "segment": segment, "classes": np.array(classes, np.uint8)}
+        yield {"image": data.square_image(image, res), "segment": segment, "classes": np.array(classes, np.uint8)}
 
 
 CLEVRTEX_CMAP = [(0, 0, 0), (255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 0), (141, 211, 199), (255, 255, 179),
@@ -314,7 +298,7 @@ def clevrtex_samples(src, split, res, stats, variant="full"):
             _skip(stats, image_file, e)
             yield None
             continue
-        yield {"image": crop_resize_image(image, res), "segment": crop_resize_labels(mask.astype(np.uint8), res)}
+        yield {"image": data.square_image(image, res), "segment": crop_resize_labels(mask.astype(np.uint8), res)}
 
 
 # --- MOVi without TensorFlow: TFRecord framing and the tf.train.Example protobuf, parsed by hand.
@@ -480,8 +464,8 @@ def dense_bboxes(bboxes, bbox_frames, row_lengths, frames):
 def movi_video(frames, segments, bbox, res):
     """(T, H, W, 3) uint8, (T, H, W), (T, K, 4) -> cropped and resized, boxes moved into the crop (clipped)."""
     h, w = frames.shape[1:3]
-    top, left, side = centre_square(h, w)
-    image = np.stack([crop_resize_image(f, res) for f in frames])
+    top, left, side = data.centre_square(h, w)
+    image = np.stack([data.square_image(f, res) for f in frames])
     segment = np.stack([crop_resize_labels(s, res) for s in segments]).astype(np.uint8)
     if (h, w) != (side, side):
         scale = np.array([w, h, w, h], np.float32) / side

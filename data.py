@@ -74,6 +74,22 @@ SOURCES = {
 }
 
 
+def centre_square(h, w):
+    """(top, left, side) of the largest centred square (integer offsets, as the authors' CenterCrop)."""
+    return (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w)
+
+
+def square_image(image, res):
+    """(H, W, 3) uint8 -> (res, res, 3) uint8, as every dataset's images are prepared (A.4): the centred square,
+    bilinear resize with antialias (convert.py for the downloads, evaluate.py --images for your own pictures)."""
+    top, left, side = centre_square(*image.shape[:2])
+    x = torch.from_numpy(np.ascontiguousarray(image[top:top + side, left:left + side, :3]))
+    x = x.permute(2, 0, 1)[None].float()  # (1, 3, s, s)
+    if side != res:
+        x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # (res, res, 3)
+
+
 class DatasetMissing(FileNotFoundError):
     """A dataset split that is not on disk; the message names the command that creates it."""
 
@@ -206,7 +222,7 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
+        pass
     return True
 
 
@@ -425,20 +441,10 @@ def crop_clips(image, bbox, index, window, seed, step, rank=0, world=1):
 def write_shapes_video(root="data", resolution=64, seed=0, counts=None, frames=shapes.SHAPES_VIDEO_FRAMES, overwrite=False,
                        quiet=False):
     """Write data/shapes_video[-res]/{train,val}. `counts` maps split -> number of clips."""
-    if resolution % 16 != 0 or resolution < 32:
-        raise ValueError(f"--resolution must be a multiple of 16 and >= 32, got {resolution}")
-    out = shapes_dir(root, resolution, "shapes_video")
-    for split, (split_id, default_count) in shapes.SHAPES_VIDEO_SPLITS.items():
-        count = (counts or {}).get(split, default_count)
-        start = time.time()
-        meta = dict(name="shapes_video", split=split, resolution=resolution, max_objects=5, frames=frames, seed=seed,
-                    source="built-in synthetic generator (shapes.render_shapes_video)")
-        n = write_lmdb(out / split, shapes.shapes_video_samples(seed, split_id, count, resolution, frames), meta,
-                       overwrite=overwrite)
-        if not quiet:
-            print(f"wrote {out / split}: {n} clips of {frames} frames at {resolution}x{resolution} "
-                  f"in {time.time() - start:.1f}s")
-    return out
+    meta = dict(name="shapes_video", split=None, resolution=resolution, max_objects=5, frames=frames, seed=seed,
+                source="built-in synthetic generator (shapes.render_shapes_video)")
+    return _write_builtin(root, meta, shapes.SHAPES_VIDEO_SPLITS, counts, overwrite, quiet, f"clips of {frames} frames",
+                          lambda split_id, n: shapes.shapes_video_samples(seed, split_id, n, resolution, frames))
 
 
 def shapes_dir(root="data", resolution=64, name="shapes"):
@@ -448,18 +454,24 @@ def shapes_dir(root="data", resolution=64, name="shapes"):
 
 def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=False, quiet=False):
     """Write data/shapes[-res]/{train,val}. `counts` maps split -> number of samples."""
-    if resolution % 16 != 0 or resolution < 32:
+    meta = dict(name="shapes", split=None, resolution=resolution, max_objects=6, seed=seed,
+                source="built-in synthetic generator (shapes.render_shapes_sample)",
+                size_thresholds=[t * (resolution / 64) ** 2 for t in shapes.SHAPES_SIZES])
+    return _write_builtin(root, meta, shapes.SHAPES_SPLITS, counts, overwrite, quiet, "samples",
+                          lambda split_id, n: shapes.shapes_samples(seed, split_id, n, resolution))
+
+
+def _write_builtin(root, meta, splits, counts, overwrite, quiet, unit, samples):
+    """Write every split of a built-in dataset: `splits` maps split -> (generator split id, default count)."""
+    if (resolution := meta["resolution"]) % 16 != 0 or resolution < 32:
         raise ValueError(f"--resolution must be a multiple of 16 and >= 32, got {resolution}")
-    out = shapes_dir(root, resolution)
-    for split, (split_id, default_count) in shapes.SHAPES_SPLITS.items():
-        count = (counts or {}).get(split, default_count)
+    out = shapes_dir(root, resolution, meta["name"])
+    for split, (split_id, default_count) in splits.items():
         start = time.time()
-        meta = dict(name="shapes", split=split, resolution=resolution, max_objects=6, seed=seed,
-                    source="built-in synthetic generator (shapes.render_shapes_sample)",
-                    size_thresholds=[t * (resolution / 64) ** 2 for t in shapes.SHAPES_SIZES])
-        n = write_lmdb(out / split, shapes.shapes_samples(seed, split_id, count, resolution), meta, overwrite=overwrite)
+        n = write_lmdb(out / split, samples(split_id, (counts or {}).get(split, default_count)), dict(meta, split=split),
+                       overwrite=overwrite)
         if not quiet:
-            print(f"wrote {out / split}: {n} samples at {resolution}x{resolution} in {time.time() - start:.1f}s")
+            print(f"wrote {out / split}: {n} {unit} at {resolution}x{resolution} in {time.time() - start:.1f}s")
     return out
 
 
@@ -564,11 +576,9 @@ def main(argv=None):
             sys.exit(f"{out} already holds {' and '.join(there)}; pass --overwrite to write it again")
         if args.resolution % 16:
             sys.exit(f"--resolution {args.resolution}: the built-in datasets need a multiple of 16 (64, 128, ...)")
-        counts = {"train": args.train, "val": args.val}
-        if args.command == "shapes":
-            write_shapes(args.root, args.resolution, args.seed, counts, args.overwrite)
-        else:
-            write_shapes_video(args.root, args.resolution, args.seed, counts, args.frames, args.overwrite)
+        frames = {"frames": args.frames} if args.command == "shapes_video" else {}
+        BUILTIN[args.command](args.root, args.resolution, args.seed, {"train": args.train, "val": args.val},
+                              overwrite=args.overwrite, **frames)
     elif args.command == "info":
         folder = Path(args.path)
         if not folder.is_dir():

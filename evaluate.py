@@ -8,19 +8,17 @@ Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), 
 Run:  python evaluate.py                                   # the OCL checkpoint of the quick start
       python evaluate.py --ckpt runs/ocl_shapes_transformer_msf/best.pt --viz 8 --json metrics.json
       python evaluate.py --ckpt runs/vae_shapes_msf_c256/best.pt --separability --viz 4   # a VAE checkpoint
+      python evaluate.py --images my_photos/                 # your own pictures, no ground truth needed
 
-Metric definitions (docs/metrics.md has them with examples). Inputs are long label maps `pred` and `true`,
-(b, H, W) for images or (b, T, H, W) for videos; a video is scored over all its frames jointly, so a slot must keep
-its object across frames. In `true`, 0 = background, 1..K = objects, 255 = ignored: ignored pixels count in no
-metric. ARI: adjusted Rand index over the non-ignored pixels (scikit-learn's adjusted_rand_score); ARIfg: the same
-over the object pixels; mIoU: Hungarian matching of true and predicted segments maximising the summed IoU, summed
-IoU / number of true segments (background included); mBO: each true segment's best IoU, averaged. A sample where a
-metric is undefined gets NaN; dataset means skip NaN and count the samples that counted (`mean_and_count`).
+Metrics (docs/metrics.md: definitions with examples): `pred` and `true` are long label maps, (b, H, W) or, for
+videos, (b, T, H, W) scored over all frames jointly; in `true` 0 = background, 1..K = objects, 255 = ignored (counts
+in no metric). A sample where a metric is undefined gets NaN; dataset means skip it (`mean_and_count`).
 
 Reading order: the metrics (contingency, ari, matched_ious, miou, mbo, video_metrics, miou_by_size,
 masks_to_labels, perplexity, mean_and_count); Tab. 4's separability (kmeans, separability); the evaluation loops
-(validate_vae, validate_ocl); the CLI (evaluate_vae, evaluate_ocl, main). Imports data (labels, datasets), msf and
-ocl (rebuilding a model from its checkpoint), train_common (reading a checkpoint safely, the device), figures.
+(validate_vae, validate_ocl); the CLI (evaluate_vae, evaluate_ocl, segment_images, main). Imports data (labels,
+datasets), msf and ocl (rebuilding a model from its checkpoint), train_common (reading a checkpoint safely, the
+device), figures.
 """
 import argparse
 import json
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from scipy.optimize import linear_sum_assignment
 
 import data
@@ -507,6 +506,40 @@ def evaluate_ocl(ckpt, args, device):
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
 
 
+def segment_images(ckpt, args, device):
+    """--images FOLDER: every picture in a folder (any size), prepared as the datasets' images (data.square_image:
+    centre square, resized to the model's resolution) and segmented without ground truth: one Fig. 2 row per picture
+    (image | prediction | one column per slot) in <out>/<name>.png, by default out = RUN/images_<folder>."""
+    model, ckpt = ocl.load_ocl(ckpt, device, args.dino_weights)
+    folder, res = Path(args.images), ckpt["model_args"]["resolution"]
+    out_dir = Path(args.out or Path(args.ckpt).parent / f"images_{folder.resolve().name}")  # never the run's files
+    if model.video or out_dir.resolve() == folder.resolve():
+        raise ValueError(f"--images: {args.ckpt} is a video model; score it on clips (--split)" if model.video else
+                         f"--out {args.out} is the --images folder: the figures would replace your pictures; give another")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    written, skipped = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:  # as the camera held it (EXIF orientation), in RGB
+                rgb = np.array(ImageOps.exif_transpose(im).convert("RGB"))  # (h, w, 3) uint8
+        except (OSError, ValueError) as e:  # not a picture (PIL's UnidentifiedImageError is an OSError)
+            skipped.append(f"{path.name} ({type(e).__name__})")
+            continue
+        image = torch.from_numpy(data.square_image(rgb, res)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
+        masks = model.segment(image.to(device))["masks"]  # (1, s, h, w): what validation scores
+        name = path.stem if [p.stem for p in files].count(path.stem) == 1 else path.name.replace(".", "_")  # a.jpg, a.png
+        out_dir.mkdir(parents=True, exist_ok=True)
+        figures.fig2(out_dir / f"{name}.png", image, None, masks_to_labels(masks, (res, res)).cpu(),
+                     upsample_masks(masks, (res, res)).cpu())
+        written.append(f"{name}.png")
+    if not written:
+        raise ValueError(f"--images {folder}: no picture to segment ({'; '.join(skipped) or 'the folder is empty'}); "
+                         f"put .jpg or .png files in it")
+    print(f"wrote {len(written)} figure{'s' * (len(written) != 1)} to {out_dir} (image | prediction | one column per slot)"
+          + (f"; skipped what is not a picture: {', '.join(skipped)}" if skipped else ""))
+    return {"ckpt": str(args.ckpt), "kind": "images", "out": str(out_dir), "figures": written, "skipped": skipped}
+
+
 def _loader(dataset, batch_size):
     """The dataset in order, in batches. Its own generator: even an unshuffled DataLoader draws a seed, which would
     otherwise come from the global stream and make a validation change the noise of the training after it."""
@@ -543,6 +576,9 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=data.number(int, 0), default=0, help="score only the first N samples (0 = all)")
     p.add_argument("--viz", type=data.number(int, 0), default=0,
                    help="write figures for the first N samples (Fig. 2 for OCL, Fig. 3 for VAE)")
+    p.add_argument("--images", default=None,
+                   help="an OCL checkpoint on your own pictures: segment every picture in this folder, no ground truth "
+                        "needed (figures go to --out, default RUN/images_<folder>)")
     p.add_argument("--out", default=None, help="folder for figures (default: the checkpoint's folder)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--separability", action="store_true", help="VAE checkpoints: Tab. 4 separability (always computed)")
@@ -569,7 +605,11 @@ def main(argv=None):
                  f"or pass --ckpt PATH")
     try:
         ckpt = train_common.load_checkpoint(args.ckpt)
-        result = (evaluate_vae if ckpt["kind"] == "vae" else evaluate_ocl)(ckpt, args, device)
+        if args.images and (ckpt["kind"] != "ocl" or not Path(args.images).is_dir()):
+            sys.exit(f"--images {args.images}: " + ("not a folder; give a folder of pictures" if ckpt["kind"] == "ocl"
+                     else f"{args.ckpt} is a VAE checkpoint; --images takes an OCL one (train_ocl.py's best.pt)"))
+        run = segment_images if args.images else evaluate_vae if ckpt["kind"] == "vae" else evaluate_ocl
+        result = run(ckpt, args, device)
     except (ValueError, FileNotFoundError, data.DatasetMissing) as e:  # DatasetMissing is a FileNotFoundError
         sys.exit(str(e))
     if args.json:

@@ -71,12 +71,12 @@ def fig2(path, images, true, pred, masks, scale=2):
     """Fig. 2 style: one row per sample, columns image | ground truth | predicted segmentation | one column per
     slot (the image where the slot's mask is high, white elsewhere, under a bar of the slot's colour).
     images (b, 3, H, W) in [-1, 1]; true, pred (b, H, W); masks (b, s, H, W) soft masks summing to 1 over slots, at
-    the image's size (evaluate.upsample_masks: the masks the metrics score)."""
+    the image's size (evaluate.upsample_masks: the masks the metrics score). true None: no ground-truth column."""
     pal = palette(256)
     rows = []
     for i in range(len(images)):
         img = to_uint8(images[i])  # (H, W, 3)
-        cols = [img, _colour_labels(img, true[i]), _colour_labels(img, pred[i])]
+        cols = [img, *([] if true is None else [_colour_labels(img, true[i])]), _colour_labels(img, pred[i])]
         for s in range(masks.shape[1]):
             m = masks[i, s].detach().float().cpu().numpy()[..., None]  # (H, W, 1)
             tile = (m * img + (1 - m) * 255).astype(np.uint8)

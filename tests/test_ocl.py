@@ -8,6 +8,7 @@ import inspect
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +188,56 @@ def test_missing_inputs_print_the_command(tmp_path, tiny_root):
         train_ocl.main(["--dataset", "coco", "--data-root", str(tmp_path)])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main(["--ckpt", str(tmp_path / "none.pt")])
+
+
+def test_evaluate_segments_a_folder_of_your_own_pictures(tiny_root, tiny_vaes, tmp_path):
+    """evaluate.py --images: pictures of any size and format, centre square resized to the model's resolution (oracle:
+    PIL's own crop and antialiased bilinear resize), the EXIF orientation applied (oracle: the same picture stored
+    turned), files that are not pictures named and skipped, and nothing written over a picture or a run file."""
+    from PIL import Image
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "run", "transformer", "--steps", "1"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)  # (h, w, 3): not square, not 64 px
+    Image.fromarray(wide).save(folder / "a.png")
+    Image.fromarray(wide).save(folder / "a.bmp")  # the same name twice: both figures kept
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; viewers turn the picture 90 degrees clockwise
+    Image.fromarray(wide).save(folder / "turned.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(wide, k=-1))).save(folder / "upright.png")
+    (folder / "notes.txt").write_text("not a picture")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    result = evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(folder)])
+    figs = out / "images_photos"
+    assert sorted(result["figures"]) == ["a_bmp.png", "a_png.png", "turned.png", "upright.png"]
+    assert result["skipped"] == ["notes.txt (UnidentifiedImageError)"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the pictures are untouched
+
+    def tile(name, column=0):  # one 64x64 tile of a figure (2x enlarged, 2 white pixels after every tile)
+        fig = np.asarray(Image.open(figs / name).convert("RGB"))
+        return fig[::2, ::2][:64, column * 66: column * 66 + 64].astype(int)
+    crop = Image.fromarray(wide).crop((30, 0, 120, 90)).resize((64, 64), Image.BILINEAR)  # PIL: antialiased
+    assert np.abs(tile("a_png.png") - np.asarray(crop, dtype=int)).max() <= 2
+    assert np.array_equal(tile("turned.png"), tile("upright.png"))
+    slots = torch.load(out / "best.pt", weights_only=True)["model_args"]["num_slots"]
+    width = Image.open(figs / "a_png.png").width
+    assert width == 2 * (2 + slots) * 66  # image | prediction | one column per slot: no ground truth column
+
+    with pytest.raises(SystemExit, match=r"is the --images folder: the figures would replace your pictures"):
+        evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(folder), "--out", str(folder)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"no picture to segment \(the folder is empty\); put \.jpg or \.png"):
+        evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(tmp_path / "empty")])
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "x.jpg").write_text("a text file named like a picture")
+    with pytest.raises(SystemExit, match=r"no picture to segment \(x\.jpg \(UnidentifiedImageError\)\)"):
+        evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(tmp_path / "text")])
+    with pytest.raises(SystemExit, match="not a folder; give a folder of pictures"):
+        evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="is a VAE checkpoint; --images takes an OCL one"):
+        evaluate.main(["--ckpt", str(tiny_vaes[256]), "--images", str(folder)])
+    assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "images_photos"}
 
 
 def test_ocl_size_defaults_are_the_paper_size():
