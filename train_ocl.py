@@ -212,16 +212,7 @@ def train(args):
                              f"{train_data.meta['resolution']}px images")
 
         # the model: the frozen VAE from its checkpoint, the rest from the flags (model_args rebuild it later)
-        model_args = dict(decoder=args.decoder, num_slots=args.slots, resolution=resolution,
-                          guide_scales=[int(n) for n in args.guide_scales.split(",")], slot_dim=args.slot_dim,
-                          enc_channels=args.enc_channels, enc_stride=args.enc_stride, iters=args.iters,
-                          bilevel=args.bilevel, dec_dim=args.dec_dim, dec_layers=args.dec_layers,
-                          dec_heads=args.dec_heads, unet_base=args.unet_base, unet_layers=args.unet_layers,
-                          mlp_hidden=args.mlp_hidden, encoder=args.encoder, grouping=args.slot_attention,
-                          video=data.DATASETS[args.dataset]["video"], queries=args.queries,
-                          predictor_dropout=args.predictor_dropout, box_prior=args.box_prior,
-                          predictor=args.predictor or "ours", boxless=args.boxless or "gaussian",
-                          diffusion_target=args.diffusion_target, latent_scale=args.latent_scale)
+        model_args = model_args_of(args, resolution)
         dino = None
         if args.encoder == "dino":  # frozen; its weights' sha256 goes into model_args (resume and evaluate check it)
             dino, model_args["dino_sha256"] = ocl.load_dino(args.dino_weights)
@@ -303,6 +294,19 @@ def train(args):
         if d.main:
             print(f"done: {out / 'best.pt'} (validation ARI + ARIfg {100 * best:.2f}); masks in {out / 'masks.png'}")
     return out
+
+
+def model_args_of(args, resolution):
+    """The flags that define the OCL model, as ocl.OCL takes them (and the checkpoint stores them)."""
+    return dict(decoder=args.decoder, num_slots=args.slots, resolution=resolution,
+                guide_scales=[int(n) for n in args.guide_scales.split(",")], slot_dim=args.slot_dim,
+                enc_channels=args.enc_channels, enc_stride=args.enc_stride, iters=args.iters, bilevel=args.bilevel,
+                dec_dim=args.dec_dim, dec_layers=args.dec_layers, dec_heads=args.dec_heads, unet_base=args.unet_base,
+                unet_layers=args.unet_layers, mlp_hidden=args.mlp_hidden, encoder=args.encoder,
+                grouping=args.slot_attention, video=data.DATASETS[args.dataset]["video"], queries=args.queries,
+                predictor_dropout=args.predictor_dropout, box_prior=args.box_prior, predictor=args.predictor or "ours",
+                boxless=args.boxless or "gaussian", diffusion_target=args.diffusion_target,
+                latent_scale=args.latent_scale)
 
 
 def describe(args, params, vae_ckpt, resolution, device, start):

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_guidance as cg  # noqa: E402
@@ -81,3 +82,19 @@ def test_main_table_before_ablations_and_diffusion_only_on_the_papers_rows():
     assert all(c[0] in cg.ABLATIONS for c in order[first_ablation:])
     assert {c[0] for c in order if c[1] == "diffusion"} == set(cg.DIFFUSION)
     assert len(order) == 2 * (len(cg.MAIN) + len(cg.DIFFUSION)) + 2 * len(cg.ABLATIONS)
+
+
+def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
+    """benchmarks/paper_scale.py on DINOSAUR at batch 1: the model is the one train_ocl.py builds at the paper's
+    settings (11 slots, DINO's 384 features, the 3 x 2,048 MLP), and the counted FLOPs of a training step are at least
+    the decoder MLP's own, by hand: 2 x (forward) + 4 x (backward: input and weight gradients) multiply-adds per
+    weight, for every slot at every one of the (128 / 8)^2 positions."""
+    import paper_scale
+    row = paper_scale.measure("dinosaur", torch.device("cpu"), steps=1, batch_scale=1 / 32)
+    assert row["batch"] == 1 and row["stage"] == 2 and row["paper_steps"] == 50_000
+    mlp = 256 * 2048 + 2048 * 2048 * 2 + 2048 * 385  # slot_dim 256 -> 2,048 -> 2,048 -> 2,048 -> 384 + alpha
+    hand = 6 * mlp * 11 * 16 * 16
+    assert hand <= row["gflops_step"] * 1e9 <= 3 * hand  # the decoder dominates; DINO and Slot Attention add the rest
+    assert row["params_trained"] > mlp and row["peak_gib"] > 0 and row["s_step"] > 0
+    stage1 = paper_scale.measure("msf", torch.device("cpu"), steps=1, batch_scale=1 / 64)
+    assert stage1["codebook_params"] == 2 ** 17 + 2 ** 16  # Sect. 3.4: projection c x 2c, 4 codebooks of 64 x 256
