@@ -88,7 +88,8 @@ def train(args):
         if not replacing:
             for cb in model.codebooks:
                 cb.pool = 0  # no code replacing: no pool of recent vectors to keep (and no random draws for it)
-        pools = d.world * sum(cb.pool * cb.weight.shape[1] * 4 for cb in model.codebooks)  # each process's samples
+        # each process's sample of recent vectors and code-use counts, fp32
+        pools = d.world * sum((cb.pool * cb.weight.shape[1] + cb.weight.shape[0]) * 4 for cb in model.codebooks)
         out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
                                            train_common.checkpoint_bytes(model, model.parameters(), pools))
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -435,3 +435,23 @@ def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
     assert authors["ari"] == metrics["ari"] and authors["ari_fg"] == metrics["ari_fg"]
     assert authors["miou"]["mean"] <= metrics["miou"]["mean"] and authors["mbo"]["mean"] <= metrics["mbo"]["mean"]
     assert authors["mbo"]["mean"] < metrics["mbo"]["mean"]  # (this image has unannotated pixels the slots cover)
+
+
+def test_the_cards_command_runs_end_to_end_on_a_synthetic_coco_download(tmp_path):
+    """benchmarks/paper_chain.py --tiny: a synthetic download in COCO's panoptic layout (things, stuff, crowd
+    regions, unlabelled borders) -> convert.py coco -> train_vae.py --code-dim 4 and train_ocl.py --decoder
+    diffusion (DINO random), each stopped by SIGTERM after its first checkpoint and continued with --resume to its
+    last step -> evaluate.py scores the val images that were kept; the feature cache holds DINO's fp16 map."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import paper_chain
+    result = paper_chain.main(["--work", str(tmp_path / "chain"), "--tiny", "--train", "8", "--val", "3",
+                               "--steps", "2"])
+    runs = tmp_path / "chain" / "runs"
+    for run in ("vae", "ocl"):
+        assert torch.load(runs / run / "last.pt", weights_only=True)["step"] == 2
+        steps = [json.loads(line)["step"] for line in open(runs / run / "metrics.jsonl") if '"loss"' in line]
+        assert steps == [1, 2]  # step 1 before the stop, step 2 after the resume, none twice
+    kept = data.read_meta(tmp_path / "chain" / "data" / "coco" / "val")["count"]
+    assert result["metrics"]["ari"]["count"] == kept > 0
+    assert result["cache_bytes_per_sample"] >= 384 * 16 * 16 * 2  # DINO's (384, 16, 16) map in fp16 per image

@@ -178,8 +178,9 @@ def test_last_pt_size_is_what_the_space_check_expects(vae_run):
     it must not underestimate what the run writes (it missed the pools by ~25% before)."""
     ckpt = train_common.load_checkpoint(vae_run / "last.pt", "vae")
     model = __import__("msf").load_vae(ckpt)
-    held = sum(p["recent"].numel() * 4 for p in ckpt["train_state"]["pools"])  # the pools as this run filled them
-    full = sum(1024 * cb.weight.shape[1] * 4 for cb in model.codebooks)  # what the check assumes: full pools
+    pools = [p for process in ckpt["train_state"]["pools"] for p in process]  # [process][codebook]
+    held = sum((p["recent"].numel() + p["hits"].numel()) * 4 for p in pools)  # the pools as this run filled them
+    full = sum((1024 * cb.weight.shape[1] + cb.weight.shape[0]) * 4 for cb in model.codebooks)  # full pools
     actual = (vae_run / "last.pt").stat().st_size
     tight = train_common.checkpoint_bytes(model, model.parameters(), held)
     assert actual <= tight <= actual + 1.25 * 2 ** 20, (actual, tight)  # the sizes are right, the margin is 1 MiB
