@@ -171,12 +171,14 @@ def distributed(device_name):
             dist.destroy_process_group()
 
 
-def wrap_ddp(model, d):
+def wrap_ddp(model, d, compile=False):
     """DistributedDataParallel around the trainable model (a no-op for one process). Buffers are not broadcast
-    every step: the codebooks' hit counts are per process and summed where they are used (vae.Codebook)."""
-    if d.world == 1:
-        return model
-    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+    every step: the codebooks' hit counts are per process and summed where they are used (vae.Codebook).
+    compile (--compile): torch.compile around that, for the training step only (validation and checkpoints use the
+    plain model, the same weights); the first steps pay for the compilation (benchmarks/paper_scale.py --compile)."""
+    if d.world > 1:
+        model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+    return torch.compile(model) if compile else model
 
 
 def print_batch_rule(d, batch_size, lr):
@@ -233,6 +235,9 @@ def add_run_args(p, val_default):
     # ours: keep 3 numbered checkpoints (the paper: the final 25)
     p.add_argument("--keep", type=data.number(int, 0), default=3,
                    help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (off by default: it pays only where benchmarks/paper_scale.py "
+                        "--compile measures it does; the first steps compile)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
 

@@ -246,7 +246,7 @@ def train(args):
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
-        ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
+        ddp = train_common.wrap_ddp(model, d, args.compile)  # DDP: gradients averaged over processes
         # the cache holds code indices: the targets of mlp (features) and of diffusion on Z_1 are continuous
         cache = None if args.no_cache or args.decoder == "mlp" or model.diffuses_z else GuidanceCache()
         features = None  # --cache-features: DINO's maps of the training images, computed once (FeatureCache)

@@ -108,7 +108,7 @@ def train(args):
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
-        ddp = train_common.wrap_ddp(model, d)  # the same model under DDP: gradients averaged over processes
+        ddp = train_common.wrap_ddp(model, d, args.compile)  # DDP: gradients averaged over processes
         model.train()
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr or --stabilisers on.") as guard:
             for step in range(start, args.steps):

@@ -13,6 +13,7 @@ its own so that its peak memory is its own. DINO is the random stand-in (its cos
 Run: python benchmarks/paper_scale.py                       # every row, CPU: a few minutes per stage-2 row
      python benchmarks/paper_scale.py --device cuda --steps 20 --json results/paper_scale_h200.json
      python benchmarks/paper_scale.py --rows slate,dinosaur --batch-scale 0.25   # a quick look
+     python benchmarks/paper_scale.py --device cuda --compile                    # and torch.compile against eager
 """
 import argparse
 import json
@@ -88,18 +89,21 @@ def build(name, batch_scale):
     return model, params, inputs, args.lr, args.clip, batch, stage
 
 
-def measure(name, device, steps, batch_scale):
-    """One row, in this process: returns a dict of what the table shows."""
+def measure(name, device, steps, batch_scale, compile=False):
+    """One row, in this process: returns a dict of what the table shows. compile: also time the step under
+    torch.compile (what --compile does), after the eager steps, on the same model."""
     torch.manual_seed(0)
     model, params, inputs, lr, clip, batch, stage = build(name, batch_scale)
     model = model.to(device).train()
     optimizer = torch.optim.Adam(params, lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
+    forward = model
+
     def step():
         x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs().items()}
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            loss = model(**x)["loss"]
+            loss = forward(**x)["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -123,11 +127,24 @@ def measure(name, device, steps, batch_scale):
     seconds = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    compiled = None
+    if compile:  # the same steps through torch.compile; the first two compile (and recompile for the
+        forward = torch.compile(model)  # training-mode branches), then the timed ones
+        start = time.perf_counter()
+        step()
+        step()
+        compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        compiled = {"s_step_compiled": statistics.median(times), "compile_s": compile_s}
     codebook = vae.count_codebook_params(model) if stage == 1 else 0  # Sect. 3.4's "codebook-related parameters"
     return {"row": name, "what": ROWS[name][0], "stage": stage, "batch": batch, "device": str(device),
             "params_trained": sum(p.numel() for p in params), "params_all": sum(p.numel() for p in model.parameters()),
             "codebook_params": codebook, "gflops_step": flops / 1e9, "peak_gib": peak / 2 ** 30,
-            "s_step": seconds, "steps": steps, "paper_steps": PAPER_STEPS[stage]}
+            "s_step": seconds, "steps": steps, "paper_steps": PAPER_STEPS[stage], **(compiled or {})}
 
 
 def gpu_peak_tflops(device, given):
@@ -145,6 +162,7 @@ def table(rows, peak_tflops):
     head = ["row", "batch", "trained params (M)", "GFLOP / step", f"peak {'GPU' if gpu else 'process'} memory (GiB)",
             "s / step"]
     head += ["steps / s", "MFU", "hours for the paper's steps"] if gpu else ["hours for the paper's steps (this CPU)"]
+    head += ["--compile: time per step over eager"] if "s_step_compiled" in rows[0] else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["what"], str(r["batch"]), f"{r['params_trained'] / 1e6:.2f}", f"{r['gflops_step']:,.0f}",
@@ -154,6 +172,8 @@ def table(rows, peak_tflops):
             mfu = r["gflops_step"] / r["s_step"] / (peak_tflops * 1e3) if peak_tflops else None
             cells += [f"{1 / r['s_step']:.2f}", f"{100 * mfu:.1f}%" if mfu is not None else "?"]
         cells.append(f"{hours:,.1f} ({r['paper_steps']:,} steps)")
+        if "s_step_compiled" in r:
+            cells.append(f"{r['s_step_compiled'] / r['s_step']:.2f}x ({r['compile_s']:.0f} s to compile)")
         lines.append("| " + " | ".join(cells) + " |")
     by = {r["row"]: r for r in rows}
     if "vqvae" in by and "msf" in by:
@@ -173,12 +193,13 @@ def main():
     p.add_argument("--batch-scale", type=float, default=1.0, help="the paper's batch times this (a quick look: 0.25)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense fp16 peak for MFU (default: known for H100/H200/A100/L40S/4090/V100)")
+    p.add_argument("--compile", action="store_true", help="also time each row under torch.compile (--compile)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = p.parse_args()
     device = torch.device(args.device)
     if args.row:  # the child: one row, one JSON line
-        print(json.dumps(measure(args.row, device, args.steps, args.batch_scale)))
+        print(json.dumps(measure(args.row, device, args.steps, args.batch_scale, args.compile)))
         return
     names = args.rows.split(",")
     unknown = [n for n in names if n not in ROWS]
@@ -191,13 +212,15 @@ def main():
     rows = []
     for name in names:
         done = subprocess.run([sys.executable, __file__, "--row", name, "--device", args.device, "--steps",
-                               str(args.steps), "--batch-scale", str(args.batch_scale)], capture_output=True, text=True)
+                               str(args.steps), "--batch-scale", str(args.batch_scale),
+                               *(["--compile"] if args.compile else [])], capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{name}: {r['s_step']:.3f} s/step, {r['gflops_step']:,.0f} GFLOP/step, {r['peak_gib']:.1f} GiB", flush=True)
+        print(f"{name}: {r['s_step']:.3f} s/step, {r['gflops_step']:,.0f} GFLOP/step, {r['peak_gib']:.1f} GiB"
+              + (f", compiled {r['s_step_compiled']:.3f} s/step" if "s_step_compiled" in r else ""), flush=True)
     print(table(rows, gpu_peak_tflops(device, args.peak_tflops)))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=1))

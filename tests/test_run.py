@@ -190,6 +190,24 @@ def test_code_replacing_state_resumed_with_another_process_count():
     assert same[0]["hits"].tolist() == [0.0, 3.0, 1.0] and same[0]["seen"] == 7
 
 
+def test_compile_wraps_the_training_step_only(tiny_root, tmp_path, monkeypatch):
+    """--compile: torch.compile around the model the training step calls (here a recorder stands in for the compiler,
+    which takes a minute on a CPU); validation and checkpoints use the plain model, so best.pt holds plain weights."""
+    compiled = []
+
+    def recorder(module):
+        compiled.append(module)
+        return lambda *a, **k: module(*a, **k)
+    monkeypatch.setattr(torch, "compile", recorder)
+    out = train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "c"), *VAE_TINY,
+                                                "--steps", "2", "--compile"]))
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert not any(k.startswith("_orig_mod") for k in torch.load(out / "best.pt", weights_only=True)["model"])
+    train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "e"), *VAE_TINY,
+                                          "--steps", "2"]))
+    assert len(compiled) == 1  # off by default
+
+
 # ----------------------------------------------------------------------------- data order and workers
 
 
