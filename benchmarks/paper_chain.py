@@ -5,8 +5,12 @@ continued with --resume, as a cluster would. Prints each command with its wall t
 and bytes per sample, DINO's feature cache bytes per sample, and both extrapolated to the full COCO download (what
 the README's "the paper's own runs" quotes; benchmarks/paper_scale.py gives the time per training step).
 
+The same for MOVi (`--dataset movi_c`): synthetic TFDS shards -> convert.py movi_c -> train_vae.py --dataset movi_c
+-> train_ocl.py --dataset movi_c (STEVE + MSF) -> evaluate.py over whole clips.
+
 Run: python benchmarks/paper_chain.py --work /tmp/chain                      # 500 + 50 images, 4 steps per stage
      python benchmarks/paper_chain.py --work /tmp/chain --train 3000 --val 300 --steps 10
+     python benchmarks/paper_chain.py --work /tmp/movi --dataset movi_c --train 100 --val 10
      python benchmarks/paper_chain.py --work /tmp/chain --tiny               # a seconds-long check (the test's)
 """
 import argparse
@@ -24,8 +28,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import data  # noqa: E402
 import synthetic_downloads  # noqa: E402
 
-# images of the official COCO 2017 download, for the extrapolation (train2017, val2017)
-FULL = {"coco train2017": 118_287, "coco val2017": 5_000}
 TINY_VAE = ["--channels", "16", "--batch-size", "4"]
 TINY_OCL = ["--size", "class", "--batch-size", "2"]
 
@@ -60,70 +62,85 @@ def run(cmd, log, stop_at=None, out=None):
     return time.time() - start
 
 
+# per dataset: the synthetic download's writer and splits, the card's stage-1 and stage-2 flags, the official
+# download's sizes for the extrapolation (samples of train and val: COCO 2017 images, MOVi-C scenes of 24 frames)
+CHAINS = {
+    "coco": dict(write=synthetic_downloads.write_coco, splits=("train", "val"), vae=["--code-dim", "4"],
+                 ocl=["--decoder", "diffusion"], full={"train2017": 118_287, "val2017": 5_000}, unit="images"),
+    "movi_c": dict(write=synthetic_downloads.write_movi, splits=("train", "validation"), vae=[],
+                   ocl=["--decoder", "transformer"], full={"train": 9_737, "validation": 250}, unit="scenes"),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, help="a new folder for the download, the dataset and the runs")
-    p.add_argument("--train", type=int, default=500, help="synthetic training images")
-    p.add_argument("--val", type=int, default=50, help="synthetic validation images")
+    p.add_argument("--dataset", default="coco", choices=list(CHAINS),
+                   help="coco: SlotDiffusion + MSF (the card's command); movi_c: STEVE + MSF on clips")
+    p.add_argument("--train", type=int, default=500, help="synthetic training images (MOVi: scenes)")
+    p.add_argument("--val", type=int, default=50, help="synthetic validation images (MOVi: scenes)")
     p.add_argument("--steps", type=int, default=4, help="training steps per stage (stopped half-way, resumed)")
     p.add_argument("--tiny", action="store_true", help="small images, widths and batches: the chain in seconds")
     args = p.parse_args(argv)
-    work = Path(args.work)
+    work, chain, name = Path(args.work), CHAINS[args.dataset], args.dataset
     if work.exists() and any(work.iterdir()):
         raise SystemExit(f"--work {work} is not empty; give a new folder")
     work.mkdir(parents=True, exist_ok=True)
     log, py, steps = work / "chain.log", sys.executable, max(2, args.steps)
     half = steps // 2
     t = time.time()
-    synthetic_downloads.write_coco(work / "download", {"train": args.train, "val": args.val},
-                                   long_side=160 if args.tiny else 640)
-    made = time.time() - t
-    rows = [("synthetic download (not part of a real run)", f"{args.train} + {args.val} images", made)]
+    size = {"long_side": 160 if args.tiny else 640} if name == "coco" else {"res": 64, "frames": 8} if args.tiny else {}
+    chain["write"](work / "download", dict(zip(chain["splits"], (args.train, args.val))), **size)
+    rows = [("synthetic download (not part of a real run)", f"{args.train} + {args.val} {chain['unit']}",
+             time.time() - t)]
 
-    seconds = run([py, "convert.py", "coco", "--src", str(work / "download"), "--out", str(work / "data" / "coco")], log)
-    lmdb = folder_bytes(work / "data" / "coco")
-    kept = {s: data.read_meta(work / "data" / "coco" / s)["count"] for s in ("train", "val")}
-    per_image = seconds / (args.train + args.val)
+    res = ["--resolution", "64"] if args.tiny and name != "coco" else []
+    seconds = run([py, "convert.py", name, "--src", str(work / "download"), "--out", str(work / "data" / name), *res],
+                  log)
+    lmdb = folder_bytes(work / "data" / name)
+    kept = {s: data.read_meta(work / "data" / name / s)["count"] for s in ("train", "val")}
+    per_source = seconds / (args.train + args.val)
     per_sample = lmdb / (kept["train"] + kept["val"])
-    rows.append(("convert.py coco", f"{(args.train + args.val) / seconds:.1f} images/s, {per_sample / 1024:.1f} KiB "
-                                    f"per kept sample ({kept['train']} + {kept['val']} kept)", seconds))
+    rows.append((f"convert.py {name}", f"{(args.train + args.val) / seconds:.2f} {chain['unit']}/s, "
+                                       f"{per_sample / 1024:.1f} KiB per kept sample ({kept['train']} + {kept['val']} "
+                                       f"kept)", seconds))
 
-    runs, common = work / "runs", ["--data-root", str(work / "data"), "--ckpt-every", str(half), "--val-every",
-                                   str(steps), "--val-batches", "1", "--log-every", "1"]
+    runs, common = work / "runs", ["--dataset", name, "--data-root", str(work / "data"), "--ckpt-every", str(half),
+                                   "--val-every", str(steps), "--val-batches", "1", "--log-every", "1"]
     vae = runs / "vae"
-    seconds = run([py, "train_vae.py", "--dataset", "coco", "--code-dim", "4", "--steps", str(steps), "--out", str(vae),
-                   *common, *(TINY_VAE if args.tiny else [])], log, stop_at=half, out=vae)
-    rows.append(("train_vae.py --dataset coco --code-dim 4", f"{steps} steps, stopped at {half}, resumed", seconds))
+    seconds = run([py, "train_vae.py", *chain["vae"], "--steps", str(steps), "--out", str(vae), *common, *res,
+                   *(TINY_VAE if args.tiny else [])], log, stop_at=half, out=vae)
+    rows.append((f"train_vae.py --dataset {name} {' '.join(chain['vae'])}".rstrip(),
+                 f"{steps} steps, stopped at {half}, resumed", seconds))
     ocl = runs / "ocl"
-    seconds = run([py, "train_ocl.py", "--dataset", "coco", "--decoder", "diffusion", "--dino-weights", "random",
-                   "--vae-ckpt", str(vae / "best.pt"), "--steps", str(steps), "--out", str(ocl), *common,
-                   *(TINY_OCL if args.tiny else [])], log, stop_at=half, out=ocl)
-    rows.append(("train_ocl.py --dataset coco --decoder diffusion", f"{steps} steps, stopped at {half}, resumed",
-                 seconds))
+    seconds = run([py, "train_ocl.py", *chain["ocl"], "--dino-weights", "random", "--vae-ckpt", str(vae / "best.pt"),
+                   "--steps", str(steps), "--out", str(ocl), *common, *(TINY_OCL if args.tiny else [])], log,
+                  stop_at=half, out=ocl)
+    rows.append((f"train_ocl.py --dataset {name} {' '.join(chain['ocl'])}", f"{steps} steps, stopped at {half}, "
+                                                                          f"resumed", seconds))
     seconds = run([py, "evaluate.py", "--ckpt", str(ocl / "best.pt"), "--json", str(work / "metrics.json")], log)
     metrics = json.loads((work / "metrics.json").read_text())["metrics"]
-    rows.append(("evaluate.py", f"ARI {100 * metrics['ari']['mean']:.2f} on {metrics['ari']['count']} val images",
-                 seconds))
-    # DINO's feature cache (--cache-features, DINOSAUR's and the big-little encoder's): its bytes per sample
-    cache_out = runs / "dinosaur"
-    seconds = run([py, "train_ocl.py", "--dataset", "coco", "--decoder", "mlp", "--dino-weights", "random",
-                   "--cache-features", "--steps", "1", "--out", str(cache_out), *common,
-                   *(TINY_OCL if args.tiny else [])], log)
-    cached = kept["train"] - len(data.select_rows(kept["train"]))  # the cache holds the training view (no select)
-    cache = folder_bytes(work / "data" / "coco_features") / cached  # bytes per cached image
-    rows.append(("train_ocl.py --decoder mlp --cache-features", f"feature cache {cache / 1024:.1f} KiB "
-                                                                 f"per training sample", seconds))
+    rows.append(("evaluate.py", f"ARI {100 * metrics['ari']['mean']:.2f} on {metrics['ari']['count']} val "
+                                f"{chain['unit']}", seconds))
+    cache = None
+    if name == "coco":  # DINO's feature cache (--cache-features) of the training images: its bytes per image
+        seconds = run([py, "train_ocl.py", "--decoder", "mlp", "--dino-weights", "random", "--cache-features",
+                       "--steps", "1", "--out", str(runs / "dinosaur"), *common, *(TINY_OCL if args.tiny else [])], log)
+        cached = kept["train"] - len(data.select_rows(kept["train"]))  # the training view (no select)
+        cache = folder_bytes(work / "data" / f"{name}_features") / cached  # bytes per cached image
+        rows.append(("train_ocl.py --decoder mlp --cache-features", f"feature cache {cache / 1024:.1f} KiB per "
+                                                                     f"training image", seconds))
 
     print("\n| step | what | wall s |\n|---|---|---|")
-    for name, what, s in rows:
-        print(f"| {name} | {what} | {s:.1f} |")
-    print(f"\nExtrapolated (this machine's conversion throughput, {per_sample / 1024:.1f} KiB per kept sample; "
-          f"the feature cache {cache / 1024:.1f} KiB per training image):")
-    print("| split | images | conversion hours (one process) | LMDB GiB | feature cache GiB |\n|---|---|---|---|---|")
-    for name, n in FULL.items():
-        print(f"| {name} | {n:,} | {n * per_image / 3600:.1f} | {n * per_sample / 2 ** 30:.1f} | "
-              f"{n * cache / 2 ** 30:.1f} |")
-    result = {"rows": rows, "per_image_s": per_image, "bytes_per_sample": per_sample,
+    for step_name, what, s in rows:
+        print(f"| {step_name} | {what} | {s:.1f} |")
+    print(f"\nExtrapolated to the official {name} download (one conversion process at this machine's throughput, "
+          f"{per_sample / 1024:.1f} KiB per stored sample):")
+    print(f"| split | {chain['unit']} | conversion hours | LMDB GiB | feature cache GiB |\n|---|---|---|---|---|")
+    for split, n in chain["full"].items():
+        print(f"| {split} | {n:,} | {n * per_source / 3600:.1f} | {n * per_sample / 2 ** 30:.1f} | "
+              + (f"{n * cache / 2 ** 30:.1f} |" if cache else "- |"))
+    result = {"dataset": name, "rows": rows, "per_source_s": per_source, "bytes_per_sample": per_sample,
               "cache_bytes_per_sample": cache, "metrics": metrics}
     (work / "chain.json").write_text(json.dumps(result, indent=1))
     return result

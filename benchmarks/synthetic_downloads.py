@@ -8,14 +8,26 @@ panoptic PNGs <root>/annotations/panoptic_{split}2017/<id>.png, segment id = R +
 of 640 px on the long side and 360-640 on the short one, about 7 things per image from tiny (< 32^2 px) to large
 (> 96^2 px), 2-3 stuff regions, a crowd region in one image of 20, unlabelled (id 0) pixels along region borders.
 
+MOVi-C/D/E (what convert.py movi_c reads, without TensorFlow): TFDS shards <root>/movi_c-{train,validation}.
+tfrecord-00000-of-00001 of tf.train.Example records (this file's own protobuf encoder): `video` and `segmentations`
+as lists of PNGs, 24 frames of 128 x 128, boxes as ragged [ymin, xmin, ymax, xmax] lists with the frames they belong
+to; objects move in straight lines and leave the frame or enter it, as in Kubric's scenes.
+
 Run: python benchmarks/synthetic_downloads.py coco --out /tmp/coco_synthetic --train 2000 --val 200
+     python benchmarks/synthetic_downloads.py movi_c --out /tmp/movi_synthetic --train 200 --val 20
 """
 import argparse
+import io
 import json
+import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import convert  # the TFRecord framing's masked CRC-32C (a published checksum, not the reader under test)
 
 # a few of COCO's own category ids, names and supercategories (things: isthing 1, stuff: 0)
 THINGS = [(1, "person", "person"), (3, "car", "vehicle"), (17, "cat", "animal"), (18, "dog", "animal"),
@@ -96,18 +108,118 @@ def write_coco(root, counts, seed=0, long_side=640):
     return root
 
 
+# ----------------------------------------------------------------------------- MOVi: tf.train.Example records
+
+
+def _varint(n):
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number, wire, payload):
+    key = _varint(number << 3 | wire)
+    return key + (_varint(len(payload)) + payload if wire == 2 else payload)
+
+
+def encode_example(features):
+    """A tf.train.Example in protobuf wire format. Values: list of bytes, float32 array (packed), or int list
+    (written unpacked, one varint each, so that a reader meets both encodings)."""
+    entries = b""
+    for key, value in features.items():
+        if isinstance(value, list) and value and isinstance(value[0], bytes):
+            feature = _field(1, 2, b"".join(_field(1, 2, v) for v in value))
+        elif isinstance(value, np.ndarray) and value.dtype == np.float32:
+            feature = _field(2, 2, _field(1, 2, value.astype("<f4").tobytes()))
+        else:
+            feature = _field(3, 2, b"".join(_field(1, 0, _varint(int(v))) for v in value))
+        entries += _field(1, 2, _field(1, 2, key.encode()) + _field(2, 2, feature))
+    return _field(1, 2, entries)
+
+
+def write_tfrecord(path, examples):
+    """TFRecord framing: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+    with open(path, "wb") as f:
+        for ex in examples:
+            head = struct.pack("<Q", len(ex))
+            f.write(head + struct.pack("<I", convert.masked_crc(head)) + ex + struct.pack("<I", convert.masked_crc(ex)))
+
+
+def png_bytes(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def movi_clip(rng, frames=24, res=128, objects=None):
+    """One MOVi scene: (encoded example, video (t, res, res, 3) uint8, segmentation (t, res, res) uint8, dense
+    boxes (t, k, 4) (x0, y0, x1, y1), zeros where the object is not visible)."""
+    k = objects or int(rng.integers(3, 11))  # MOVi-C: 3-10 objects
+    yy, xx = np.mgrid[:res, :res] / res
+    video = np.empty((frames, res, res, 3), np.uint8)
+    seg = np.zeros((frames, res, res), np.uint8)
+    floor = rng.uniform(40, 200, 3)
+    start, velocity = rng.uniform(-0.1, 1.1, (k, 2)), rng.normal(0, 0.02, (k, 2))
+    radius, colour = rng.uniform(0.05, 0.15, k), rng.uniform(20, 235, (k, 3))
+    for t in range(frames):
+        image = np.broadcast_to(floor, (res, res, 3)) + rng.normal(0, 6, (res, res, 3))
+        for i in np.argsort(radius):  # larger objects first: smaller ones in front
+            cy, cx = start[i] + t * velocity[i]
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius[i] ** 2
+            image[mask] = colour[i]
+            seg[t][mask] = i + 1
+        video[t] = np.clip(image, 0, 255).astype(np.uint8)
+    dense = np.zeros((frames, k, 4), np.float32)
+    box_frames, boxes = [], []
+    for i in range(k):  # the frames where object i is visible, its box there as [ymin, xmin, ymax, xmax]
+        visible = [t for t in range(frames) if (seg[t] == i + 1).any()]
+        box_frames.append(visible)
+        for t in visible:
+            ys, xs = np.nonzero(seg[t] == i + 1)
+            box = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float32) / res
+            boxes.append(box)
+            dense[t, i] = box[[1, 0, 3, 2]]
+    flat = np.concatenate(boxes).reshape(-1) if boxes else np.zeros(0, np.float32)
+    example = {"video": [png_bytes(f) for f in video], "segmentations": [png_bytes(s) for s in seg],
+               "instances/bboxes/ragged_flat_values": flat,
+               "instances/bboxes/ragged_row_lengths_0": [len(f) for f in box_frames],
+               "instances/bbox_frames/ragged_flat_values": [t for f in box_frames for t in f],
+               "instances/bbox_frames/ragged_row_lengths_0": [len(f) for f in box_frames],
+               "metadata/num_instances": [k]}
+    return encode_example(example), video, seg, dense
+
+
+def write_movi(root, counts, seed=0, name="movi_c", frames=24, res=128):
+    """Write MOVi TFDS shards of counts = {"train": scenes, "validation": scenes} under root; returns root."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        write_tfrecord(root / f"{name}-{split}.tfrecord-00000-of-00001",
+                       [movi_clip(rng, frames, res)[0] for _ in range(count)])
+    return root
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dataset", choices=["coco"])
+    p.add_argument("dataset", choices=["coco", "movi_c"])
     p.add_argument("--out", required=True, help="folder of the synthetic download (created)")
-    p.add_argument("--train", type=int, default=2000, help="training images")
-    p.add_argument("--val", type=int, default=200, help="validation images")
+    p.add_argument("--train", type=int, default=2000, help="training images (MOVi: scenes)")
+    p.add_argument("--val", type=int, default=200, help="validation images (MOVi: scenes)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise SystemExit(f"{args.out} is not empty; give a new folder")
-    write_coco(args.out, {"train": args.train, "val": args.val}, args.seed)
-    print(f"wrote a synthetic COCO panoptic download to {args.out}")
+    if args.dataset == "coco":
+        write_coco(args.out, {"train": args.train, "val": args.val}, args.seed)
+    else:
+        write_movi(args.out, {"train": args.train, "validation": args.val}, args.seed)
+    print(f"wrote a synthetic {args.dataset} download to {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 render, an Open Images image and CSV rows) are converted and compared with an independent decode of the same
 files (PIL + torch's own nearest-exact / PIL's bilinear resize, the JSON / XML annotations). Where no real sample
 exists (ClevrTex masks, MOVi, Open Images masks), the test writes a SYNTHETIC fixture in the documented official
-format itself (for MOVi: TFRecord files of tf.train.Example records, with this file's own protobuf encoder).
+format itself (for MOVi: TFRecord files of tf.train.Example records, with the protobuf encoder of
+benchmarks/synthetic_downloads.py, written independently of convert.py's decoder).
 
 Run: python -m pytest -q tests/test_convert.py
 """
 import json
 import shutil
 import struct
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from PIL import Image
 import convert
 import data
 from conftest import SHARED_DATA
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from synthetic_downloads import encode_example, png_bytes, write_tfrecord  # noqa: E402  (MOVi's format, written)
 
 needs_samples = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (real format samples) is absent")
 
@@ -199,51 +204,6 @@ def test_clevrtex_splits_masks_and_rgba(tmp_path):
 
 
 # ----------------------------------------------------------------------------- MOVi (synthetic TFRecords)
-
-
-def _varint(n):
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number, wire, payload):
-    key = _varint(number << 3 | wire)
-    return key + (_varint(len(payload)) + payload if wire == 2 else payload)
-
-
-def encode_example(features):
-    """This test's own tf.train.Example encoder. Values: list of bytes, float array (packed), or int list
-    (written unpacked, one varint each, to exercise both encodings)."""
-    entries = b""
-    for key, value in features.items():
-        if isinstance(value, list) and value and isinstance(value[0], bytes):
-            feature = _field(1, 2, b"".join(_field(1, 2, v) for v in value))
-        elif isinstance(value, np.ndarray) and value.dtype == np.float32:
-            feature = _field(2, 2, _field(1, 2, value.astype("<f4").tobytes()))
-        else:
-            feature = _field(3, 2, b"".join(_field(1, 0, _varint(int(v))) for v in value))
-        entries += _field(1, 2, _field(1, 2, key.encode()) + _field(2, 2, feature))
-    return _field(1, 2, entries)
-
-
-def write_tfrecord(path, examples):
-    with open(path, "wb") as f:
-        for ex in examples:
-            head = struct.pack("<Q", len(ex))
-            f.write(head + struct.pack("<I", convert.masked_crc(head)) + ex + struct.pack("<I", convert.masked_crc(ex)))
-
-
-def png_bytes(array):
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def movi_example(rng, t=24, res=32, k=3):
@@ -437,21 +397,22 @@ def test_converted_coco_trains_and_evaluates_with_size_split(tmp_path):
     assert authors["mbo"]["mean"] < metrics["mbo"]["mean"]  # (this image has unannotated pixels the slots cover)
 
 
-def test_the_cards_command_runs_end_to_end_on_a_synthetic_coco_download(tmp_path):
-    """benchmarks/paper_chain.py --tiny: a synthetic download in COCO's panoptic layout (things, stuff, crowd
-    regions, unlabelled borders) -> convert.py coco -> train_vae.py --code-dim 4 and train_ocl.py --decoder
-    diffusion (DINO random), each stopped by SIGTERM after its first checkpoint and continued with --resume to its
-    last step -> evaluate.py scores the val images that were kept; the feature cache holds DINO's fp16 map."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+@pytest.mark.parametrize("dataset", ["coco", "movi_c"])
+def test_the_paper_chain_runs_end_to_end_on_a_synthetic_download(dataset, tmp_path):
+    """benchmarks/paper_chain.py --tiny: a synthetic download in the official layout (COCO panoptic: things, stuff,
+    crowd regions, unlabelled borders; MOVi: TFDS shards of moving objects) -> convert.py -> train_vae.py and
+    train_ocl.py (COCO: the card's --code-dim 4 / --decoder diffusion; MOVi: STEVE; DINO random), each stopped by
+    SIGTERM after its first checkpoint and continued with --resume to its last step -> evaluate.py scores the val
+    samples that were kept; COCO's feature cache holds DINO's fp16 map per training image."""
     import paper_chain
-    result = paper_chain.main(["--work", str(tmp_path / "chain"), "--tiny", "--train", "8", "--val", "3",
-                               "--steps", "2"])
+    result = paper_chain.main(["--work", str(tmp_path / "chain"), "--dataset", dataset, "--tiny", "--train", "8",
+                               "--val", "3", "--steps", "2"])
     runs = tmp_path / "chain" / "runs"
     for run in ("vae", "ocl"):
         assert torch.load(runs / run / "last.pt", weights_only=True)["step"] == 2
         steps = [json.loads(line)["step"] for line in open(runs / run / "metrics.jsonl") if '"loss"' in line]
         assert steps == [1, 2]  # step 1 before the stop, step 2 after the resume, none twice
-    kept = data.read_meta(tmp_path / "chain" / "data" / "coco" / "val")["count"]
+    kept = data.read_meta(tmp_path / "chain" / "data" / dataset / "val")["count"]
     assert result["metrics"]["ari"]["count"] == kept > 0
-    assert result["cache_bytes_per_sample"] >= 384 * 16 * 16 * 2  # DINO's (384, 16, 16) map in fp16 per image
+    if dataset == "coco":
+        assert result["cache_bytes_per_sample"] >= 384 * 16 * 16 * 2  # DINO's (384, 16, 16) map in fp16 per image
