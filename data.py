@@ -452,13 +452,16 @@ def shapes_dir(root="data", resolution=64, name="shapes"):
     return Path(root) / (name if resolution == 64 else f"{name}-{resolution}")
 
 
-def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=False, quiet=False):
-    """Write data/shapes[-res]/{train,val}. `counts` maps split -> number of samples."""
+def write_shapes(root="data", resolution=64, seed=0, counts=None, overwrite=False, quiet=False, sides=None):
+    """Write data/shapes[-res]/{train,val}. `counts` maps split -> number of samples; `sides`: the smallest and
+    largest object side at 64 px (shapes.SHAPES_SIDES if None; other values are named in the meta record)."""
     meta = dict(name="shapes", split=None, resolution=resolution, max_objects=6, seed=seed,
                 source="built-in synthetic generator (shapes.render_shapes_sample)",
                 size_thresholds=[t * (resolution / 64) ** 2 for t in shapes.SHAPES_SIZES])
+    if sides is not None:  # the default writes the meta record it always wrote
+        meta["object_sides"] = list(sides)
     return _write_builtin(root, meta, shapes.SHAPES_SPLITS, counts, overwrite, quiet, "samples",
-                          lambda split_id, n: shapes.shapes_samples(seed, split_id, n, resolution))
+                          lambda split_id, n: shapes.shapes_samples(seed, split_id, n, resolution, sides))
 
 
 def _write_builtin(root, meta, splits, counts, overwrite, quiet, unit, samples):
@@ -560,6 +563,9 @@ def main(argv=None):
         p.add_argument("--val", type=number(int, 1), default=splits["val"][1], help="number of validation samples")
         if name == "shapes_video":
             p.add_argument("--frames", type=number(int, 2), default=shapes.SHAPES_VIDEO_FRAMES, help="frames per clip")
+        else:
+            p.add_argument("--object-sides", default=None, help="smallest,largest object side in px at 64 px "
+                           f"(default {','.join(map(str, shapes.SHAPES_SIDES))}; 24,24: all alike; 4,56: tiny to large)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
     p.add_argument("path", help="e.g. data/shapes")
@@ -576,9 +582,9 @@ def main(argv=None):
             sys.exit(f"{out} already holds {' and '.join(there)}; pass --overwrite to write it again")
         if args.resolution % 16:
             sys.exit(f"--resolution {args.resolution}: the built-in datasets need a multiple of 16 (64, 128, ...)")
-        frames = {"frames": args.frames} if args.command == "shapes_video" else {}
+        extra = {"frames": args.frames} if args.command == "shapes_video" else {"sides": object_sides(args.object_sides)}
         BUILTIN[args.command](args.root, args.resolution, args.seed, {"train": args.train, "val": args.val},
-                              overwrite=args.overwrite, **frames)
+                              overwrite=args.overwrite, **extra)
     elif args.command == "info":
         folder = Path(args.path)
         if not folder.is_dir():
@@ -594,6 +600,20 @@ def main(argv=None):
                 print(f"{split}: {json.dumps(read_meta(split), indent=1)}")
             except (DatasetMissing, DatasetCorrupt, ValueError) as e:
                 print(f"{split}: {e}")
+
+
+def object_sides(text):
+    """--object-sides "lo,hi" -> (lo, hi) pixels at 64 px, or None; a bad value is a one-line exit."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        sys.exit(f"--object-sides {text}: give two numbers, smallest,largest (e.g. 6,48)")
+    if not 3 <= lo <= hi <= 60:
+        sys.exit(f"--object-sides {text}: need 3 <= smallest <= largest <= 60 (px at 64 px; smaller objects do not "
+                 f"render, larger ones do not fit)")
+    return lo, hi
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 
 # The built-in dataset `shapes`: 2-6 textured objects on a textured background, sizes spread 8x.
 # MSF exists for objects of different scales, so the side length of an object spans [3/32, 3/4] of the image
-# side (6 to 48 px at 64x64): the largest is 8x the smallest.
+# side (6 to 48 px at 64x64, SHAPES_SIDES): the largest is 8x the smallest.
 # Objects are drawn back to front, largest first, so small ones occlude large ones and stay visible.
 
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle", "diamond", "hexagon", "star")
@@ -94,8 +94,9 @@ def _background(rng, xx, yy, res):
     return bg_a * (1 - t) + bg_b * t + waves
 
 
-def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objects=False):
-    """One `shapes` scene: image (res, res, 3) uint8 and exact instance masks segment (res, res) uint8.
+def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objects=False, sides=None):
+    """One `shapes` scene: image (res, res, 3) uint8 and exact instance masks segment (res, res) uint8. sides: the
+    smallest and the largest object side in pixels at 64 px (default SHAPES_SIDES, 6 and 48: 8x apart).
 
     Object k (1-based, in drawing order) owns exactly the pixels whose centre lies inside its shape and
     inside no later shape: the image is painted with the same boolean masks, so the segment is exact.
@@ -106,9 +107,11 @@ def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objec
         image = background.copy()  # (res, res, 3) float
         segment = np.zeros((res, res), dtype=np.uint8)
         n = int(rng.integers(min_objects, max_objects + 1))
-        # side = smallest * 8^(u^0.6), u uniform: every size from 6 to 48 px occurs, skewed towards larger objects
-        # (median 23 px) so that objects, not the background, hold most of the pixels a slot must explain
-        sizes = np.sort(res * 3 / 32 * 8 ** (rng.uniform(size=n) ** 0.6))[::-1]
+        # side = smallest * (largest / smallest)^(u^0.6), u uniform: every size from 6 to 48 px occurs, skewed
+        # towards larger objects (median 23 px) so that objects, not the background, hold most of the pixels a slot
+        # must explain
+        lo, hi = (s * res / 64 for s in (sides or SHAPES_SIDES))
+        sizes = np.sort(lo * (hi / lo) ** (rng.uniform(size=n) ** 0.6))[::-1]
         objects, full_areas = [], []
         for k, size in enumerate(sizes, start=1):
             kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
@@ -135,18 +138,21 @@ def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objec
     return image, segment
 
 
-def shapes_samples(seed, split_id, count, res):
+def shapes_samples(seed, split_id, count, res, sides=None):
     """The samples of one split: dicts of image (res, res, 3), segment (res, res) and each object's visible area."""
     for i in range(count):
         # one generator per sample: sample i is the same whatever the count or the order of generation
         rng = np.random.default_rng([seed, split_id, i])
-        image, segment = render_shapes_sample(rng, res)
+        image, segment = render_shapes_sample(rng, res, sides=sides)
         # each object's visible area in pixels (COCO's "area"), for the size split of Tab. 7 (evaluate.miou_by_size)
         areas = np.bincount(segment.ravel(), minlength=segment.max() + 1)[1:].astype(np.float32)  # (K,)
         yield {"image": image, "segment": segment, "areas": areas}
 
 
 SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in the seed, default count)
+# The smallest and the largest object side at 64 px (scaled with the resolution): 8x apart. `python data.py shapes
+# --object-sides 24,24` (all objects alike) or `4,56` (14x: tiny to large) asks whether MSF's gain follows the spread.
+SHAPES_SIDES = (6, 48)
 # Tab. 7's size split on shapes: small < 12^2 <= medium < 20^2 <= large visible pixels at 64x64 (about the
 # terciles of the objects: 36% / 38% / 26%), scaled with the image area at other resolutions. COCO's thresholds
 # (32^2, 96^2 of the original image) do not fit 64 px images.

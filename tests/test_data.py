@@ -152,6 +152,29 @@ def test_shapes_sizes_spread_at_least_8x():
     assert (sizes < 12).mean() > 0.08 and (sizes > 30).mean() > 0.2  # both small and large objects are common
 
 
+def test_object_sides_set_the_spread_of_sizes_and_the_meta_record_says_so(tmp_path, capsys):
+    """--object-sides lo,hi: every object's side within [lo, hi] px at 64 px (24,24: all alike; 3,60: the widest
+    spread the generator renders, every object still visible), named in the meta record; the default writes the
+    meta record it always wrote; bad values are one line."""
+    for sides in ((24, 24), (3, 60)):
+        drawn = []
+        for i in range(40):
+            _, segment, objects = shapes.render_shapes_sample(np.random.default_rng(i), 64, return_objects=True,
+                                                              sides=sides)
+            drawn += [o["size"] for o in objects]
+            assert (np.bincount(segment.ravel())[1:] >= 6).all()  # even a 3 px object keeps 6 visible pixels
+        assert sides[0] - 1e-9 <= min(drawn) and max(drawn) <= sides[1] + 1e-9
+        if sides[0] < sides[1]:
+            assert max(drawn) / min(drawn) > 10  # the spread is used, not only allowed
+    data.main(["shapes", "--root", str(tmp_path / "alike"), "--train", "4", "--val", "2", "--object-sides", "24,24"])
+    assert data.read_meta(tmp_path / "alike" / "shapes" / "train")["object_sides"] == [24.0, 24.0]
+    data.main(["shapes", "--root", str(tmp_path / "plain"), "--train", "4", "--val", "2"])
+    assert "object_sides" not in data.read_meta(tmp_path / "plain" / "shapes" / "train")
+    for bad, why in (("2,40", "need 3 <= smallest <= largest <= 60"), ("a,b", "give two numbers")):
+        with pytest.raises(SystemExit, match=why):
+            data.main(["shapes", "--root", str(tmp_path / "bad"), "--object-sides", bad])
+
+
 def test_shapes_are_reproducible_and_seeded(tmp_path):
     a = data.write_shapes(tmp_path / "a", 64, seed=3, counts={"train": 6, "val": 2}, quiet=True)
     b = data.write_shapes(tmp_path / "b", 64, seed=3, counts={"train": 9, "val": 2}, quiet=True)
