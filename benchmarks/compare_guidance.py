@@ -8,6 +8,7 @@ Run:  python benchmarks/compare_guidance.py                        # the main ta
       python benchmarks/compare_guidance.py --cells all --device cuda --jobs 15   # on one GPU: 15 cells side by side
       python benchmarks/compare_guidance.py --table                # only rebuild the table from the cells on disk
       python benchmarks/compare_guidance.py --dataset clevrtex --data-root data --vae-steps 30000 --ocl-steps 50000
+      python benchmarks/compare_guidance.py --dataset shapes_video --cells vqvae+stab,msf --decoders transformer   # STEVE
 
 Resumable and incremental: each finished (variant, decoder, seed) cell is one JSON file in --results (never
 recomputed; delete it to recompute); an interrupted training run is continued with --resume. Stopped and restarted
@@ -18,7 +19,9 @@ per row, because a GPU (AMP, other kernels) gives other digits than a CPU for th
 
 Pairing: seed k of every variant uses --seed k in both stages, so all see the same data order, and the OCL model's
 encoder, queries and Slot Attention start from the same weights (train_ocl seeds again after loading the VAE).
-Budget: the quick start's (VAE 400 steps, OCL 3,200 steps at batch 16) unless --vae-steps / --ocl-steps say otherwise.
+Budget: the dataset's recipe (shapes: the quick start's, VAE 400 steps, OCL 3,200 steps at batch 16; shapes_video:
+the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise. Video cells add ARIfg_1+
+(ARIfg over the frames after the first, whose boxes the model is given) to the table.
 """
 import argparse
 import concurrent.futures
@@ -218,9 +221,11 @@ def table(results):
     rows, order = {}, [n for n in VARIANTS]
     for c in found:
         rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
-    lines = [f"| decoder | guidance | seeds | ARI | ARIfg | mIoU | mBO | ARIfg - {BASELINE} (paired) | ARIfg - msf | recon MSE (scale 1) | "
-             "perplexity / used | inter / intra (Tab. 4) | mIoU S / M / L | min / seed | ran on |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    video = any("ari_fg_later" in c["metrics"] for c in found)  # clips: ARIfg_1+ beside ARIfg over whole clips
+    lines = [f"| decoder | guidance | seeds | ARI | ARIfg |{' ARIfg_1+ |' if video else ''} mIoU | mBO | ARIfg - "
+             f"{BASELINE} (paired) | ARIfg - msf | recon MSE (scale 1) | perplexity / used | inter / intra (Tab. 4) | "
+             "mIoU S / M / L | min / seed | ran on |",
+             "|---|---|---|---|---|" + "---|" * video + "---|---|---|---|---|---|---|---|---|---|"]
     for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
                                                                          order.index(kv[0][1]))):
         seeds = sorted(by_seed)
@@ -233,8 +238,9 @@ def table(results):
         sizes = " / ".join(mean_std([100 * by_seed[s]["metrics"].get(f"miou_{k}", math.nan) for s in seeds])
                            for k in ("small", "medium", "large"))
         minutes = statistics.mean(by_seed[s]["minutes"]["vae"] + by_seed[s]["minutes"]["ocl"] for s in seeds)
-        lines.append(f"| {decoder} | {name} | {len(seeds)} | {mean_std(get('ari'))} | {mean_std(get('ari_fg'))} | "
-                     f"{mean_std(get('miou'))} | {mean_std(get('mbo'))} | {diff} | {diff_msf} | {statistics.mean(recon):.4f} | "
+        later = f" {mean_std([100 * by_seed[s]['metrics'].get('ari_fg_later', math.nan) for s in seeds])} |"
+        lines.append(f"| {decoder} | {name} | {len(seeds)} | {mean_std(get('ari'))} | {mean_std(get('ari_fg'))} |"
+                     f"{later if video else ''} {mean_std(get('miou'))} | {mean_std(get('mbo'))} | {diff} | {diff_msf} | {statistics.mean(recon):.4f} | "
                      f"{statistics.mean(perp):.1f} / {min(used):.2f} | "
                      f"{statistics.mean(a for a, _ in sep):.3f} / {statistics.mean(b for _, b in sep):.3f} | "
                      f"{sizes} | {minutes:.1f} | {', '.join(sorted({short(by_seed[s]) for s in seeds}))} |")
@@ -268,8 +274,9 @@ def main(argv=None):
     p.add_argument("--cells", default="main", help="main, ablations, all, or variant names separated by commas")
     p.add_argument("--decoders", default="transformer,diffusion", help="transformer, diffusion and/or mlp")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--ocl-steps", type=int, default=3200)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: the dataset's recipe (shapes: 400)")
+    p.add_argument("--ocl-steps", type=int, default=None,
+                   help="default: the dataset's recipe (shapes: 3,200; shapes_video: 6,000, the video preset)")
     p.add_argument("--results", type=Path, default=None, help="cells and table (default results/compare_<dataset>)")
     p.add_argument("--work", type=Path, default=None, help="training runs (default runs/compare_<dataset>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda: where every run of this invocation runs")
@@ -283,6 +290,10 @@ def main(argv=None):
                    help="DataLoader workers per run (shapes at 64 px decodes >20,000 samples/s in the main process)")
     p.add_argument("--table", action="store_true", help="only write the table from the cells on disk")
     args = p.parse_args(argv)
+    import train_ocl  # the recipes (the training scripts' own tables), imported only here: the table needs none
+    import train_vae
+    args.vae_steps = args.vae_steps or train_vae.RECIPES[args.dataset]["steps"]
+    args.ocl_steps = args.ocl_steps or train_ocl.RECIPES[args.dataset]["steps"]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.decoders = args.decoders.split(",")
     args.results = args.results or ROOT / "results" / f"compare_{args.dataset}"

@@ -47,6 +47,22 @@ def test_table_pairs_seed_by_seed(tmp_path):
     assert msf[-1] == "H200" and base[-1] == "CPU"
 
 
+def test_video_cells_add_arifg_after_the_first_frame_and_take_the_video_recipe(tmp_path, monkeypatch):
+    """shapes_video cells (STEVE): ARIfg_1+ beside the whole-clip ARIfg, mean +- std by hand; the budget of a
+    --dataset shapes_video invocation is the video preset's (400 VAE steps, 6,000 STEVE steps), not the image one's."""
+    for seed, later in enumerate([0.30, 0.40, 0.50]):
+        cell = fake_cell("msf", seed, 0.6)
+        cell["metrics"]["ari_fg_later"] = later
+        write(tmp_path, cell)
+    text = cg.table(tmp_path)
+    assert "| ARIfg | ARIfg_1+ | mIoU |" in text and row(text, "msf")[5] == "40.00 +- 10.00"
+    budgets = []
+    monkeypatch.setattr(cg, "cells", lambda a: budgets.append((a.vae_steps, a.ocl_steps)) or [])  # no training
+    for dataset in ("shapes_video", "shapes"):
+        cg.main(["--dataset", dataset, "--results", str(tmp_path / dataset), "--work", str(tmp_path / "w")])
+    assert budgets == [(400, 6000), (400, 3200)]
+
+
 def test_finished_cells_are_never_recomputed_and_failures_are_retried(tmp_path, monkeypatch):
     results, work = tmp_path / "results", tmp_path / "work"
     results.mkdir()
