@@ -654,7 +654,8 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
                     break
             bar.close()
             if n == 0:  # an empty split would train on nothing and score nothing: stop, name every reason
-                why = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in stats.items()) or "the download lists none"
+                counts = {k: v for k, v in stats.items() if not k.startswith("_") and k != "class_names"}
+                why = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()) or "the download lists none"
                 raise ConversionError(f"{name}/{split}: no sample kept, nothing written ({why}). Check the download "
                                       f"against docs/datasets.md{'; the filters are --min-object-bbox and --max-objects' if filters else ''}")
         meta["max_objects"] = 0

@@ -24,8 +24,9 @@ On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   A split is written to a hidden temporary folder and renamed when complete, so a half-written dataset is
   never mistaken for a complete one.
 
-Reading order: DATASETS, encode_record/decode_record, write_lmdb, LMDBDataset, video_frames, clip_starts,
-crop_clips, write_shapes / write_shapes_video, load_dataset (the one entry point of the scripts), the CLI.
+Reading order: DATASETS, square_image (how every dataset's images are prepared), encode_record/decode_record,
+write_lmdb, LMDBDataset, video_frames, clip_starts, crop_clips, write_shapes / write_shapes_video, load_dataset (the
+one entry point of the scripts), the CLI (object_sides: --object-sides).
 Imports shapes (the built-in datasets' renderers) and nothing else of the project.
 """
 import argparse
@@ -565,7 +566,7 @@ def main(argv=None):
             p.add_argument("--frames", type=number(int, 2), default=shapes.SHAPES_VIDEO_FRAMES, help="frames per clip")
         else:
             p.add_argument("--object-sides", default=None, help="smallest,largest object side in px at 64 px "
-                           f"(default {','.join(map(str, shapes.SHAPES_SIDES))}; 24,24: all alike; 4,56: tiny to large)")
+                           f"(default {','.join(map(str, shapes.SHAPES_SIDES))}; 24,24: all alike; 3,60: tiny to large)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p = sub.add_parser("info", help="print the meta record of each split of a dataset folder")
     p.add_argument("path", help="e.g. data/shapes")

@@ -522,12 +522,13 @@ def segment_images(ckpt, args, device):
         try:
             with Image.open(path) as im:  # as the camera held it (EXIF orientation), in RGB
                 rgb = np.array(ImageOps.exif_transpose(im).convert("RGB"))  # (h, w, 3) uint8
-        except (OSError, ValueError) as e:  # not a picture (PIL's UnidentifiedImageError is an OSError)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # not a picture PIL reads (safely)
             skipped.append(f"{path.name} ({type(e).__name__})")
             continue
         image = torch.from_numpy(data.square_image(rgb, res)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
         masks = model.segment(image.to(device))["masks"]  # (1, s, h, w): what validation scores
         name = path.stem if [p.stem for p in files].count(path.stem) == 1 else path.name.replace(".", "_")  # a.jpg, a.png
+        name = name if f"{name}.png" not in written else f"{name}_{len(written)}"  # never two pictures on one file
         out_dir.mkdir(parents=True, exist_ok=True)
         figures.fig2(out_dir / f"{name}.png", image, None, masks_to_labels(masks, (res, res)).cpu(),
                      upsample_masks(masks, (res, res)).cpu())
@@ -596,8 +597,9 @@ def main(argv=None):
     """The command line: score a checkpoint of either stage; errors a user can fix are one-line messages."""
     args = parse_args(argv)
     device = train_common.pick_device(args.device)
-    if args.viz and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        sys.exit(f"--out {args.out} is a file; --viz writes its figures into a folder: give a folder")
+    if (args.viz or args.images) and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        sys.exit(f"--out {args.out} is a file; {'--images' if args.images else '--viz'} writes its figures into a "
+                 f"folder: give a folder")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         sys.exit(f"--json {args.json}: the folder {Path(args.json).parent} does not exist; create it or give another path")
     if not Path(args.ckpt).exists():

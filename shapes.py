@@ -107,9 +107,9 @@ def render_shapes_sample(rng, res=64, min_objects=2, max_objects=6, return_objec
         image = background.copy()  # (res, res, 3) float
         segment = np.zeros((res, res), dtype=np.uint8)
         n = int(rng.integers(min_objects, max_objects + 1))
-        # side = smallest * (largest / smallest)^(u^0.6), u uniform: every size from 6 to 48 px occurs, skewed
-        # towards larger objects (median 23 px) so that objects, not the background, hold most of the pixels a slot
-        # must explain
+        # side = smallest * (largest / smallest)^(u^0.6), u uniform: every size in between occurs (by default 6 to
+        # 48 px), skewed towards larger objects (median 23 px by default) so that objects, not the background, hold
+        # most of the pixels a slot must explain
         lo, hi = (s * res / 64 for s in (sides or SHAPES_SIDES))
         sizes = np.sort(lo * (hi / lo) ** (rng.uniform(size=n) ** 0.6))[::-1]
         objects, full_areas = [], []
@@ -151,7 +151,7 @@ def shapes_samples(seed, split_id, count, res, sides=None):
 
 SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in the seed, default count)
 # The smallest and the largest object side at 64 px (scaled with the resolution): 8x apart. `python data.py shapes
-# --object-sides 24,24` (all objects alike) or `4,56` (14x: tiny to large) asks whether MSF's gain follows the spread.
+# --object-sides 24,24` (all objects alike) or `3,60` (20x: tiny to large) asks whether MSF's gain follows the spread.
 SHAPES_SIDES = (6, 48)
 # Tab. 7's size split on shapes: small < 12^2 <= medium < 20^2 <= large visible pixels at 64x64 (about the
 # terciles of the objects: 36% / 38% / 26%), scaled with the image area at other resolutions. COCO's thresholds

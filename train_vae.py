@@ -166,6 +166,8 @@ def my_pools(saved, d):
         saved = [saved]
     if len(saved) == d.world:
         return saved[d.rank]
+    if "hits" not in saved[0][0]:  # an older last.pt: the counts are process 0's, in the model's weights
+        return saved[0] if d.rank == 0 else [{"recent": p["recent"][:0], "seen": 0} for p in saved[0]]
     if d.rank > 0:
         return [{"recent": p["recent"][:0], "seen": 0, "hits": torch.zeros_like(p["hits"])} for p in saved[0]]
     return [{**p, "hits": sum(q[j]["hits"] for q in saved)} for j, p in enumerate(saved[0])]

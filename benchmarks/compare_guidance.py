@@ -290,10 +290,13 @@ def main(argv=None):
                    help="DataLoader workers per run (shapes at 64 px decodes >20,000 samples/s in the main process)")
     p.add_argument("--table", action="store_true", help="only write the table from the cells on disk")
     args = p.parse_args(argv)
-    import train_ocl  # the recipes (the training scripts' own tables), imported only here: the table needs none
-    import train_vae
-    args.vae_steps = args.vae_steps or train_vae.RECIPES[args.dataset]["steps"]
-    args.ocl_steps = args.ocl_steps or train_ocl.RECIPES[args.dataset]["steps"]
+    if not args.table:  # the budget: the training scripts' own recipe tables (the table itself needs none)
+        import train_ocl
+        import train_vae
+        if args.dataset not in train_ocl.RECIPES:
+            sys.exit(f"--dataset {args.dataset}: unknown; one of {', '.join(train_ocl.RECIPES)}")
+        args.vae_steps = train_vae.RECIPES[args.dataset]["steps"] if args.vae_steps is None else args.vae_steps
+        args.ocl_steps = train_ocl.RECIPES[args.dataset]["steps"] if args.ocl_steps is None else args.ocl_steps
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.decoders = args.decoders.split(",")
     args.results = args.results or ROOT / "results" / f"compare_{args.dataset}"

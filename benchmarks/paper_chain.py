@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import data  # noqa: E402
 import synthetic_downloads  # noqa: E402
 
-TINY_VAE = ["--channels", "16", "--batch-size", "4"]
-TINY_OCL = ["--size", "class", "--batch-size", "2"]
+# tiny: on the CPU, so that a step takes longer than the SIGTERM takes to arrive (a stop half-way, not at the end)
+TINY_VAE = ["--channels", "16", "--batch-size", "4", "--device", "cpu"]
+TINY_OCL = ["--size", "class", "--batch-size", "2", "--device", "cpu"]
 
 
 def folder_bytes(path):
@@ -38,28 +39,29 @@ def folder_bytes(path):
 
 def run(cmd, log, stop_at=None, out=None):
     """Run cmd (a list) to its end; with stop_at, send SIGTERM once out/step_<stop_at>.pt exists and then continue
-    the run with --resume. Returns the wall seconds of all of it."""
-    start = time.time()
+    the run with --resume. Returns (wall seconds of all of it, the step it stopped at or None)."""
+    start, stopped, sent = time.time(), None, False
     print("$ " + " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
         if stop_at is not None:
-            while not (Path(out) / f"step_{stop_at:07d}.pt").exists():
-                if proc.poll() is not None:
-                    break
+            while not (Path(out) / f"step_{stop_at:07d}.pt").exists() and proc.poll() is None:
                 time.sleep(0.05)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # as a scheduler stops a job: the step ends, last.pt is written
+                sent = True
         code = proc.wait()
-        if stop_at is not None:
-            if code != 1:
-                raise SystemExit(f"{cmd[1]} should have stopped on SIGTERM (exit 1), exit {code}: see {log}")
-            print(f"  stopped by SIGTERM after a checkpoint; continuing with --resume", flush=True)
+        if sent and code == 1 and (Path(out) / "last.pt").exists():  # stopped as asked: continue it
+            import torch
+            stopped = torch.load(Path(out) / "last.pt", map_location="cpu", weights_only=True)["step"]
+            print(f"  stopped by SIGTERM after step {stopped}; continuing with --resume", flush=True)
             code = subprocess.run(cmd + ["--resume"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        elif stop_at is not None and code == 0:
+            print("  finished before SIGTERM reached it (steps faster than the wait): not resumed", flush=True)
     if code != 0:
         raise SystemExit(f"{' '.join(cmd[:2])} failed (exit {code}): see {log}")
-    return time.time() - start
+    return time.time() - start, stopped
 
 
 # per dataset: the synthetic download's writer and splits, the card's stage-1 and stage-2 flags, the official
@@ -95,8 +97,8 @@ def main(argv=None):
              time.time() - t)]
 
     res = ["--resolution", "64"] if args.tiny and name != "coco" else []
-    seconds = run([py, "convert.py", name, "--src", str(work / "download"), "--out", str(work / "data" / name), *res],
-                  log)
+    seconds, _ = run([py, "convert.py", name, "--src", str(work / "download"), "--out", str(work / "data" / name),
+                      *res], log)
     lmdb = folder_bytes(work / "data" / name)
     kept = {s: data.read_meta(work / "data" / name / s)["count"] for s in ("train", "val")}
     per_source = seconds / (args.train + args.val)
@@ -108,24 +110,26 @@ def main(argv=None):
     runs, common = work / "runs", ["--dataset", name, "--data-root", str(work / "data"), "--ckpt-every", str(half),
                                    "--val-every", str(steps), "--val-batches", "1", "--log-every", "1"]
     vae = runs / "vae"
-    seconds = run([py, "train_vae.py", *chain["vae"], "--steps", str(steps), "--out", str(vae), *common, *res,
-                   *(TINY_VAE if args.tiny else [])], log, stop_at=half, out=vae)
+    stops = {}
+    seconds, stops["vae"] = run([py, "train_vae.py", *chain["vae"], "--steps", str(steps), "--out", str(vae), *common,
+                                 *res, *(TINY_VAE if args.tiny else [])], log, stop_at=half, out=vae)
     rows.append((f"train_vae.py --dataset {name} {' '.join(chain['vae'])}".rstrip(),
-                 f"{steps} steps, stopped at {half}, resumed", seconds))
+                 f"{steps} steps, stopped after {stops['vae']}, resumed", seconds))
     ocl = runs / "ocl"
-    seconds = run([py, "train_ocl.py", *chain["ocl"], "--dino-weights", "random", "--vae-ckpt", str(vae / "best.pt"),
-                   "--steps", str(steps), "--out", str(ocl), *common, *(TINY_OCL if args.tiny else [])], log,
-                  stop_at=half, out=ocl)
-    rows.append((f"train_ocl.py --dataset {name} {' '.join(chain['ocl'])}", f"{steps} steps, stopped at {half}, "
-                                                                          f"resumed", seconds))
-    seconds = run([py, "evaluate.py", "--ckpt", str(ocl / "best.pt"), "--json", str(work / "metrics.json")], log)
+    seconds, stops["ocl"] = run([py, "train_ocl.py", *chain["ocl"], "--dino-weights", "random", "--vae-ckpt",
+                            str(vae / "best.pt"), "--steps", str(steps), "--out", str(ocl), *common,
+                            *(TINY_OCL if args.tiny else [])], log, stop_at=half, out=ocl)
+    rows.append((f"train_ocl.py --dataset {name} {' '.join(chain['ocl'])}", f"{steps} steps, stopped after "
+                                                                          f"{stops['ocl']}, resumed", seconds))
+    seconds, _ = run([py, "evaluate.py", "--ckpt", str(ocl / "best.pt"), "--json", str(work / "metrics.json")], log)
     metrics = json.loads((work / "metrics.json").read_text())["metrics"]
     rows.append(("evaluate.py", f"ARI {100 * metrics['ari']['mean']:.2f} on {metrics['ari']['count']} val "
                                 f"{chain['unit']}", seconds))
     cache = None
     if name == "coco":  # DINO's feature cache (--cache-features) of the training images: its bytes per image
-        seconds = run([py, "train_ocl.py", "--decoder", "mlp", "--dino-weights", "random", "--cache-features",
-                       "--steps", "1", "--out", str(runs / "dinosaur"), *common, *(TINY_OCL if args.tiny else [])], log)
+        seconds, _ = run([py, "train_ocl.py", "--decoder", "mlp", "--dino-weights", "random", "--cache-features",
+                          "--steps", "1", "--out", str(runs / "dinosaur"), *common, *(TINY_OCL if args.tiny else [])],
+                         log)
         cached = kept["train"] - len(data.select_rows(kept["train"]))  # the training view (no select)
         cache = folder_bytes(work / "data" / f"{name}_features") / cached  # bytes per cached image
         rows.append(("train_ocl.py --decoder mlp --cache-features", f"feature cache {cache / 1024:.1f} KiB per "
@@ -140,7 +144,7 @@ def main(argv=None):
     for split, n in chain["full"].items():
         print(f"| {split} | {n:,} | {n * per_source / 3600:.1f} | {n * per_sample / 2 ** 30:.1f} | "
               + (f"{n * cache / 2 ** 30:.1f} |" if cache else "- |"))
-    result = {"dataset": name, "rows": rows, "per_source_s": per_source, "bytes_per_sample": per_sample,
+    result = {"dataset": name, "rows": rows, "stopped": stops, "per_source_s": per_source, "bytes_per_sample": per_sample,
               "cache_bytes_per_sample": cache, "metrics": metrics}
     (work / "chain.json").write_text(json.dumps(result, indent=1))
     return result

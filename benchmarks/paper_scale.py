@@ -189,7 +189,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up and one counted step)")
+    p.add_argument("--steps", type=lambda v: max(1, int(v)), default=3,
+                   help="timed steps per row, at least 1 (after one warm-up and one counted step)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="the paper's batch times this (a quick look: 0.25)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense fp16 peak for MFU (default: known for H100/H200/A100/L40S/4090/V100)")
@@ -221,6 +222,8 @@ def main():
         r = rows[-1]
         print(f"{name}: {r['s_step']:.3f} s/step, {r['gflops_step']:,.0f} GFLOP/step, {r['peak_gib']:.1f} GiB"
               + (f", compiled {r['s_step_compiled']:.3f} s/step" if "s_step_compiled" in r else ""), flush=True)
+    if not rows:
+        sys.exit("no row was measured (each row's failure is named above)")
     print(table(rows, gpu_peak_tflops(device, args.peak_tflops)))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=1))

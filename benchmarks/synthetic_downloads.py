@@ -6,7 +6,7 @@ COCO 2017 panoptic (what convert.py coco reads): <root>/{train,val}2017/<id>.jpg
 panoptic_{train,val}2017.json (images, annotations with segments_info, categories: things and stuff) and the
 panoptic PNGs <root>/annotations/panoptic_{split}2017/<id>.png, segment id = R + 256 G + 256^2 B. Like COCO's: images
 of 640 px on the long side and 360-640 on the short one, about 7 things per image from tiny (< 32^2 px) to large
-(> 96^2 px), 2-3 stuff regions, a crowd region in one image of 20, unlabelled (id 0) pixels along region borders.
+(> 96^2 px), 2-3 stuff regions, one thing in 20 a crowd region, unlabelled (id 0) pixels along region borders.
 
 MOVi-C/D/E (what convert.py movi_c reads, without TensorFlow): TFDS shards <root>/movi_c-{train,validation}.
 tfrecord-00000-of-00001 of tf.train.Example records (this file's own protobuf encoder): `video` and `segmentations`
@@ -168,7 +168,7 @@ def movi_clip(rng, frames=24, res=128, objects=None):
     radius, colour = rng.uniform(0.05, 0.15, k), rng.uniform(20, 235, (k, 3))
     for t in range(frames):
         image = np.broadcast_to(floor, (res, res, 3)) + rng.normal(0, 6, (res, res, 3))
-        for i in np.argsort(radius):  # larger objects first: smaller ones in front
+        for i in np.argsort(-radius):  # larger objects first: smaller ones in front
             cy, cx = start[i] + t * velocity[i]
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius[i] ** 2
             image[mask] = colour[i]

@@ -74,7 +74,6 @@ def test_crc32c_known_vector():
 # ----------------------------------------------------------------------------- COCO (real sample)
 
 
-@needs_samples
 @pytest.mark.parametrize("count, kept", [(254, True), (255, False)])
 def test_a_sample_with_more_objects_than_a_uint8_segment_holds_is_dropped_and_counted(count, kept):
     """Labels 1..254 fit a uint8 segment beside 0 (background) and 255 (ignored): with the object filter off
@@ -88,6 +87,7 @@ def test_a_sample_with_more_objects_than_a_uint8_segment_holds_is_dropped_and_co
         assert out is None and stats == {"samples_over_254_objects_dropped": 1}
 
 
+@needs_samples
 def test_coco_panoptic_real_sample(tmp_path):
     src = SHARED_DATA / "coco"
     convert.convert("coco", src, tmp_path / "coco", resolution=128, min_bbox=0, max_objects=0, quiet=True)
@@ -121,6 +121,12 @@ def test_coco_panoptic_real_sample(tmp_path):
                                                       r"download.*--max-objects"):
         convert.convert("coco", src, tmp_path / "filtered", resolution=128, quiet=True)
     assert not list((tmp_path / "filtered").iterdir())  # not even a hidden temporary
+    empty = copy_tree(src, tmp_path / "empty_download")
+    ann_file = empty / "annotations" / "panoptic_val2017.json"
+    ann_file.write_text(json.dumps({**js, "annotations": []}))
+    with pytest.raises(convert.ConversionError, match=r"coco/val: no sample kept, nothing written \(the download "
+                                                      r"lists none\)"):
+        convert.convert("coco", empty, tmp_path / "none", resolution=128, quiet=True)
     convert.convert("coco", src, tmp_path / "loose", resolution=128, max_objects=40, quiet=True)
     (rec,) = records(tmp_path / "loose" / "val")[1]
     small = [k for k in range(1, len(classes) + 1) if convert.bbox_area(expected == k) < 16]
@@ -402,16 +408,17 @@ def test_the_paper_chain_runs_end_to_end_on_a_synthetic_download(dataset, tmp_pa
     """benchmarks/paper_chain.py --tiny: a synthetic download in the official layout (COCO panoptic: things, stuff,
     crowd regions, unlabelled borders; MOVi: TFDS shards of moving objects) -> convert.py -> train_vae.py and
     train_ocl.py (COCO: the card's --code-dim 4 / --decoder diffusion; MOVi: STEVE; DINO random), each stopped by
-    SIGTERM after its first checkpoint and continued with --resume to its last step -> evaluate.py scores the val
+    SIGTERM after its first checkpoint and continued with --resume for the steps left -> evaluate.py scores the val
     samples that were kept; COCO's feature cache holds DINO's fp16 map per training image."""
     import paper_chain
     result = paper_chain.main(["--work", str(tmp_path / "chain"), "--dataset", dataset, "--tiny", "--train", "8",
-                               "--val", "3", "--steps", "2"])
+                               "--val", "3", "--steps", "4"])
     runs = tmp_path / "chain" / "runs"
     for run in ("vae", "ocl"):
-        assert torch.load(runs / run / "last.pt", weights_only=True)["step"] == 2
+        assert 2 <= result["stopped"][run] < 4  # stopped after its first checkpoint (step 2), with steps left
+        assert torch.load(runs / run / "last.pt", weights_only=True)["step"] == 4
         steps = [json.loads(line)["step"] for line in open(runs / run / "metrics.jsonl") if '"loss"' in line]
-        assert steps == [1, 2]  # step 1 before the stop, step 2 after the resume, none twice
+        assert steps == [1, 2, 3, 4]  # the resumed run took the steps after the stop, none twice
     kept = data.read_meta(tmp_path / "chain" / "data" / dataset / "val")["count"]
     assert result["metrics"]["ari"]["count"] == kept > 0
     if dataset == "coco":

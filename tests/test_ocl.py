@@ -226,6 +226,8 @@ def test_evaluate_segments_a_folder_of_your_own_pictures(tiny_root, tiny_vaes, t
 
     with pytest.raises(SystemExit, match=r"is the --images folder: the figures would replace your pictures"):
         evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(folder), "--out", str(folder)])
+    with pytest.raises(SystemExit, match=r"is a file; --images writes its figures into a folder"):
+        evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(folder), "--out", str(folder / "a.png")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"no picture to segment \(the folder is empty\); put \.jpg or \.png"):
         evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(tmp_path / "empty")])

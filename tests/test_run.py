@@ -188,6 +188,14 @@ def test_code_replacing_state_resumed_with_another_process_count():
     assert third[0]["hits"].tolist() == [0.0, 0.0, 0.0] and len(third[0]["recent"]) == 0 and third[0]["seen"] == 0
     same = train_vae.my_pools(saved, train_common.Dist(1, 2, 1, torch.device("cpu")))
     assert same[0]["hits"].tolist() == [0.0, 3.0, 1.0] and same[0]["seen"] == 7
+    # a last.pt of before (pools per codebook, no counts: process 0's are in the weights) still resumes
+    older = [{"recent": torch.ones(5, 4), "seen": 5}]
+    import vae
+    cb = vae.Codebook(3, 4)
+    cb.hits.fill_(2.0)  # as load_state_dict left them
+    cb.load_pool_state(train_vae.my_pools(older, train_common.Dist(0, 1, 0, torch.device("cpu")))[0])
+    assert cb.seen == 5 and cb.hits.tolist() == [2.0, 2.0, 2.0]
+    assert train_vae.my_pools(older, train_common.Dist(1, 2, 1, torch.device("cpu")))[0]["seen"] == 0
 
 
 def test_compile_wraps_the_training_step_only(tiny_root, tmp_path, monkeypatch):
