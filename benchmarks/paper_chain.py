@@ -144,6 +144,12 @@ def main(argv=None):
     for split, n in chain["full"].items():
         print(f"| {split} | {n:,} | {n * per_source / 3600:.1f} | {n * per_sample / 2 ** 30:.1f} | "
               + (f"{n * cache / 2 ** 30:.1f} |" if cache else "- |"))
+    if cache is None:  # video: --cache-features is refused for clips; what it would hold, by the same arithmetic
+        frame = 384 * (128 // 8) ** 2 * 2  # DINO's (384, 16, 16) fp16 map of one 128 px frame
+        frames = 24
+        print(f"\nThe feature cache is refused for clips (one DINO map per image; a video step crops its frames per "
+              f"step): all {frames} frames of a scene would take {frames * frame / 2 ** 20:.1f} MiB, "
+              f"{chain['full']['train'] * frames * frame / 2 ** 30:.0f} GiB for the train split.")
     result = {"dataset": name, "rows": rows, "stopped": stops, "per_source_s": per_source, "bytes_per_sample": per_sample,
               "cache_bytes_per_sample": cache, "metrics": metrics}
     (work / "chain.json").write_text(json.dumps(result, indent=1))
