@@ -190,7 +190,6 @@ class Codebook(nn.Module):
         return select(self.weight, idx)  # (b, c, h, w)
 
     @torch.no_grad()
-    @torch.compiler.disable  # data-dependent, once: not worth a graph (--compile)
     def init_from(self, z, groups=1):
         """Data-dependent initialisation: the codes start on randomly chosen continuous vectors of the first
         batch, not at an arbitrary point where one code would win every match. z (groups*b, c, h, w) may stack
@@ -208,7 +207,6 @@ class Codebook(nn.Module):
         self._sync_from_rank0()
 
     @torch.no_grad()
-    @torch.compiler.disable  # counters and a Python int (`seen`) change every step: a graph would recompile each time
     def observe(self, z, idx, sampled=False):
         """Record that the continuous vectors z (b, c, h, w) were quantized to the codes idx (b, h, w); `sampled`:
         idx were Gumbel samples, so usage is counted on the nearest codes instead."""
