@@ -415,7 +415,8 @@ def test_the_paper_chain_runs_end_to_end_on_a_synthetic_download(dataset, tmp_pa
                                "--val", "3", "--steps", "4"])
     runs = tmp_path / "chain" / "runs"
     for run in ("vae", "ocl"):
-        assert 2 <= result["stopped"][run] < 4  # stopped after its first checkpoint (step 2), with steps left
+        # SIGTERM goes out when the first checkpoint (step 1) appears; a loaded machine delivers it a step or two later
+        assert 1 <= result["stopped"][run] < 4
         assert torch.load(runs / run / "last.pt", weights_only=True)["step"] == 4
         steps = [json.loads(line)["step"] for line in open(runs / run / "metrics.jsonl") if '"loss"' in line]
         assert steps == [1, 2, 3, 4]  # the resumed run took the steps after the stop, none twice
