@@ -39,6 +39,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import fcntl  # the lock around writing a built-in dataset on first use
+except ImportError:  # Windows
+    fcntl = None
+
 import lmdb
 import numpy as np
 import torch
@@ -519,8 +524,13 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
         raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
     folder = dataset_dir(name, root, resolution)
     if name in BUILTIN and (not folder.exists() or not splits_in(folder)):  # nothing complete there to lose
-        print(f"{folder} not found: writing the built-in {name} dataset (a few seconds)")
-        BUILTIN[name](root, resolution or DATASETS[name]["resolution"])
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with open(Path(root) / f".{name}.lock", "w") as lock:  # runs started side by side write it once
+            if fcntl:  # POSIX; elsewhere, start one run first
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.exists() or not splits_in(folder):  # another run may have written it while we waited
+                print(f"{folder} not found: writing the built-in {name} dataset (a few seconds)")
+                BUILTIN[name](root, resolution or DATASETS[name]["resolution"])
     if not folder.exists():
         raise DatasetMissing(
             f"dataset '{name}' is not converted yet ({folder} not found).\n"

@@ -211,6 +211,34 @@ def test_load_dataset_writes_shapes_on_first_use(tmp_path, monkeypatch):
     assert item["segment"].shape == (64, 64) and item["segment"].dtype == torch.long
 
 
+def test_runs_started_side_by_side_write_the_builtin_dataset_once(tmp_path, monkeypatch):
+    """Cells started together (compare_guidance --jobs 2) both find no data/shapes: one writes it, the other waits
+    for it and reads it (without the lock the second one fails on the first one's split folders)."""
+    import threading
+    import time
+    monkeypatch.setattr(shapes, "SHAPES_SPLITS", {"train": (0, 4), "val": (1, 2)})
+    real, writes = shapes.shapes_samples, []
+
+    def slow_samples(*args):  # a write that takes long enough for both runs to start it
+        writes.append(args[1])
+        for sample in real(*args):
+            time.sleep(0.05)
+            yield sample
+    monkeypatch.setattr(shapes, "shapes_samples", slow_samples)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(len(data.load_dataset("shapes", "val", tmp_path)))
+        except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and results == [2, 2]
+    assert sorted(writes) == [0, 1]  # each split written once
+
+
 def test_cli_info_and_refusal(tmp_path, capsys):
     data.main(["shapes", "--root", str(tmp_path), "--train", "3", "--val", "2"])
     data.main(["info", str(tmp_path / "shapes")])
