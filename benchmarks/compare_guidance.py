@@ -73,6 +73,7 @@ DIFFUSION = ["vqvae+stab", "gdr", "msf"]  # SlotDiffusion on VQ-VAE (the healthy
 # The baseline of the paired differences, fixed before any cell ran: the VQ-VAE with the same stabilisers as MSF
 # (the paper's recipe collapses at CPU budgets; a comparison against a collapsed codebook says nothing about MSF).
 BASELINE = "vqvae+stab"
+DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale"}  # train_ocl.py flags that only the diffusion decoder reads
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 
@@ -92,6 +93,8 @@ def cells(args):
                 for name in names:
                     if args.cells in ("main", "ablations", "all") and decoder == "diffusion" and name not in DIFFUSION:
                         continue  # the diffusion rows are those of the paper (Tab. 1-2); ablations use SLATE (Tab. 5-6)
+                    if decoder != "diffusion" and set(VARIANTS[name][1]) & DIFFUSION_ONLY:
+                        continue  # a variant of SlotDiffusion's target or scale: no cell under another decoder
                     out.append((name, decoder, seed))
     return out
 

@@ -100,6 +100,11 @@ def test_main_table_before_ablations_and_diffusion_only_on_the_papers_rows():
     assert len(order) == 2 * (len(cg.MAIN) + len(cg.DIFFUSION)) + 2 * len(cg.ABLATIONS)
 
 
+def test_variants_of_slotdiffusions_target_run_only_under_the_diffusion_decoder():
+    args = cg.argparse.Namespace(cells="msf,msf-z-scale1", seeds=[0], decoders=["mlp", "diffusion"])
+    assert cg.cells(args) == [("msf", "mlp", 0), ("msf", "diffusion", 0), ("msf-z-scale1", "diffusion", 0)]
+
+
 def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
     """benchmarks/paper_scale.py on DINOSAUR at batch 1: the model is the one train_ocl.py builds at the paper's
     settings (11 slots, DINO's 384 features, the 3 x 2,048 MLP), and the counted FLOPs of a training step are at least
