@@ -26,7 +26,7 @@ On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
 
 Reading order: DATASETS, square_image (how every dataset's images are prepared), encode_record/decode_record,
 write_lmdb, LMDBDataset, video_frames, clip_starts, crop_clips, write_shapes / write_shapes_video, load_dataset (the
-one entry point of the scripts), the CLI (object_sides: --object-sides).
+one entry point of the scripts), the CLI.
 Imports shapes (the built-in datasets' renderers) and nothing else of the project.
 """
 import argparse
@@ -38,11 +38,6 @@ import struct
 import sys
 import time
 from pathlib import Path
-
-try:
-    import fcntl  # the lock around writing a built-in dataset on first use
-except ImportError:  # Windows
-    fcntl = None
 
 import lmdb
 import numpy as np
@@ -526,7 +521,8 @@ def load_dataset(name, split, root="data", resolution=None, semantic=False):
     if name in BUILTIN and (not folder.exists() or not splits_in(folder)):  # nothing complete there to lose
         Path(root).mkdir(parents=True, exist_ok=True)
         with open(Path(root) / f".{name}.lock", "w") as lock:  # runs started side by side write it once
-            if fcntl:  # POSIX; elsewhere, start one run first
+            if os.name == "posix":  # elsewhere, start one run first
+                import fcntl
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if not folder.exists() or not splits_in(folder):  # another run may have written it while we waited
                 print(f"{folder} not found: writing the built-in {name} dataset (a few seconds)")
@@ -593,7 +589,11 @@ def main(argv=None):
             sys.exit(f"{out} already holds {' and '.join(there)}; pass --overwrite to write it again")
         if args.resolution % 16:
             sys.exit(f"--resolution {args.resolution}: the built-in datasets need a multiple of 16 (64, 128, ...)")
-        extra = {"frames": args.frames} if args.command == "shapes_video" else {"sides": object_sides(args.object_sides)}
+        try:
+            extra = ({"frames": args.frames} if args.command == "shapes_video" else
+                     {"sides": args.object_sides and shapes.parse_sides(args.object_sides)})
+        except ValueError as e:
+            sys.exit(f"--object-sides {e}")
         BUILTIN[args.command](args.root, args.resolution, args.seed, {"train": args.train, "val": args.val},
                               overwrite=args.overwrite, **extra)
     elif args.command == "info":
@@ -611,20 +611,6 @@ def main(argv=None):
                 print(f"{split}: {json.dumps(read_meta(split), indent=1)}")
             except (DatasetMissing, DatasetCorrupt, ValueError) as e:
                 print(f"{split}: {e}")
-
-
-def object_sides(text):
-    """--object-sides "lo,hi" -> (lo, hi) pixels at 64 px, or None; a bad value is a one-line exit."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        sys.exit(f"--object-sides {text}: give two numbers, smallest,largest (e.g. 6,48)")
-    if not 3 <= lo <= hi <= 60:
-        sys.exit(f"--object-sides {text}: need 3 <= smallest <= largest <= 60 (px at 64 px; smaller objects do not "
-                 f"render, larger ones do not fit)")
-    return lo, hi
 
 
 if __name__ == "__main__":

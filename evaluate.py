@@ -426,22 +426,8 @@ def evaluate_vae(ckpt, args, device):
         print("  Eq. 4, share won by each scale: " + " | ".join(f"scale {n[4]} <- {n[6:]} {v:.2f}"
                                                               for n, v in result["scale_wins"].items()))
     if args.viz:  # Fig. 3: per scale, the codes before / after inter-scale fusion, the scale-variant codes, X
-        out_dir = _figure_dir(args)
-        batch = next(iter(_loader(dataset, args.viz)))
-        image = data.video_frames(batch["image"])[:args.viz].to(device)  # (v, 3, H, W)
-        with torch.no_grad():
-            out = model(image)
-        parts, xs = out["parts"], out["xs"]
-        for i in range(len(image)):
-            if "q_si_own" in parts[0] and len(parts[0]["q"]) == 2:
-                columns = {"si before inter-scale fusion": [p["q_si_own"][i] for p in parts],
-                           "si after inter-scale fusion": [p["q"][0][i] for p in parts],
-                           "scale-variant": [p["q"][1][i] for p in parts], "fused X": [x[i] for x in xs]}
-            else:
-                columns = {"X": [x[i] for x in xs]}
-            figures.fig3(out_dir / f"fig3_{i:03d}.png", image[i], columns)
-        print(f"wrote {len(image)} Fig. 3 style PNGs to {out_dir} (columns: image, {', '.join(columns)}; "
-              f"one row per scale)")
+        image = data.video_frames(next(iter(_loader(dataset, args.viz)))["image"])[:args.viz]  # (v, 3, H, W)
+        figures.vae_fig3(_figure_dir(args), model, image.to(device))
     return result
 
 
@@ -477,31 +463,15 @@ def evaluate_ocl(ckpt, args, device):
             print(f"{'':>8} " + " ".join(f"{name:>7}" for name, _ in row))
             print(f"{'x100':>8} " + " ".join(f"{100 * stats[k][0]:7.2f}" for _, k in row))
             print(f"{'samples':>8} " + " ".join(f"{stats[k][1]:7d}" for _, k in row))
-    if args.viz:
-        out_dir = _figure_dir(args)
-        batch = next(iter(_loader(dataset, args.viz)))
+    if args.viz:  # Fig. 2 (video: a strip per clip); SlotDiffusion on images: its sampler's reconstructions too
+        out_dir, batch = _figure_dir(args), next(iter(_loader(dataset, args.viz)))
         image, segment = batch["image"].to(device), batch["segment"]  # (v, 3, H, W), (v, H, W); video (v, t, ...)
         out = model.segment(image, batch["bbox"].to(device) if "bbox" in batch else None)  # masks (v(, t), s, h, w)
-        pred = masks_to_labels(out["masks"], segment.shape[-2:]).cpu()  # (v, H, W), video (v, t, H, W)
-        masks = upsample_masks(out["masks"], segment.shape[-2:])  # (v(, t), s, H, W): what the labels come from
-        if model.video:  # a strip per clip: one row per frame, a slot keeps its colour in every row
-            for i in range(len(image)):
-                figures.fig2(out_dir / f"clip_{i:03d}.png", image[i], segment[i], pred[i], masks[i])
-            print(f"wrote {len(image)} clip strips clip_NNN.png to {out_dir} (rows: frames; columns: image | ground "
-                  f"truth | prediction | one column per slot)")
-        else:
-            figures.fig2(out_dir / "fig2.png", image, segment, pred, masks)
-            print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
+        masks = upsample_masks(out["masks"], segment.shape[-2:]).cpu()  # (v(, t), s, H, W): what the metrics score
+        figures.fig2_files(out_dir, image.cpu(), segment, masks.argmax(-3), masks)  # labels as masks_to_labels
         if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
-            target = model.targets(image)[1][0]  # what it diffuses: X, or Z_1 (--diffusion-target z), (v, c, h, w)
             gen = torch.Generator(device=device).manual_seed(args.seed)
-            context = model.context(out["slots"])  # what the decoder cross-attends to
-            sampled = model.decoder.sample(context, target.shape, steps=25, generator=gen)  # (v, c, h, w)
-            rows = [image, model.vae.decoder(target), model.vae.decoder(sampled)]  # 3 x (v, 3, H, W)
-            name = "Z_1" if model.diffuses_z else "X"
-            figures.save_rows_png(out_dir / "diffusion_recon.png", rows,
-                                  labels=["image", f"VAE decoding of {name}", f"VAE decoding of the sampled {name}'"])
-            print(f"wrote {out_dir / 'diffusion_recon.png'} (rows: image, VAE decoding of X, of the sampled X')")
+            figures.diffusion_recon(out_dir / "diffusion_recon.png", model, image, out["slots"], gen)
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
 

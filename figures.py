@@ -2,9 +2,10 @@
 Fig. 3 (the codes of every scale before and after inter-scale fusion, coloured by a PCA), reconstructions row by
 row, and every run's curves.png (its metrics.jsonl as one panel per quantity).
 
-Reading order: palette, to_uint8, save_rows_png / save_grid (every figure is a grid of tiles), fig2, pca_colours,
-fig3, curves. evaluate.py draws Fig. 2 and Fig. 3 for a checkpoint; the training scripts draw masks.png, recon.png
-and curves.png at each validation. Imports data (its IGNORE label) and nothing else of the project.
+Reading order: palette, to_uint8, save_rows_png / save_grid (every figure is a grid of tiles), fig2, fig2_files,
+diffusion_recon, pca_colours, fig3, vae_fig3, curves. evaluate.py --viz draws Fig. 2 (and SlotDiffusion's sampled
+reconstructions) or Fig. 3 for a checkpoint, the model handed in; the training scripts draw masks.png, recon.png and
+curves.png at each validation. Imports data (its IGNORE label) and nothing else of the project.
 """
 import json
 import math
@@ -86,6 +87,32 @@ def fig2(path, images, true, pred, masks, scale=2):
     save_grid(path, rows, scale)
 
 
+def fig2_files(out_dir, images, true, pred, masks):
+    """evaluate.py --viz: fig2.png for a batch of images, or one strip clip_NNN.png per clip (rows: frames; a slot
+    keeps its colour in every row): images (v(, t), 3, H, W); true, pred (v(, t), H, W); masks (v(, t), s, H, W)."""
+    if images.dim() == 5:
+        for i in range(len(images)):
+            fig2(out_dir / f"clip_{i:03d}.png", images[i], true[i], pred[i], masks[i])
+        print(f"wrote {len(images)} clip strips clip_NNN.png to {out_dir} (rows: frames; columns: image | ground "
+              f"truth | prediction | one column per slot)")
+    else:
+        fig2(out_dir / "fig2.png", images, true, pred, masks)
+        print(f"wrote {out_dir / 'fig2.png'} (image | ground truth | prediction | one column per slot)")
+
+
+@torch.no_grad()
+def diffusion_recon(path, model, image, slots, generator):
+    """SlotDiffusion's reconstructions through its sampler: rows image | the VAE's decoding of the diffused latent
+    (X, or Z_1 with --diffusion-target z) | the VAE's decoding of the latent DDIM samples from the slots (25 steps).
+    `model` is ocl.OCL; image (v, 3, H, W); slots (v, s, d)."""
+    target = model.targets(image)[1][0]  # what it diffuses, (v, c, h, w)
+    sampled = model.decoder.sample(model.context(slots), target.shape, steps=25, generator=generator)  # (v, c, h, w)
+    name = "Z_1" if model.diffuses_z else "X"
+    save_rows_png(path, [image, model.vae.decoder(target), model.vae.decoder(sampled)],
+                  labels=["image", f"VAE decoding of {name}", f"VAE decoding of the sampled {name}'"])
+    print(f"wrote {path} (rows: image, VAE decoding of {name}, of the sampled {name}')")
+
+
 def pca_colours(maps):
     """Colour token maps by a 3-component PCA fitted jointly on all of them, so one colour means one direction
     in every map passed together. maps: list of (c, h, w) -> list of (h, w, 3) uint8."""
@@ -121,6 +148,23 @@ def fig3(path, image, columns, scale=2):
         rows.append(tiles)
     save_grid(path, rows, scale, [f"scale {n + 1}" for n in range(len(rows))])
     return list(columns)
+
+
+@torch.no_grad()
+def vae_fig3(out_dir, model, images):
+    """evaluate.py --viz on a VAE: fig3_NNN.png per image of images (v, 3, H, W), one row per scale; MSF shows its
+    codes before / after inter-scale fusion, the scale-variant codes and the fused X, other VAEs their X."""
+    out = model(images)
+    parts, xs = out["parts"], out["xs"]  # per scale: the quantiser's parts, X_n (v, c, h_n, w_n)
+    for i in range(len(images)):
+        if "q_si_own" in parts[0] and len(parts[0]["q"]) == 2:
+            columns = {"si before inter-scale fusion": [p["q_si_own"][i] for p in parts],
+                       "si after inter-scale fusion": [p["q"][0][i] for p in parts],
+                       "scale-variant": [p["q"][1][i] for p in parts], "fused X": [x[i] for x in xs]}
+        else:
+            columns = {"X": [x[i] for x in xs]}
+        fig3(out_dir / f"fig3_{i:03d}.png", images[i], columns)
+    print(f"wrote {len(images)} Fig. 3 style PNGs to {out_dir} (columns: image, {', '.join(columns)}; one row per scale)")
 
 
 def curves(jsonl, path, columns=4, size=(240, 150)):

@@ -153,6 +153,18 @@ SHAPES_SPLITS = {"train": (0, 8000), "val": (1, 500)}  # split -> (id used in th
 # The smallest and the largest object side at 64 px (scaled with the resolution): 8x apart. `python data.py shapes
 # --object-sides 24,24` (all objects alike) or `3,60` (20x: tiny to large) asks whether MSF's gain follows the spread.
 SHAPES_SIDES = (6, 48)
+
+
+def parse_sides(text):
+    """`--object-sides lo,hi` -> (lo, hi) px at 64 px; a ValueError that names the fix where it cannot render."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text}: give two numbers, smallest,largest (e.g. 6,48)") from None
+    if not 3 <= lo <= hi <= 60:
+        raise ValueError(f"{text}: need 3 <= smallest <= largest <= 60 (px at 64 px; smaller objects do not render, "
+                         f"larger ones do not fit)")
+    return lo, hi
 # Tab. 7's size split on shapes: small < 12^2 <= medium < 20^2 <= large visible pixels at 64x64 (about the
 # terciles of the objects: 36% / 38% / 26%), scaled with the image area at other resolutions. COCO's thresholds
 # (32^2, 96^2 of the original image) do not fit 64 px images.

@@ -24,7 +24,7 @@ ALLOWED = {
     "train_ocl": {"data", "msf", "ocl", "train_common", "evaluate", "figures"},
     "evaluate": {"data", "msf", "ocl", "train_common", "figures"},
 }
-LONGEST = 625  # lines: a file reads in one sitting (DESIGN.md: ~600); convert.py, off the reading path, is the exception
+LONGEST = 620  # lines: a file reads in one sitting (DESIGN.md: ~600); convert.py, off the reading path, is the exception
 
 
 def project_imports(path):

@@ -149,6 +149,15 @@ def test_each_decoder_trains_and_evaluate_scores_it(decoder, tiny_root, tiny_vae
     assert metrics["ari"]["count"] == 16  # all 16 val images; shapes records carry areas, so Tab. 7's split too
     assert 0 <= metrics["mbo"]["mean"] <= 1 and result["decoder"] == decoder
     assert (out / "fig2.png").exists() and (out / "masks.png").exists()
+    assert (out / "diffusion_recon.png").exists() == (decoder == "diffusion")  # its sampler's reconstructions
+
+
+def test_evaluate_draws_fig3_for_an_msf_vae(tiny_vaes, tmp_path, capsys):
+    result = evaluate.main(["--ckpt", str(tiny_vaes[256]), "--viz", "2", "--out", str(tmp_path / "figs")])
+    assert result["kind"] == "vae" and sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["fig3_000.png",
+                                                                                               "fig3_001.png"]
+    assert "columns: image, si before inter-scale fusion, si after inter-scale fusion, scale-variant, fused X; one " \
+           "row per scale" in capsys.readouterr().out
 
 
 def test_guidance_cache_changes_nothing(tiny_root, tiny_vaes, tmp_path):
