@@ -21,9 +21,10 @@ found under --src is converted (--split picks one), streamed (memory does not gr
 hidden folder and renamed when complete (data.write_lmdb). A sample that cannot be read is skipped and counted,
 never fatal; what was filtered and why is counted in the meta record.
 
-Reading order: the shared crop/resize and `assemble`; one `<name>_samples` generator per dataset (COCO, VOC,
-ClevrTex, MOVi with its TFRecord and protobuf readers, Open Images); `convert`, which streams one of them into
-data.write_lmdb; the CLI. Imports from the project: data (the record format and the writer) and nothing else.
+Reading order: the shared crop/resize and `assemble`; `each` (the samples of a split, in order, in one process or
+--workers processes); per dataset (COCO, VOC, ClevrTex, MOVi with its TFRecord and protobuf readers, Open Images) a
+`<name>_samples` generator that lists the split's samples and a function that reads one; `convert`, which streams
+them into data.write_lmdb; the CLI. Imports from the project: data (the record format and the writer) and nothing else.
 """
 import csv
 import io
@@ -138,10 +139,52 @@ def read_json(path):
 
 
 def _skip(stats, path, err):
-    """Count an unreadable sample; name the first few so the user can look at them."""
+    """Count an unreadable sample (`each` names the first few, so the user can look at them); returns None, the
+    converters' "no sample"."""
     stats["samples_unreadable_skipped"] = stats.get("samples_unreadable_skipped", 0) + 1
-    if stats["samples_unreadable_skipped"] <= 5:
-        print(f"  skipped {path}: {type(err).__name__}: {str(err)[:160]}", flush=True)
+    stats["_skipped"] = f"{path}: {type(err).__name__}: {str(err)[:160]}"
+
+
+def each(one, tasks, stats, workers=0, **kw):
+    """The samples of a split: one(task, counts, **kw) for every task, in the tasks' order, each sample or None, its
+    counts (filters, skips) added to `stats`. With workers > 0, the tasks run in that many processes: the same samples
+    in the same order (the LMDB is byte-identical), at most 4 x workers in flight, so that a split of large clips is
+    never held in memory."""
+    def merge(counts):
+        skipped = counts.pop("_skipped", None)
+        for k, v in counts.items():
+            stats[k] = stats.get(k, 0) + v
+        if skipped and stats["samples_unreadable_skipped"] <= 5:
+            print(f"  skipped {skipped}", flush=True)
+
+    if not workers:
+        for task in tasks:
+            counts = {}
+            sample = one(task, counts, **kw)
+            merge(counts)
+            yield sample
+        return
+    import collections
+    import multiprocessing
+    # spawn, not fork: a forked child of a process with threads (torch's, a test runner's) can wait forever on a
+    # lock one of them held; one thread each, the processes share the cores
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        pending = collections.deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_counted, (one, task, kw)))
+            if len(pending) >= 4 * workers:
+                sample, counts = pending.popleft().get()
+                merge(counts)
+                yield sample
+        while pending:
+            sample, counts = pending.popleft().get()
+            merge(counts)
+            yield sample
+
+
+def _counted(one, task, kw):  # in a worker process: the sample and its own counts
+    counts = {}
+    return one(task, counts, **kw), counts
 
 
 def _layout_error(name, src, what):
@@ -165,7 +208,7 @@ LAYOUTS = {
 }
 
 
-def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
+def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10, workers=0):
     """COCO 2017 panoptic (paper: "we use panoptic segmentation annotations"). Things (isthing = 1, iscrowd = 0)
     are the objects, numbered in segments_info order; all stuff is merged into the background (0): "10 objects
     plus stuff", 11 slots; crowd regions and unlabeled pixels (id 0) are ignored (255). Stores `classes` (K,)
@@ -180,23 +223,27 @@ def coco_samples(src, split, res, stats, min_bbox=16, max_objects=10):
     isthing = {c["id"]: bool(c["isthing"]) for c in categories}
     images = {im["id"]: im for im in js["images"]}
     stats["_total"] = len(js["annotations"])  # for the progress bar's ETA (not stored)
-    for ann in sorted(js["annotations"], key=lambda a: a["file_name"]):
-        image_file = img_dir / images[ann["image_id"]]["file_name"]
-        try:
-            image = read_rgb(image_file)
-            pan = np.array(Image.open(png_dir / ann["file_name"]).convert("RGB")).astype(np.int64)  # (H, W, 3)
-            if pan.shape[:2] != image.shape[:2]:
-                raise ValueError(f"panoptic PNG {pan.shape[:2]} and image {image.shape[:2]} differ in size")
-        except (OSError, ValueError, SyntaxError) as e:
-            _skip(stats, image_file, e)
-            yield None
-            continue
-        ids = pan[..., 0] + 256 * pan[..., 1] + 256 ** 2 * pan[..., 2]  # segment id = R + 256 G + 256^2 B
-        ids = crop_resize_labels(ids, res)
-        things = [(s["id"], (s["category_id"], s["area"])) for s in ann["segments_info"]
-                  if isthing[s["category_id"]] and not s.get("iscrowd", 0)]
-        crowd = [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)]  # ours: ignored (authors: objects)
-        yield object_sample(image, res, assemble(ids, things, [0, *crowd], stats, min_bbox, max_objects), np.uint8)
+    tasks = [(img_dir / images[ann["image_id"]]["file_name"], png_dir / ann["file_name"],
+              [(s["id"], (s["category_id"], s["area"])) for s in ann["segments_info"]
+               if isthing[s["category_id"]] and not s.get("iscrowd", 0)],  # the objects
+              [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)])  # crowds: ours ignored (authors: objects)
+             for ann in sorted(js["annotations"], key=lambda a: a["file_name"])]
+    yield from each(coco_sample, tasks, stats, workers, res=res, min_bbox=min_bbox, max_objects=max_objects)
+
+
+def coco_sample(task, stats, res, min_bbox, max_objects):
+    """One COCO image and its panoptic PNG -> a record, or None (unreadable, or dropped by the filters)."""
+    image_file, png_file, things, crowd = task
+    try:
+        image = read_rgb(image_file)
+        pan = np.array(Image.open(png_file).convert("RGB")).astype(np.int64)  # (H, W, 3)
+        if pan.shape[:2] != image.shape[:2]:
+            raise ValueError(f"panoptic PNG {pan.shape[:2]} and image {image.shape[:2]} differ in size")
+    except (OSError, ValueError, SyntaxError) as e:
+        return _skip(stats, image_file, e)
+    ids = pan[..., 0] + 256 * pan[..., 1] + 256 ** 2 * pan[..., 2]  # segment id = R + 256 G + 256^2 B
+    ids = crop_resize_labels(ids, res)
+    return object_sample(image, res, assemble(ids, things, [0, *crowd], stats, min_bbox, max_objects), np.uint8)
 
 
 def voc_root(src):
@@ -207,7 +254,7 @@ def voc_root(src):
     _layout_error("voc", src, "no ImageSets/Segmentation/")
 
 
-def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):  # authors: instances (the paper: semantic)
+def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10, workers=0):  # authors: instances (paper: semantic)
     """Pascal VOC 2012 segmentation: instances from SegmentationObject (palette indices: 0 background, k = k-th
     <object> of the XML, 255 void = ignored), and each instance's class from SegmentationClass (the majority class
     of its pixels), stored as `classes` (K,): `load_dataset(..., semantic=True)` scores classes instead of
@@ -215,32 +262,34 @@ def voc_samples(src, split, res, stats, min_bbox=16, max_objects=10):  # authors
     root = voc_root(src)
     ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
     stats["_total"] = len(ids)
-    for name in ids:
-        obj_file = root / "SegmentationObject" / f"{name}.png"
-        if not obj_file.exists():
-            stats["images_without_masks_skipped"] = stats.get("images_without_masks_skipped", 0) + 1
-            yield None
-            continue
-        try:
-            image = read_rgb(root / "JPEGImages" / f"{name}.jpg")
-            obj, cls = read_indices(obj_file), read_indices(root / "SegmentationClass" / f"{name}.png")
-            if not obj.shape == cls.shape == image.shape[:2]:
-                raise ValueError(f"image {image.shape[:2]}, object mask {obj.shape}, class mask {cls.shape} differ")
-        except (OSError, ValueError, SyntaxError) as e:
-            _skip(stats, obj_file, e)
-            yield None
-            continue
-        obj, cls = crop_resize_labels(obj, res), crop_resize_labels(cls, res)
-        objects = []
-        for k in sorted(set(np.unique(obj).tolist()) - {0, data.IGNORE}):
-            votes = np.bincount(cls[(obj == k) & (cls != data.IGNORE)], minlength=256)
-            objects.append((k, int(votes.argmax())))
-        out = assemble(obj, objects, [data.IGNORE], stats, min_bbox, max_objects)
-        if out is None:
-            yield None
-            continue
-        segment, classes = out
-        yield {"image": data.square_image(image, res), "segment": segment, "classes": np.array(classes, np.uint8)}
+    yield from each(voc_sample, [(root, name) for name in ids], stats, workers, res=res, min_bbox=min_bbox,
+                    max_objects=max_objects)
+
+
+def voc_sample(task, stats, res, min_bbox, max_objects):
+    """One VOC image id -> a record, or None (no instance mask, unreadable, or dropped by the filters)."""
+    root, name = task
+    obj_file = root / "SegmentationObject" / f"{name}.png"
+    if not obj_file.exists():
+        stats["images_without_masks_skipped"] = 1
+        return None
+    try:
+        image = read_rgb(root / "JPEGImages" / f"{name}.jpg")
+        obj, cls = read_indices(obj_file), read_indices(root / "SegmentationClass" / f"{name}.png")
+        if not obj.shape == cls.shape == image.shape[:2]:
+            raise ValueError(f"image {image.shape[:2]}, object mask {obj.shape}, class mask {cls.shape} differ")
+    except (OSError, ValueError, SyntaxError) as e:
+        return _skip(stats, obj_file, e)
+    obj, cls = crop_resize_labels(obj, res), crop_resize_labels(cls, res)
+    objects = []
+    for k in sorted(set(np.unique(obj).tolist()) - {0, data.IGNORE}):
+        votes = np.bincount(cls[(obj == k) & (cls != data.IGNORE)], minlength=256)
+        objects.append((k, int(votes.argmax())))
+    out = assemble(obj, objects, [data.IGNORE], stats, min_bbox, max_objects)
+    if out is None:
+        return None
+    segment, classes = out
+    return {"image": data.square_image(image, res), "segment": segment, "classes": np.array(classes, np.uint8)}
 
 
 CLEVRTEX_CMAP = [(0, 0, 0), (255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 0), (141, 211, 199), (255, 255, 179),
@@ -274,31 +323,34 @@ def clevrtex_split(scenes, split):
     return scenes[lo:hi]
 
 
-def clevrtex_samples(src, split, res, stats, variant="full"):
+def clevrtex_samples(src, split, res, stats, variant="full", workers=0):
     """ClevrTex: RGBA 320x240 renders (alpha dropped) and `_flat.png` palette masks (0 background, 1..10 objects;
     a mask re-saved as RGB is mapped back through the palette). No filter: every object is visible by design."""
     scenes = clevrtex_scenes(src, variant)
     if variant == "full":
         scenes = clevrtex_split(scenes, split)
     stats["_total"] = len(scenes)
-    for _, image_file, mask_file in scenes:
-        try:
-            image = read_rgb(image_file)
-            with Image.open(mask_file) as im:
-                if im.mode in ("P", "L"):
-                    mask = np.array(im)
-                else:  # colours -> palette indices
-                    rgb = np.array(im.convert("RGB")).astype(np.int64)
-                    code = rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]
-                    lut = {r * 65536 + g * 256 + b: i for i, (r, g, b) in enumerate(CLEVRTEX_CMAP)}
-                    mask = np.vectorize(lambda c: lut.get(c, data.IGNORE), otypes=[np.uint8])(code)
-            if mask.shape != image.shape[:2]:
-                raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
-        except (OSError, ValueError, SyntaxError) as e:
-            _skip(stats, image_file, e)
-            yield None
-            continue
-        yield {"image": data.square_image(image, res), "segment": crop_resize_labels(mask.astype(np.uint8), res)}
+    yield from each(clevrtex_sample, [scene[1:] for scene in scenes], stats, workers, res=res)
+
+
+def clevrtex_sample(task, stats, res):
+    """One ClevrTex render and its mask -> a record, or None (unreadable)."""
+    image_file, mask_file = task
+    try:
+        image = read_rgb(image_file)
+        with Image.open(mask_file) as im:
+            if im.mode in ("P", "L"):
+                mask = np.array(im)
+            else:  # colours -> palette indices
+                rgb = np.array(im.convert("RGB")).astype(np.int64)
+                code = rgb[..., 0] * 65536 + rgb[..., 1] * 256 + rgb[..., 2]
+                lut = {r * 65536 + g * 256 + b: i for i, (r, g, b) in enumerate(CLEVRTEX_CMAP)}
+                mask = np.vectorize(lambda c: lut.get(c, data.IGNORE), otypes=[np.uint8])(code)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
+    except (OSError, ValueError, SyntaxError) as e:
+        return _skip(stats, image_file, e)
+    return {"image": data.square_image(image, res), "segment": crop_resize_labels(mask.astype(np.uint8), res)}
 
 
 # --- MOVi without TensorFlow: TFRecord framing and the tf.train.Example protobuf, parsed by hand.
@@ -483,47 +535,51 @@ def movi_shards(src, split):
     return sorted(p for p in src.glob(f"*-{OFFICIAL_SPLITS[split]}.tfrecord-*") if p.is_file())
 
 
-def movi_samples(src, split, res, stats):
+def movi_samples(src, split, res, stats, workers=0):
     """MOVi-C/D/E: 24 frames, segmentation 0 = background and k = k-th instance (sorted by visibility), all instances
     kept (up to 23 in D/E; the slot count is a model choice). From the TFDS shards, or from Kubric scene folders."""
     shards = movi_shards(src, split)
     if shards:
         stats["_total"] = sum(count_tfrecords(s) for s in shards)
-        for shard in shards:
-            for record in tfrecords(shard):
-                try:
-                    ex = parse_example(record)
-                    frames = np.stack([_decode_png(b) for b in ex["video"]])  # (T, H, W, 3)
-                    segments = np.stack([_decode_png(b) for b in ex["segmentations"]])  # (T, H, W[, 1])
-                    segments = segments.reshape(segments.shape[:3])
-                    bbox = dense_bboxes(ex["instances/bboxes/ragged_flat_values"],
-                                        ex["instances/bbox_frames/ragged_flat_values"],
-                                        ex["instances/bboxes/ragged_row_lengths_0"], len(frames))
-                except (KeyError, ValueError, OSError, IndexError, SyntaxError) as e:
-                    _skip(stats, shard, e)
-                    yield None
-                    continue
-                yield movi_video(frames, segments, bbox, res)
-        return
-    scenes = sorted(p.parent for p in (Path(src) / split).glob("*/metadata.json"))
-    stats["_total"] = len(scenes)
-    for scene in scenes:  # raw Kubric worker output
-        try:
-            meta = json.loads((scene / "metadata.json").read_text())
-            n = meta["metadata"]["num_frames"]
-            frames = np.stack([read_rgb(scene / f"rgba_{t:05d}.png") for t in range(n)])
-            segments = np.stack([read_indices(scene / f"segmentation_{t:05d}.png") for t in range(n)])
-            inst = meta["instances"]
-            bbox = dense_bboxes([b for i in inst for b in i["bboxes"]], [f for i in inst for f in i["bbox_frames"]],
-                                [len(i["bbox_frames"]) for i in inst], n)
-        except (KeyError, ValueError, OSError, SyntaxError) as e:
-            _skip(stats, scene, e)
-            yield None
-            continue
-        yield movi_video(frames, segments, bbox, res)
+        records = ((shard, record) for shard in shards for record in tfrecords(shard))  # read lazily, in order
+        yield from each(movi_record, records, stats, workers, res=res)
+    else:  # raw Kubric worker output
+        scenes = sorted(p.parent for p in (Path(src) / split).glob("*/metadata.json"))
+        stats["_total"] = len(scenes)
+        yield from each(movi_scene, scenes, stats, workers, res=res)
 
 
-def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
+def movi_record(task, stats, res):
+    """One TFRecord of a MOVi shard (a tf.train.Example of a clip) -> a record, or None (undecodable)."""
+    shard, record = task
+    try:
+        ex = parse_example(record)
+        frames = np.stack([_decode_png(b) for b in ex["video"]])  # (T, H, W, 3)
+        segments = np.stack([_decode_png(b) for b in ex["segmentations"]])  # (T, H, W[, 1])
+        segments = segments.reshape(segments.shape[:3])
+        bbox = dense_bboxes(ex["instances/bboxes/ragged_flat_values"], ex["instances/bbox_frames/ragged_flat_values"],
+                            ex["instances/bboxes/ragged_row_lengths_0"], len(frames))
+    except (KeyError, ValueError, OSError, IndexError, SyntaxError) as e:
+        return _skip(stats, shard, e)
+    return movi_video(frames, segments, bbox, res)
+
+
+def movi_scene(scene, stats, res):
+    """One Kubric scene folder -> a record, or None (unreadable)."""
+    try:
+        meta = json.loads((scene / "metadata.json").read_text())
+        n = meta["metadata"]["num_frames"]
+        frames = np.stack([read_rgb(scene / f"rgba_{t:05d}.png") for t in range(n)])
+        segments = np.stack([read_indices(scene / f"segmentation_{t:05d}.png") for t in range(n)])
+        inst = meta["instances"]
+        bbox = dense_bboxes([b for i in inst for b in i["bboxes"]], [f for i in inst for f in i["bbox_frames"]],
+                            [len(i["bbox_frames"]) for i in inst], n)
+    except (KeyError, ValueError, OSError, SyntaxError) as e:
+        return _skip(stats, scene, e)
+    return movi_video(frames, segments, bbox, res)
+
+
+def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10, workers=0):
     """Open Images V5+ segmentation (the A.2 subset: the images of --src/<split>/ that have masks). One binary mask
     PNG per object, possibly at another resolution than the image: resized to the image with nearest, then > 127.
     Overlaps: objects are painted largest first, so a smaller object lying on a larger one stays visible (the rule
@@ -540,31 +596,37 @@ def openimages_samples(src, split, res, stats, min_bbox=16, max_objects=10):
     class_index = {n: i for i, n in enumerate(names)}
     stats["class_names"] = names
     stats["_total"] = len(rows)
-    for image_id in sorted(rows):
-        image_file = src / oi / f"{image_id}.jpg"
-        if not image_file.exists():
-            stats["images_not_downloaded_skipped"] = stats.get("images_not_downloaded_skipped", 0) + 1
-            yield None
-            continue
-        try:
-            image = read_rgb(image_file)
-            h, w = image.shape[:2]
-            masks = []
-            for r in rows[image_id]:
-                with Image.open(mask_files[r["MaskPath"]]) as im:
-                    m = np.array(im.convert("L").resize((w, h), Image.NEAREST)) > 127
-                masks.append((int(m.sum()), m, class_index[r["LabelName"]]))
-        except (OSError, ValueError, SyntaxError, KeyError) as e:
-            _skip(stats, image_file, e if not isinstance(e, KeyError) else FileNotFoundError(f"mask {e} not found"))
-            yield None
-            continue
-        ids = np.zeros((h, w), np.int64)
-        masks.sort(key=lambda t: -t[0])  # largest first; later (smaller) masks paint over
-        for k, (_, m, _) in enumerate(masks, start=1):
-            ids[m] = k
-        objects = [(k, (c, a)) for k, (a, _, c) in enumerate(masks, 1)]
-        yield object_sample(image, res, assemble(crop_resize_labels(ids, res), objects, [], stats, min_bbox, max_objects),
-                            np.int32)
+    tasks = [(src / oi / f"{image_id}.jpg", [(mask_files.get(r["MaskPath"], r["MaskPath"]),
+                                               class_index[r["LabelName"]]) for r in rows[image_id]])
+             for image_id in sorted(rows)]
+    yield from each(openimages_sample, tasks, stats, workers, res=res, min_bbox=min_bbox, max_objects=max_objects)
+
+
+def openimages_sample(task, stats, res, min_bbox, max_objects):
+    """One Open Images image and its object masks -> a record, or None (not downloaded, unreadable, filtered)."""
+    image_file, objects = task  # objects: (mask path, or the bare name of a mask not found; class index)
+    if not image_file.exists():
+        stats["images_not_downloaded_skipped"] = 1
+        return None
+    try:
+        image = read_rgb(image_file)
+        h, w = image.shape[:2]
+        masks = []
+        for mask_file, c in objects:
+            if not isinstance(mask_file, Path):
+                raise FileNotFoundError(f"mask '{mask_file}' not found")
+            with Image.open(mask_file) as im:
+                m = np.array(im.convert("L").resize((w, h), Image.NEAREST)) > 127
+            masks.append((int(m.sum()), m, c))
+    except (OSError, ValueError, SyntaxError) as e:
+        return _skip(stats, image_file, e)
+    ids = np.zeros((h, w), np.int64)
+    masks.sort(key=lambda t: -t[0])  # largest first; later (smaller) masks paint over
+    for k, (_, m, _) in enumerate(masks, start=1):
+        ids[m] = k
+    objects = [(k, (c, a)) for k, (a, _, c) in enumerate(masks, 1)]
+    return object_sample(image, res, assemble(crop_resize_labels(ids, res), objects, [], stats, min_bbox, max_objects),
+                         np.int32)
 
 
 # name -> (the generator of its samples, whether the paper's object filters of A.4 apply)
@@ -609,8 +671,9 @@ def source_split_name(name, split, variant="full"):
 
 
 def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=False, min_bbox=16, max_objects=10,
-            variant="full", quiet=False):
-    """Convert every split of an official download (or `splits`) into out/<split>; returns {split: count}."""
+            variant="full", quiet=False, workers=0):
+    """Convert every split of an official download (or `splits`) into out/<split>; returns {split: count}. workers:
+    processes that read and prepare the samples (0: this one); the bytes written are the same."""
     from tqdm import tqdm
     out, found = Path(out), available_splits(name, src, variant)
     todo = splits or found
@@ -626,7 +689,8 @@ def convert(name, src, out, splits=None, resolution=128, limit=0, overwrite=Fals
         kwargs = dict(min_bbox=min_bbox, max_objects=max_objects) if filters else {}
         if name == "clevrtex":
             kwargs["variant"] = variant
-        stream = samples_fn(src, split if name != "clevrtex" or variant == "full" else "test", resolution, stats, **kwargs)
+        stream = samples_fn(src, split if name != "clevrtex" or variant == "full" else "test", resolution, stats,
+                            workers=workers, **kwargs)
         meta = dict(name=name, split=split, resolution=resolution, source=str(Path(src).resolve()),
                     source_split=source_split_name(name, split, variant),
                     converter_version=CONVERTER_VERSION, filtered=stats,
@@ -681,6 +745,9 @@ def main(argv=None):
         p.add_argument("--limit", type=data.number(int, 0), default=0,
                        help="convert only the first N kept samples per split, for a look (0 = all)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
+        p.add_argument("--workers", type=data.number(int, 0), default=0,
+                       help="processes that decode and resize the samples, e.g. the number of cores (0: one process; "
+                            "the LMDB written is the same)")
         if CONVERTERS[name][1]:  # the paper's object filters (A.4) apply to the real-world image datasets
             p.add_argument("--min-object-bbox", type=data.number(int, 0), default=16,
                            help="objects whose bounding box covers fewer pixels (at --resolution) are ignored (0: off)")
@@ -692,7 +759,7 @@ def main(argv=None):
     try:
         convert(args.dataset, args.src, args.out or Path("data") / args.dataset, [args.split] if args.split else None,
                 args.resolution, args.limit, args.overwrite, getattr(args, "min_object_bbox", 0),
-                getattr(args, "max_objects", 0), getattr(args, "variant", "full"))
+                getattr(args, "max_objects", 0), getattr(args, "variant", "full"), workers=args.workers)
     except (ConversionError, FileExistsError) as e:
         sys.exit(str(e))
 

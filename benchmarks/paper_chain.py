@@ -82,6 +82,8 @@ def main(argv=None):
     p.add_argument("--train", type=int, default=500, help="synthetic training images (MOVi: scenes)")
     p.add_argument("--val", type=int, default=50, help="synthetic validation images (MOVi: scenes)")
     p.add_argument("--steps", type=int, default=4, help="training steps per stage (stopped after the first checkpoint, resumed)")
+    p.add_argument("--convert-workers", type=int, default=0,
+                   help="convert.py --workers: processes that prepare the samples (0: one process)")
     p.add_argument("--tiny", action="store_true", help="small images, widths and batches: the chain in seconds")
     args = p.parse_args(argv)
     work, chain, name = Path(args.work), CHAINS[args.dataset], args.dataset
@@ -100,14 +102,14 @@ def main(argv=None):
 
     res = ["--resolution", "64"] if args.tiny and name != "coco" else []
     seconds, _ = run([py, "convert.py", name, "--src", str(work / "download"), "--out", str(work / "data" / name),
-                      *res], log)
+                      *res, "--workers", str(args.convert_workers)], log)
     lmdb = folder_bytes(work / "data" / name)
     kept = {s: data.read_meta(work / "data" / name / s)["count"] for s in ("train", "val")}
     per_source = seconds / (args.train + args.val)
     per_sample = lmdb / (kept["train"] + kept["val"])
-    rows.append((f"convert.py {name}", f"{(args.train + args.val) / seconds:.2f} {chain['unit']}/s, "
-                                       f"{per_sample / 1024:.1f} KiB per kept sample ({kept['train']} + {kept['val']} "
-                                       f"kept)", seconds))
+    rows.append((f"convert.py {name} --workers {args.convert_workers}",
+                 f"{(args.train + args.val) / seconds:.2f} {chain['unit']}/s, {per_sample / 1024:.1f} KiB per kept "
+                 f"sample ({kept['train']} + {kept['val']} kept)", seconds))
 
     runs, common = work / "runs", ["--dataset", name, "--data-root", str(work / "data"), "--ckpt-every", str(first),
                                    "--val-every", str(steps), "--val-batches", "1", "--log-every", "1"]
@@ -140,7 +142,8 @@ def main(argv=None):
     print("\n| step | what | wall s |\n|---|---|---|")
     for step_name, what, s in rows:
         print(f"| {step_name} | {what} | {s:.1f} |")
-    print(f"\nExtrapolated to the official {name} download (one conversion process at this machine's throughput, "
+    procs = f"{args.convert_workers} conversion processes" if args.convert_workers else "one conversion process"
+    print(f"\nExtrapolated to the official {name} download ({procs} at this machine's throughput, "
           f"{per_sample / 1024:.1f} KiB per stored sample):")
     print(f"| split | {chain['unit']} | conversion hours | LMDB GiB | feature cache GiB |\n|---|---|---|---|---|")
     for split, n in chain["full"].items():

@@ -87,6 +87,39 @@ def test_a_sample_with_more_objects_than_a_uint8_segment_holds_is_dropped_and_co
         assert out is None and stats == {"samples_over_254_objects_dropped": 1}
 
 
+def lmdb_items(path):
+    """Every key and value of an LMDB split, as bytes."""
+    import lmdb
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        items = list(txn.cursor())
+    env.close()
+    return items
+
+
+@pytest.mark.parametrize("dataset", ["coco", "movi_c"])
+def test_workers_write_the_same_bytes_and_count_the_same_skips(dataset, tmp_path, capsys):
+    """--workers 2 reads and prepares the samples in two processes: the LMDB (every record and the meta record with
+    its filter counts) is byte for byte that of one process, and an unreadable sample is skipped, counted and named
+    once, as in one process."""
+    import synthetic_downloads
+    if dataset == "coco":
+        src = synthetic_downloads.write_coco(tmp_path / "src", {"train": 2, "val": 9}, long_side=160)
+        broken = sorted((src / "annotations" / "panoptic_val2017").glob("*.png"))[3]
+    else:
+        src = synthetic_downloads.write_movi(tmp_path / "src", {"validation": 9}, frames=4, res=32)
+        broken = None
+    if broken:
+        broken.write_bytes(b"not a png")
+    one = convert.convert(dataset, src, tmp_path / "one", splits=["val"], resolution=32, quiet=True)
+    first = capsys.readouterr().out
+    two = convert.convert(dataset, src, tmp_path / "two", splits=["val"], resolution=32, quiet=True, workers=2)
+    assert one == two and lmdb_items(tmp_path / "one" / "val") == lmdb_items(tmp_path / "two" / "val")
+    if broken:
+        assert one["val"] == 8 and data.read_meta(tmp_path / "two" / "val")["filtered"]["samples_unreadable_skipped"] == 1
+        assert capsys.readouterr().out.count("skipped ") == first.count("skipped ") == 1
+
+
 @needs_samples
 def test_coco_panoptic_real_sample(tmp_path):
     src = SHARED_DATA / "coco"
