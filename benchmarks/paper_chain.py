@@ -6,11 +6,13 @@ and bytes per sample, DINO's feature cache bytes per sample, and both extrapolat
 the README's "the paper's own runs" quotes; benchmarks/paper_scale.py gives the time per training step).
 
 The same for MOVi (`--dataset movi_c`): synthetic TFDS shards -> convert.py movi_c -> train_vae.py --dataset movi_c
--> train_ocl.py --dataset movi_c (STEVE + MSF) -> evaluate.py over whole clips.
+-> train_ocl.py --dataset movi_c (STEVE + MSF) -> evaluate.py over whole clips; and for ClevrTex and VOC
+(`--dataset clevrtex`, `voc`: their official layouts, SLATE + MSF).
 
 Run: python benchmarks/paper_chain.py --work /tmp/chain                      # 500 + 50 images, 4 steps per stage
      python benchmarks/paper_chain.py --work /tmp/chain --train 3000 --val 300 --steps 10
      python benchmarks/paper_chain.py --work /tmp/movi --dataset movi_c --train 100 --val 10
+     python benchmarks/paper_chain.py --work /tmp/voc --dataset voc --convert-workers 2
      python benchmarks/paper_chain.py --work /tmp/chain --tiny               # a seconds-long check (the test's)
 """
 import argparse
@@ -69,6 +71,11 @@ def run(cmd, log, stop_at=None, out=None):
 CHAINS = {
     "coco": dict(write=synthetic_downloads.write_coco, splits=("train", "val"), vae=["--code-dim", "4"],
                  ocl=["--decoder", "diffusion"], full={"train2017": 118_287, "val2017": 5_000}, unit="images"),
+    "clevrtex": dict(write=synthetic_downloads.write_clevrtex, splits=("train", "val"), vae=[],
+                     ocl=["--decoder", "transformer"], full={"train": 40_000, "val": 5_000, "test": 5_000},
+                     unit="images"),
+    "voc": dict(write=synthetic_downloads.write_voc, splits=("train", "val"), vae=[], ocl=["--decoder", "transformer"],
+                full={"train": 1_464, "val": 1_449}, unit="images"),
     "movi_c": dict(write=synthetic_downloads.write_movi, splits=("train", "validation"), vae=[],
                    ocl=["--decoder", "transformer"], full={"train": 9_737, "validation": 250}, unit="scenes"),
 }
@@ -95,21 +102,23 @@ def main(argv=None):
     # checkpoint appears, finds steps left even on a loaded machine (a signal arriving late stops a later step)
     first = max(1, steps // 4)
     t = time.time()
-    size = {"long_side": 160 if args.tiny else 640} if name == "coco" else {"res": 64, "frames": 8} if args.tiny else {}
+    size = ({"long_side": 160 if args.tiny else 640} if name == "coco" else
+            {"res": 64, "frames": 8} if args.tiny and name == "movi_c" else {})
     chain["write"](work / "download", dict(zip(chain["splits"], (args.train, args.val))), **size)
     rows = [("synthetic download (not part of a real run)", f"{args.train} + {args.val} {chain['unit']}",
              time.time() - t)]
 
-    res = ["--resolution", "64"] if args.tiny and name != "coco" else []
+    res = ["--resolution", "64"] if args.tiny and name == "movi_c" else []
     seconds, _ = run([py, "convert.py", name, "--src", str(work / "download"), "--out", str(work / "data" / name),
                       *res, "--workers", str(args.convert_workers)], log)
     lmdb = folder_bytes(work / "data" / name)
-    kept = {s: data.read_meta(work / "data" / name / s)["count"] for s in ("train", "val")}
-    per_source = seconds / (args.train + args.val)
-    per_sample = lmdb / (kept["train"] + kept["val"])
+    kept = {s: data.read_meta(work / "data" / name / s)["count"] for s in data.splits_in(work / "data" / name)
+            if s != "select"}  # ClevrTex: test too
+    sources = sum(len(list((work / "download").rglob(p))) for p in ("*.jpg", "*_flat.png")) or args.train + args.val
+    per_source, per_sample = seconds / sources, lmdb / sum(kept.values())
     rows.append((f"convert.py {name} --workers {args.convert_workers}",
-                 f"{(args.train + args.val) / seconds:.2f} {chain['unit']}/s, {per_sample / 1024:.1f} KiB per kept "
-                 f"sample ({kept['train']} + {kept['val']} kept)", seconds))
+                 f"{sources / seconds:.2f} {chain['unit']}/s, {per_sample / 1024:.1f} KiB per kept sample "
+                 f"({' + '.join(str(n) for n in kept.values())} kept)", seconds))
 
     runs, common = work / "runs", ["--dataset", name, "--data-root", str(work / "data"), "--ckpt-every", str(first),
                                    "--val-every", str(steps), "--val-batches", "1", "--log-every", "1"]
@@ -130,7 +139,7 @@ def main(argv=None):
     rows.append(("evaluate.py", f"ARI {100 * metrics['ari']['mean']:.2f} on {metrics['ari']['count']} val "
                                 f"{chain['unit']}", seconds))
     cache = None
-    if name == "coco":  # DINO's feature cache (--cache-features) of the training images: its bytes per image
+    if not CHAINS[name]["splits"][1] == "validation":  # images (not clips): DINO's feature cache (--cache-features) of the training images: its bytes per image
         seconds, _ = run([py, "train_ocl.py", "--decoder", "mlp", "--dino-weights", "random", "--cache-features",
                           "--steps", "1", "--out", str(runs / "dinosaur"), *common, *(TINY_OCL if args.tiny else [])],
                          log)

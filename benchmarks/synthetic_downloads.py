@@ -13,6 +13,14 @@ tfrecord-00000-of-00001 of tf.train.Example records (this file's own protobuf en
 as lists of PNGs, 24 frames of 128 x 128, boxes as ragged [ymin, xmin, ymax, xmax] lists with the frames they belong
 to; objects move in straight lines and leave the frame or enter it, as in Kubric's scenes.
 
+ClevrTex (what convert.py clevrtex reads): <root>/clevrtex_full/<idx // 1000>/CLEVRTEX_full_<idx:06d>.png, RGBA
+renders of 320 x 240, and CLEVRTEX_full_<idx:06d>_flat.png, palette masks (0 background, 1..10 objects, ClevrTex's
+colour map); the converter splits the sorted scenes 10% test, 10% val, the rest train, as the dataset's code does.
+
+Pascal VOC 2012 (what convert.py voc reads): <root>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg (about 500 x 375),
+SegmentationObject/<id>.png (palette indices: instance k, 255 void along every object's outline), SegmentationClass
+/<id>.png (class 1..20 of each instance, the same void) and ImageSets/Segmentation/{train,val}.txt.
+
 Run: python benchmarks/synthetic_downloads.py coco --out /tmp/coco_synthetic --train 2000 --val 200
      python benchmarks/synthetic_downloads.py movi_c --out /tmp/movi_synthetic --train 200 --val 20
 """
@@ -105,6 +113,72 @@ def write_coco(root, counts, seed=0, long_side=640):
             image_id += 1
         (root / "annotations" / f"panoptic_{split}2017.json").write_text(
             json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def _objects_image(rng, height, width, count, void=False):
+    """A picture of `count` textured ellipses over a two-tone background, later ones in front: (image (h, w, 3)
+    uint8, ids (h, w) uint8 with 0 background and 1..count the objects that stayed visible, renumbered in order)."""
+    yy, xx = np.mgrid[:height, :width]
+    image = np.empty((height, width, 3))
+    image[:] = rng.uniform(60, 200, 3)
+    image[yy > rng.uniform(0.4, 0.8) * height] = rng.uniform(60, 200, 3)  # a floor
+    ids = np.zeros((height, width), np.int64)
+    for k in range(1, count + 1):
+        side = float(np.exp(rng.uniform(np.log(0.08), np.log(0.5)))) * min(height, width)
+        cy, cx = rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width
+        mask = ((yy - cy) / (side / 2 * rng.uniform(0.7, 1.3))) ** 2 + ((xx - cx) / (side / 2)) ** 2 <= 1
+        image[mask] = rng.uniform(0, 255, 3) + rng.normal(0, 15, (int(mask.sum()), 3))
+        ids[mask] = k
+    visible = [k for k in range(1, count + 1) if (ids == k).any()]
+    ids = np.searchsorted([0, *visible], ids).astype(np.uint8)  # 1..K in drawing order, no gaps
+    if void:  # VOC: a void (255) band along every object's outline
+        edge = np.zeros_like(ids, bool)
+        edge[1:] |= ids[1:] != ids[:-1]
+        edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+        ids[edge] = 255
+    return np.clip(image, 0, 255).astype(np.uint8), ids
+
+
+def write_clevrtex(root, counts, seed=0):
+    """Write a ClevrTex download with counts["train"] + 2 x counts["val"] scenes (the converter takes 10% as test,
+    10% as val); returns root."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    palette = [c for rgb in convert.CLEVRTEX_CMAP for c in rgb]
+    for idx in range(counts["train"] + 2 * counts["val"]):
+        folder = root / "clevrtex_full" / str(idx // 1000)
+        folder.mkdir(parents=True, exist_ok=True)
+        image, ids = _objects_image(rng, 240, 320, int(rng.integers(3, 11)))
+        rgba = np.concatenate([image, np.full((240, 320, 1), 255, np.uint8)], -1)  # the renders carry alpha
+        Image.fromarray(rgba, mode="RGBA").save(folder / f"CLEVRTEX_full_{idx:06d}.png")
+        mask = Image.fromarray(ids, mode="P")
+        mask.putpalette(palette)
+        mask.save(folder / f"CLEVRTEX_full_{idx:06d}_flat.png")
+    return root
+
+
+def write_voc(root, counts, seed=0):
+    """Write a Pascal VOC 2012 segmentation download of counts = {"train": images, "val": images}; returns root."""
+    voc, rng = Path(root) / "VOCdevkit" / "VOC2012", np.random.default_rng(seed)
+    for folder in ("JPEGImages", "SegmentationObject", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / folder).mkdir(parents=True, exist_ok=True)
+    palette = [int(v) for v in rng.integers(0, 256, 768)]  # VOC's PNGs are palette images; only indices are read
+    n = 0
+    for split, count in counts.items():
+        names = []
+        for _ in range(count):
+            name = f"2012_{n:06d}"
+            height, width = (375, 500) if rng.random() < 0.7 else (500, 375)
+            image, ids = _objects_image(rng, height, width, int(rng.integers(1, 6)), void=True)
+            classes = np.concatenate([[0], rng.integers(1, 21, 254), [255]]).astype(np.uint8)  # instance -> class
+            Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=90)
+            for folder, labels in (("SegmentationObject", ids), ("SegmentationClass", classes[ids])):
+                im = Image.fromarray(labels, mode="P")
+                im.putpalette(palette)
+                im.save(voc / folder / f"{name}.png")
+            names.append(name)
+            n += 1
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
     return root
 
 
@@ -207,7 +281,7 @@ def write_movi(root, counts, seed=0, name="movi_c", frames=24, res=128):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dataset", choices=["coco", "movi_c"])
+    p.add_argument("dataset", choices=["coco", "clevrtex", "voc", "movi_c"])
     p.add_argument("--out", required=True, help="folder of the synthetic download (created)")
     p.add_argument("--train", type=int, default=2000, help="training images (MOVi: scenes)")
     p.add_argument("--val", type=int, default=200, help="validation images (MOVi: scenes)")
@@ -215,8 +289,9 @@ def main():
     args = p.parse_args()
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise SystemExit(f"{args.out} is not empty; give a new folder")
-    if args.dataset == "coco":
-        write_coco(args.out, {"train": args.train, "val": args.val}, args.seed)
+    if args.dataset in ("coco", "clevrtex", "voc"):
+        dict(coco=write_coco, clevrtex=write_clevrtex, voc=write_voc)[args.dataset](
+            args.out, {"train": args.train, "val": args.val}, args.seed)
     else:
         write_movi(args.out, {"train": args.train, "validation": args.val}, args.seed)
     print(f"wrote a synthetic {args.dataset} download to {args.out}")
