@@ -3,7 +3,8 @@
 parameters, the FLOPs of one training step (forward + backward, torch.utils.flop_counter), the peak memory, the time
 per step and, on a GPU, steps/s, the model FLOPs utilisation (achieved FLOP/s over the GPU's peak, as nanoGPT reports
 it) and the hours for the paper's steps (30,000 for stage 1, 50,000 for stage 2). Plus MSF's stage-1 cost over the
-single-scale VQ-VAE's (Sect. 3.4 estimates 1 + 1/4 + 1/16 = 1.31x from the convolutions).
+single-scale VQ-VAE's (Sect. 3.4 estimates 1 + 1/4 + 1/16 = 1.31x from the convolutions). And the training loader's
+samples/s at the paper's batch with 0 and 4 workers (loader_rate), against what the fastest stage-2 row consumes.
 
 Every row is built by the training scripts' own code from the flags a user would give (train_vae.parse_args +
 model_args_of -> msf.build_vae; train_ocl.parse_args + model_args_of -> ocl.OCL) and trained for a few steps on random
@@ -30,8 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import msf  # noqa: E402
 import ocl  # noqa: E402
+import train_common  # noqa: E402
 import train_ocl  # noqa: E402
 import train_vae  # noqa: E402
 import vae  # noqa: E402
@@ -144,7 +147,33 @@ def measure(name, device, steps, batch_scale, compile=False):
     return {"row": name, "what": ROWS[name][0], "stage": stage, "batch": batch, "device": str(device),
             "params_trained": sum(p.numel() for p in params), "params_all": sum(p.numel() for p in model.parameters()),
             "codebook_params": codebook, "gflops_step": flops / 1e9, "peak_gib": peak / 2 ** 30,
-            "s_step": seconds, "steps": steps, "paper_steps": PAPER_STEPS[stage], **(compiled or {})}
+            "s_step": seconds, "steps": steps, "paper_steps": PAPER_STEPS[stage], "video": "movi" in ROWS[name][2][1],
+            **(compiled or {})}
+
+
+def loader_rate(kind, workers, batch, batches=8):
+    """Samples/s of the training loader as both scripts read (train_common.infinite_batches: shuffled LMDB records,
+    decoded to float tensors) at the paper's batch: `kind` "images" = 128 px images (stage 2 on COCO, ClevrTex, VOC)
+    or "clips" = 24-frame clips of 128 px (MOVi). The records are the built-in generator's, written at 128 px in a
+    temporary folder: the same record format and bytes per sample as a conversion's (image + segment, clips + boxes).
+    The first batch (workers starting) is not timed."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        count = batch * (batches + 1)
+        if kind == "images":
+            folder = data.write_shapes(tmp, 128, counts={"train": count, "val": 1}, quiet=True)
+        else:
+            folder = data.write_shapes_video(tmp, 128, counts={"train": count, "val": 1}, frames=24, quiet=True)
+        dataset = data.LMDBDataset(Path(folder) / "train")
+        stream = train_common.infinite_batches(dataset, batch, seed=0, workers=workers)
+        next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        seconds = time.perf_counter() - start
+        del stream  # its workers end with it
+        data.close_env(Path(folder) / "train")
+    return batches * batch / seconds
 
 
 def gpu_peak_tflops(device, given):
@@ -156,7 +185,7 @@ def gpu_peak_tflops(device, given):
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def table(rows, peak_tflops):
+def table(rows, peak_tflops, loaders=None):
     """The markdown table of the measured rows."""
     gpu = rows[0]["device"].startswith("cuda")
     head = ["row", "batch", "trained params (M)", "GFLOP / step", f"peak {'GPU' if gpu else 'process'} memory (GiB)",
@@ -175,6 +204,12 @@ def table(rows, peak_tflops):
         if "s_step_compiled" in r:
             cells.append(f"{r['s_step_compiled'] / r['s_step']:.2f}x ({r['compile_s']:.0f} s to compile)")
         lines.append("| " + " | ".join(cells) + " |")
+    for kind, rate in (loaders or {}).items():  # can the loader feed the fastest row that reads this kind of input?
+        video = kind == "clips"
+        need = max((r["batch"] / r["s_step"] for r in rows if r["stage"] == 2 and r["video"] == video), default=None)
+        lines.append(f"\nLoader, {kind} at the paper's batch: " + ", ".join(f"{n} workers {v:,.0f} samples/s"
+                                                                          for n, v in rate.items())
+                     + (f"; the fastest stage-2 row on {kind} consumes {need:,.0f} samples/s" if need else ""))
     by = {r["row"]: r for r in rows}
     if "vqvae" in by and "msf" in by:
         lines.append(f"\nMSF's stage 1 over the VQ-VAE's: {by['msf']['gflops_step'] / by['vqvae']['gflops_step']:.2f}x the "
@@ -195,6 +230,8 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense fp16 peak for MFU (default: known for H100/H200/A100/L40S/4090/V100)")
     p.add_argument("--compile", action="store_true", help="also time each row under torch.compile (--compile)")
+    p.add_argument("--loader-workers", default="0,4",
+                   help="DataLoader workers to time the loader with, comma-separated ('' = skip the loader)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = p.parse_args()
@@ -224,9 +261,15 @@ def main():
               + (f", compiled {r['s_step_compiled']:.3f} s/step" if "s_step_compiled" in r else ""), flush=True)
     if not rows:
         sys.exit("no row was measured (each row's failure is named above)")
-    print(table(rows, gpu_peak_tflops(device, args.peak_tflops)))
+    loaders = {}
+    for kind, batch in (("images", 32), ("clips", 8)):  # stage 2's paper batches (A.5)
+        if args.loader_workers and any(r["stage"] == 2 and r["video"] == (kind == "clips") for r in rows):
+            loaders[kind] = {int(n): loader_rate(kind, int(n), max(1, round(batch * args.batch_scale)))
+                             for n in args.loader_workers.split(",")}
+    print(table(rows, gpu_peak_tflops(device, args.peak_tflops), loaders))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows,
+                                               "loader_samples_per_s": loaders}, indent=1))
         print(f"wrote {args.json}")
 
 
