@@ -26,8 +26,10 @@ Reading order: the shared crop/resize and `assemble`; `each` (the samples of a s
 `<name>_samples` generator that lists the split's samples and a function that reads one; `convert`, which streams
 them into data.write_lmdb; the CLI. Imports from the project: data (the record format and the writer) and nothing else.
 """
+import collections
 import csv
 import io
+import multiprocessing
 import json
 import re
 import struct
@@ -164,8 +166,6 @@ def each(one, tasks, stats, workers=0, **kw):
             merge(counts)
             yield sample
         return
-    import collections
-    import multiprocessing
     # spawn, not fork: a forked child of a process with threads (torch's, a test runner's) can wait forever on a
     # lock one of them held; one thread each, the processes share the cores
     with multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
