@@ -29,8 +29,8 @@ them into data.write_lmdb; the CLI. Imports from the project: data (the record f
 import collections
 import csv
 import io
-import multiprocessing
 import json
+import multiprocessing
 import re
 import struct
 import sys
