@@ -91,6 +91,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="training steps per stage (stopped after the first checkpoint, resumed)")
     p.add_argument("--convert-workers", type=int, default=0,
                    help="convert.py --workers: processes that prepare the samples (0: one process)")
+    p.add_argument("--quick", action="store_true",
+                   help="the stages only: no stop and resume, no feature cache (the COCO and MOVi chains test those)")
     p.add_argument("--tiny", action="store_true", help="small images, widths and batches: the chain in seconds")
     args = p.parse_args(argv)
     work, chain, name = Path(args.work), CHAINS[args.dataset], args.dataset
@@ -122,24 +124,24 @@ def main(argv=None):
 
     runs, common = work / "runs", ["--dataset", name, "--data-root", str(work / "data"), "--ckpt-every", str(first),
                                    "--val-every", str(steps), "--val-batches", "1", "--log-every", "1"]
-    vae = runs / "vae"
-    stops = {}
+    vae, stops, stop = runs / "vae", {}, None if args.quick else first
     seconds, stops["vae"] = run([py, "train_vae.py", *chain["vae"], "--steps", str(steps), "--out", str(vae), *common,
-                                 *res, *(TINY_VAE if args.tiny else [])], log, stop_at=first, out=vae)
+                                 *res, *(TINY_VAE if args.tiny else [])], log, stop_at=stop, out=vae)
     rows.append((f"train_vae.py --dataset {name} {' '.join(chain['vae'])}".rstrip(),
-                 f"{steps} steps, stopped after {stops['vae']}, resumed", seconds))
+                 f"{steps} steps" + (f", stopped after {stops['vae']}, resumed" if stop else ""), seconds))
     ocl = runs / "ocl"
     seconds, stops["ocl"] = run([py, "train_ocl.py", *chain["ocl"], "--dino-weights", "random", "--vae-ckpt",
                             str(vae / "best.pt"), "--steps", str(steps), "--out", str(ocl), *common,
-                            *(TINY_OCL if args.tiny else [])], log, stop_at=first, out=ocl)
-    rows.append((f"train_ocl.py --dataset {name} {' '.join(chain['ocl'])}", f"{steps} steps, stopped after "
-                                                                          f"{stops['ocl']}, resumed", seconds))
+                            *(TINY_OCL if args.tiny else [])], log, stop_at=stop, out=ocl)
+    rows.append((f"train_ocl.py --dataset {name} {' '.join(chain['ocl'])}",
+                 f"{steps} steps" + (f", stopped after {stops['ocl']}, resumed" if stop else ""), seconds))
     seconds, _ = run([py, "evaluate.py", "--ckpt", str(ocl / "best.pt"), "--json", str(work / "metrics.json")], log)
     metrics = json.loads((work / "metrics.json").read_text())["metrics"]
     rows.append(("evaluate.py", f"ARI {100 * metrics['ari']['mean']:.2f} on {metrics['ari']['count']} val "
                                 f"{chain['unit']}", seconds))
     cache = None
-    if not CHAINS[name]["splits"][1] == "validation":  # images (not clips): DINO's feature cache (--cache-features) of the training images: its bytes per image
+    video = CHAINS[name]["splits"][1] == "validation"  # MOVi's TFDS split names: clips
+    if not video and not args.quick:  # DINO's feature cache (--cache-features) of the training images: bytes per image
         seconds, _ = run([py, "train_ocl.py", "--decoder", "mlp", "--dino-weights", "random", "--cache-features",
                           "--steps", "1", "--out", str(runs / "dinosaur"), *common, *(TINY_OCL if args.tiny else [])],
                          log)
@@ -158,7 +160,7 @@ def main(argv=None):
     for split, n in chain["full"].items():
         print(f"| {split} | {n:,} | {n * per_source / 3600:.1f} | {n * per_sample / 2 ** 30:.1f} | "
               + (f"{n * cache / 2 ** 30:.1f} |" if cache else "- |"))
-    if cache is None:  # video: --cache-features is refused for clips; what it would hold, by the same arithmetic
+    if video:  # --cache-features is refused for clips; what it would hold, by the same arithmetic
         frame = 384 * (128 // 8) ** 2 * 2  # DINO's (384, 16, 16) fp16 map of one 128 px frame
         frames = 24
         print(f"\nThe feature cache is refused for clips (one DINO map per image; a video step crops its frames per "

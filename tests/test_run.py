@@ -42,7 +42,7 @@ def command(script, tiny_root, out, *extra):
 
 def run(cmd, cwd):
     done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]  # a process's own error sits above torchrun's report
     return done
 
 
