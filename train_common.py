@@ -164,14 +164,8 @@ def distributed(device_name):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # the processes leave together: one that closes the group while another still talks to it (process 0 writing
-    # best.pt and the figures) makes the other abort; a stop signal ends every process at the same step
     try:
         yield Dist(rank, world, local_rank, device)
-        dist.barrier()
-    except TrainingStopped:
-        dist.barrier()
-        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
