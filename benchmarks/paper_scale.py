@@ -209,7 +209,7 @@ def table(rows, peak_tflops, loaders=None):
         need = max((r["batch"] / r["s_step"] for r in rows if r["stage"] == 2 and r["video"] == video), default=None)
         lines.append(f"\nLoader, {kind} at the paper's batch: " + ", ".join(f"{n} workers {v:,.0f} samples/s"
                                                                           for n, v in rate.items())
-                     + (f"; the fastest stage-2 row on {kind} consumes {need:,.0f} samples/s" if need else ""))
+                     + (f"; the fastest stage-2 row on {kind} consumes {need:,.2f} samples/s" if need else ""))
     by = {r["row"]: r for r in rows}
     if "vqvae" in by and "msf" in by:
         lines.append(f"\nMSF's stage 1 over the VQ-VAE's: {by['msf']['gflops_step'] / by['vqvae']['gflops_step']:.2f}x the "

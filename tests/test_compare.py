@@ -120,6 +120,6 @@ def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
     loader = paper_scale.loader_rate("images", 0, batch=2, batches=2)  # samples/s of 128 px records, decoded
     text = paper_scale.table([row], None, {"images": {0: loader}})
     assert f"Loader, images at the paper's batch: 0 workers {loader:,.0f} samples/s; the fastest stage-2 row on " \
-           f"images consumes {1 / row['s_step']:,.0f} samples/s" in text
+           f"images consumes {1 / row['s_step']:,.2f} samples/s" in text
     stage1 = paper_scale.measure("msf", torch.device("cpu"), steps=1, batch_scale=1 / 64)
     assert stage1["codebook_params"] == 2 ** 17 + 2 ** 16  # Sect. 3.4: projection c x 2c, 4 codebooks of 64 x 256
