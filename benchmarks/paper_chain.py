@@ -114,9 +114,11 @@ def main(argv=None):
     seconds, _ = run([py, "convert.py", name, "--src", str(work / "download"), "--out", str(work / "data" / name),
                       *res, "--workers", str(args.convert_workers)], log)
     lmdb = folder_bytes(work / "data" / name)
-    kept = {s: data.read_meta(work / "data" / name / s)["count"] for s in data.splits_in(work / "data" / name)
-            if s != "select"}  # ClevrTex: test too
-    sources = sum(len(list((work / "download").rglob(p))) for p in ("*.jpg", "*_flat.png")) or args.train + args.val
+    metas = {s: data.read_meta(work / "data" / name / s) for s in data.splits_in(work / "data" / name)
+             if s != "select"}  # ClevrTex: test too
+    kept = {s: m["count"] for s, m in metas.items()}
+    sources = sum(kept.values()) + sum(v for m in metas.values() for k, v in m["filtered"].items()
+                                       if k.endswith(("_dropped", "_skipped")))  # every picture or scene read
     per_source, per_sample = seconds / sources, lmdb / sum(kept.values())
     rows.append((f"convert.py {name} --workers {args.convert_workers}",
                  f"{sources / seconds:.2f} {chain['unit']}/s, {per_sample / 1024:.1f} KiB per kept sample "
@@ -140,7 +142,7 @@ def main(argv=None):
     rows.append(("evaluate.py", f"ARI {100 * metrics['ari']['mean']:.2f} on {metrics['ari']['count']} val "
                                 f"{chain['unit']}", seconds))
     cache = None
-    video = CHAINS[name]["splits"][1] == "validation"  # MOVi's TFDS split names: clips
+    video = chain["unit"] == "scenes"  # MOVi: clips
     if not video and not args.quick:  # DINO's feature cache (--cache-features) of the training images: bytes per image
         seconds, _ = run([py, "train_ocl.py", "--decoder", "mlp", "--dino-weights", "random", "--cache-features",
                           "--steps", "1", "--out", str(runs / "dinosaur"), *common, *(TINY_OCL if args.tiny else [])],
