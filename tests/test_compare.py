@@ -123,3 +123,46 @@ def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
            f"images consumes {1 / row['s_step']:,.2f} samples/s" in text
     stage1 = paper_scale.measure("msf", torch.device("cpu"), steps=1, batch_scale=1 / 64)
     assert stage1["codebook_params"] == 2 ** 17 + 2 ** 16  # Sect. 3.4: projection c x 2c, 4 codebooks of 64 x 256
+
+
+def test_size_spread_pairs_each_spread_seed_by_seed_and_draws_the_gain(tmp_path, capsys):
+    import size_spread
+    from PIL import Image
+    # 1x: gains 2, -1 points (mean 0.50, std 2.12); 20x: gains 5, 2, 7 (mean 4.67, std 2.52); 8x: no cell
+    for seed, (base, ours) in enumerate([(0.50, 0.52), (0.60, 0.59)]):
+        write_to = tmp_path / "sides24-24"
+        write_to.mkdir(exist_ok=True)
+        write(write_to, fake_cell("vqvae+stab", seed, base))
+        write(write_to, fake_cell("msf", seed, ours))
+    for seed, (base, ours) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
+        write_to = tmp_path / "sides3-60"
+        write_to.mkdir(exist_ok=True)
+        write(write_to, fake_cell("vqvae+stab", seed, base))
+        write(write_to, fake_cell("msf", seed, ours))
+    write(tmp_path / "sides3-60", fake_cell("msf-N2", 0, 0.9))  # another variant: not part of this comparison
+    size_spread.main(["--table", "--results", str(tmp_path)])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "table.md").read_text().splitlines()
+            if line.startswith("| 24 to 24") or line.startswith("| 3 to 60")]
+    assert [r[:7] for r in rows] == [
+        ["24 to 24", "1x", "0, 1", "55.00 +- 7.07", "55.50 +- 4.95", "0.50 +- 2.12 (2)", "+2.00, -1.00"],
+        ["3 to 60", "20x", "0, 1, 2", "50.00 +- 10.00", "54.67 +- 7.51", "4.67 +- 2.52 (3)", "+5.00, +2.00, +7.00"]]
+    assert rows[0][7] == "10.00 +- 0.00 / 30.00 +- 0.00 / 50.00 +- 0.00"  # mIoU S / M / L, x100
+    assert Image.open(tmp_path / "gain.png").size == (420, 280)
+    assert "| 24 to 24" in capsys.readouterr().out
+
+
+def test_size_spread_runs_seed_major_through_compare_guidance(tmp_path, monkeypatch):
+    import size_spread
+    built, calls = [], []
+    monkeypatch.setattr(size_spread, "build_dataset", lambda root, sides: built.append(sides) or root / f"{sides}")
+    monkeypatch.setattr(size_spread.compare_guidance, "main", lambda argv: calls.append(argv))
+    size_spread.main(["--seeds", "0,1", "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
+                      "--data-root", str(tmp_path / "d")])
+    order = [(c[c.index("--seeds") + 1], Path(c[c.index("--results") + 1]).name) for c in calls]
+    assert order == [("0", "sides24-24"), ("0", "sides6-48"), ("0", "sides3-60"),
+                     ("1", "sides24-24"), ("1", "sides6-48"), ("1", "sides3-60")]
+    assert all(c[c.index("--cells") + 1] == "vqvae+stab,msf" and c[c.index("--decoders") + 1] == "transformer"
+               for c in calls)
+    assert (tmp_path / "r" / "table.md").read_text() == "(no cells yet)\n"
+    with pytest.raises(SystemExit):
+        size_spread.main(["--seeds", "zero", "--table"])
