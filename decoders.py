@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 class Attention(nn.Module):
     """Multi-head attention of x (b, n, d) to a context (b, m, d_ctx) (itself if None); causal=True lets token i
-    see tokens <= i only."""
+    see tokens <= i only; bias (b, 1, n, m), if given, is added to the attention logits (the mask gate)."""
 
     def __init__(self, dim, heads, context_dim=None):
         super().__init__()
@@ -38,13 +38,13 @@ class Attention(nn.Module):
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, context=None, causal=False):
+    def forward(self, x, context=None, causal=False, bias=None):
         context = x if context is None else context
         b, n, d = x.shape
         m, h = context.shape[1], self.heads
         q = self.q(x).view(b, n, h, d // h).transpose(1, 2)  # (b, heads, n, d/h)
         k, v = self.kv(context).view(b, m, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (b, heads, m, d/h)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (b, heads, n, d/h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)  # (b, heads, n, d/h)
         return self.out(y.transpose(1, 2).reshape(b, n, d))  # (b, n, d)
 
 
@@ -58,9 +58,9 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, slots, causal=False):
+    def forward(self, x, slots, causal=False, bias=None):
         x = x + self.self_attn(self.norm1(x), causal=causal)  # (b, n, d)
-        x = x + self.cross_attn(self.norm2(x), slots)  # every token reads the slots
+        x = x + self.cross_attn(self.norm2(x), slots, bias=bias)  # every token reads the slots (bias: the gate)
         return x + self.mlp(self.norm3(x))
 
 
@@ -163,17 +163,23 @@ class ResBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Self-attention among the cells of a feature map and cross-attention to the slots (the conditioning)."""
+    """Self-attention among the cells of a feature map and cross-attention to the slots (the conditioning).
+    masks (b, s, H', W'), if given (--mask-gate, ours): Slot Attention's masks gate the cross-attention, position p's
+    logit for slot k plus log m_k(p), m average-pooled to this map's grid: p reads mostly the slots that claim it."""
 
     def __init__(self, ch, slot_dim, heads):
         super().__init__()
         self.norm = nn.GroupNorm(_groups(ch), ch)
         self.block = Block(ch, heads, slot_dim)
 
-    def forward(self, x, slots):
+    def forward(self, x, slots, masks=None):
         b, c, h, w = x.shape
         t = self.norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
-        t = self.block(t, slots)
+        bias = None
+        if masks is not None:  # uniform masks add one constant per row: no change; a mask of 0 shuts a slot out
+            m = F.adaptive_avg_pool2d(masks, (h, w))  # (b, s, h, w): the share of each slot in each cell
+            bias = m.clamp(min=1e-6).log().flatten(2).transpose(1, 2)[:, None]  # (b, 1, h*w, s)
+        t = self.block(t, slots, bias=bias)
         return x + t.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -212,24 +218,25 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
         self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
 
-    def forward(self, x, t, slots):
+    def forward(self, x, t, slots, masks=None):
+        """x_t (b, c, h, w), t (b,), slots (b, s, d); masks (b, s, H', W') gate every cross-attention (--mask-gate)."""
         temb = self.time(timestep_embedding(t, self.base))  # (b, 4*base)
         h = self.conv_in(x)  # (b, base, h, w)
         skips = [h]
         for layer in self.down:
             if isinstance(layer, nn.ModuleList):
-                h = layer[1](layer[0](h, temb), slots) if not isinstance(layer[1], nn.Identity) else layer[0](h, temb)
+                h = layer[1](layer[0](h, temb), slots, masks) if not isinstance(layer[1], nn.Identity) else layer[0](h, temb)
             else:
                 h = layer(h)  # down-sampling
             skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, temb), slots), temb)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb), slots, masks), temb)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 h = layer[0](torch.cat([h, skips.pop()], dim=1), temb)
-                h = layer[1](h, slots) if not isinstance(layer[1], nn.Identity) else h
+                h = layer[1](h, slots, masks) if not isinstance(layer[1], nn.Identity) else h
             else:
                 h = layer(h)  # up-sampling
-        return self.out(h)  # (b, in_ch, h, w): the predicted noise
+        return self.out(h)  # (b, in_ch, h, w): the predicted noise (or X itself: prediction "x0")
 
 
 def global_std(x):
@@ -254,11 +261,19 @@ class DiffusionDecoder(nn.Module):
     latent_scale "auto": X is multiplied by `scale` = 1 / std(X) measured on the first training batch (ours; latent
     diffusion's latent scaling: the noise schedule assumes unit-variance data); "1": X as it is (SlotDiffusion and the
     authors' code). `sample` undoes it.
+    prediction "eps" (SlotDiffusion, the authors' code) or "x0" (an option of SlotDiffusion's code: the UNet predicts
+    X itself, loss ||X - x0_theta(x_t, t, S)||^2, which weights the noisy steps, where only the slots know X, by SNR^-1
+    against epsilon's). gate (ours, --mask-gate): Slot Attention's masks gate the UNet's cross-attention
+    (SpatialTransformer); loss and sample then take them.
     """
 
     def __init__(self, code_dim, slot_dim, base=128, mults=(1, 2, 3, 4), layers=2, attn_levels=(1, 2, 3), heads=8,
-                 dropout=0.1, steps=1000, beta_start=0.0015, beta_end=0.0195, latent_scale="auto"):
+                 dropout=0.1, steps=1000, beta_start=0.0015, beta_end=0.0195, latent_scale="auto", prediction="eps",
+                 gate=False):
         super().__init__()
+        if prediction not in ("eps", "x0"):
+            raise ValueError(f"diffusion prediction {prediction!r}: choose eps (the noise) or x0 (X itself)")
+        self.prediction, self.gate = prediction, gate
         self.unet = UNet(code_dim, slot_dim, base, mults, layers, attn_levels, heads, dropout)
         betas, alpha_bar = noise_schedule(steps, beta_start, beta_end)
         self.register_buffer("betas", betas)
@@ -267,9 +282,10 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"latent scale {latent_scale!r}: choose auto (1 / std of the first batch) or 1")
         self.register_buffer("scale", torch.tensor(0.0 if latent_scale == "auto" else 1.0))  # 0: not measured yet
 
-    def loss(self, x0, slots, t=None):
+    def loss(self, x0, slots, t=None, masks=None):
         """The DDPM loss of one batch: x0 = X (b, c, h, w) the frozen VAE's guidance, slots (b, s, d); a random time
-        step t (b,) per sample unless given; returns the scalar MSE between the noise and its prediction."""
+        step t (b,) per sample unless given; masks (b, s, h', w'): Slot Attention's, read only with the gate. Returns
+        the scalar MSE between the noise (or, prediction "x0", the scaled X) and its prediction."""
         # The latent scale: X of a c = 4 VAE has no fixed variance, but the schedule assumes unit-variance data.
         # It is measured once, on the first training batch (X is frozen, so one batch estimates it well), and
         # kept in a buffer: checkpoints carry it, evaluation and sampling use the stored value, never re-measure.
@@ -281,19 +297,31 @@ class DiffusionDecoder(nn.Module):
         if t is None:
             t = torch.randint(0, len(self.betas), (x0.shape[0],), device=x0.device)  # (b,)
         noise = torch.randn_like(x0)
-        pred = self.unet(q_sample(x0, t, noise, self.alpha_bar), t, slots)
-        return F.mse_loss(pred.float(), noise.float())
+        pred = self.unet(q_sample(x0, t, noise, self.alpha_bar), t, slots, self._gate(masks))
+        return F.mse_loss(pred.float(), (noise if self.prediction == "eps" else x0).float())
+
+    def _gate(self, masks):
+        if self.gate and masks is None:
+            raise ValueError("this SlotDiffusion decoder reads the slots through Slot Attention's masks (--mask-gate): "
+                             "pass masks=")
+        return masks if self.gate else None
 
     @torch.no_grad()
-    def sample(self, slots, shape, steps=50, generator=None):
-        """DDIM (eta = 0, deterministic given the start noise) with `steps` of the T training steps: X' (b, c, h, w)."""
+    def sample(self, slots, shape, steps=50, generator=None, masks=None):
+        """DDIM (eta = 0, deterministic given the start noise) with `steps` of the T training steps: X' (b, c, h, w).
+        masks: Slot Attention's (b, s, h', w'), needed with the gate."""
         x = torch.randn(shape, generator=generator, device=slots.device)
         ts = torch.linspace(len(self.betas) - 1, 0, steps, device=slots.device).round().long()
         for i, t in enumerate(ts):
             a = self.alpha_bar[t]
             a_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
-            eps = self.unet(x, t.expand(shape[0]), slots)
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # predicted clean sample
+            pred = self.unet(x, t.expand(shape[0]), slots, self._gate(masks))
+            if self.prediction == "eps":
+                eps = pred
+                x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # predicted clean sample
+            else:  # x0 prediction: the noise it implies, x_t = sqrt(a) x0 + sqrt(1 - a) eps
+                x0 = pred
+                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         return x / self.scale.clamp(min=1e-6)
 

@@ -471,7 +471,7 @@ def evaluate_ocl(ckpt, args, device):
         figures.fig2_files(out_dir, image.cpu(), segment, masks.argmax(-3), masks)  # labels as masks_to_labels
         if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
             gen = torch.Generator(device=device).manual_seed(args.seed)
-            figures.diffusion_recon(out_dir / "diffusion_recon.png", model, image, out["slots"], gen)
+            figures.diffusion_recon(out_dir / "diffusion_recon.png", model, image, out["slots"], gen, out["masks"])
     return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
 

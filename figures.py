@@ -101,12 +101,13 @@ def fig2_files(out_dir, images, true, pred, masks):
 
 
 @torch.no_grad()
-def diffusion_recon(path, model, image, slots, generator):
+def diffusion_recon(path, model, image, slots, generator, masks=None):
     """SlotDiffusion's reconstructions through its sampler: rows image | the VAE's decoding of the diffused latent
     (X, or Z_1 with --diffusion-target z) | the VAE's decoding of the latent DDIM samples from the slots (25 steps).
-    `model` is ocl.OCL; image (v, 3, H, W); slots (v, s, d)."""
+    `model` is ocl.OCL; image (v, 3, H, W); slots (v, s, d); masks (v, s, h, w), which a --mask-gate decoder reads."""
     target = model.targets(image)[1][0]  # what it diffuses, (v, c, h, w)
-    sampled = model.decoder.sample(model.context(slots), target.shape, steps=25, generator=generator)  # (v, c, h, w)
+    sampled = model.decoder.sample(model.context(slots), target.shape, steps=25, generator=generator,
+                                   masks=masks)  # (v, c, h, w)
     name = "Z_1" if model.diffuses_z else "X"
     save_rows_png(path, [image, model.vae.decoder(target), model.vae.decoder(sampled)],
                   labels=["image", f"VAE decoding of {name}", f"VAE decoding of the sampled {name}'"])

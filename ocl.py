@@ -13,6 +13,8 @@ VAE gives; encode: encoder -> queries -> Slot Attention; encode_video: the recur
 training loss; segment: what evaluation scores), load_ocl / load_dino (a model back from its checkpoint).
 train_ocl.py trains it; evaluate.py scores it.
 """
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,7 +57,8 @@ class OCL(nn.Module):
                  slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
                  grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False,
-                 diffusion_target="x", latent_scale="auto", predictor="ours", boxless="gaussian"):
+                 diffusion_target="x", latent_scale="auto", predictor="ours", boxless="gaussian",
+                 diffusion_prediction="eps", mask_gate=False):
         super().__init__()
         self.dinosaur = decoder == "mlp" and encoder == "dino"  # DINOSAUR proper: DINO's features are the target
         if (vae is None) != self.dinosaur:
@@ -105,6 +108,8 @@ class OCL(nn.Module):
         token = resolution // 4  # the VAE's scale-1 token grid (4x down-sampling)
         self.token_grid = (token, token)
         # EXERCISE: decoder (EXERCISES.md 5): --decoder diffusion on the same kind of VAE (with --code-dim 4)
+        if mask_gate and decoder != "diffusion":
+            raise ValueError(f"--mask-gate gates the diffusion decoder's cross-attention; --decoder {decoder} has none")
         if decoder == "transformer":
             grids = [(token // 2 ** (n - 1),) * 2 for n in self.guide_scales]  # the token grid of each guide scale
             self.decoder = decoders.TransformerDecoder(code_dim, vae.vocab, grids, context, dec_dim, dec_layers,
@@ -112,8 +117,12 @@ class OCL(nn.Module):
         elif decoder == "diffusion":  # it diffuses X (the paper's text) or Z_1 (SlotDiffusion, the authors' code)
             if diffusion_target not in ("x", "z"):
                 raise ValueError(f"diffusion target {diffusion_target!r}: choose x (the guidance) or z (Z_1)")
+            if mask_gate and self.coupling is not None:
+                raise ValueError("--mask-gate gates each slot by its mask; SysBinder's decoder reads 2 coupled tokens per "
+                                 "slot: use --slot-attention sa with --mask-gate")
             self.decoder = decoders.DiffusionDecoder(code_dim, context, base=unet_base, layers=unet_layers,
-                                                     heads=unet_heads(unet_base), latent_scale=latent_scale)
+                                                     heads=unet_heads(unet_base), latent_scale=latent_scale,
+                                                     prediction=diffusion_prediction, gate=mask_gate)
         elif decoder == "mlp":  # DINOSAUR: DINO's map at H/8 with the big-little encoder, else the VAE's Z_1 at H/4
             if self.dinosaur:
                 self.token_grid = (resolution // 8, resolution // 8)
@@ -213,8 +222,9 @@ class OCL(nn.Module):
         per_frame = slots.flatten(0, 1) if self.video else slots  # (b*t, s, d) or (b, s, d)
         if self.decoder_kind == "transformer":  # reconstruction as classification of the code indices
             loss = self.decoder.loss(self.decoder(xs, self.context(per_frame)), indices)
-        elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X
-            loss = self.decoder.loss(xs[0], self.context(per_frame))
+        elif self.decoder_kind == "diffusion":  # reconstruction as regression of the noise added to X (or of X)
+            gate = masks.flatten(0, 1) if self.video else masks  # (b(*t), s, h, w): read only by --mask-gate
+            loss = self.decoder.loss(xs[0], self.context(per_frame), masks=gate)
         else:
             recon, masks = self.decoder(per_frame, xs.shape[-2:])  # masks from the decoder's alpha (b(*t), s, h, w)
             loss = F.mse_loss(recon, xs.flatten(2).transpose(1, 2))
@@ -245,6 +255,11 @@ def unet_heads(base):
 
 # -----------------------------------------------------------------------------
 # Rebuilding a model from its checkpoint
+
+
+def option_defaults():
+    """OCL's keyword defaults: what a checkpoint written before an option existed had (train_common.resume)."""
+    return {k: v.default for k, v in inspect.signature(OCL).parameters.items() if v.default is not inspect.Parameter.empty}
 
 
 def load_ocl(ckpt, device="cpu", dino_weights=None):

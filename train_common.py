@@ -428,14 +428,15 @@ def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
 
 
 def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
-           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr", "predictor_lr")):
+           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr", "predictor_lr"), defaults=None):
     """--resume: load last.pt of `out` into the model, optimizer, grad scaler and random generators, and return
     (step to start at, best score, last validation metrics, train_state). The data order and every schedule are
     functions of the step, so nothing else needs restoring.
 
     A checkpoint of another configuration is refused with every difference named: another kind, model, dataset
     or schedule (the LR, sigma and data order are functions of `must_match`). `extra`: more model_args to compare,
-    {"vae": current VAE model_args} for an OCL run."""
+    {"vae": current VAE model_args} for an OCL run. `defaults`: the value of a model_args key that a checkpoint
+    written before that option existed lacks (the model's default then, e.g. ocl.OCL's keyword defaults)."""
     path = Path(out) / "last.pt"
     if not path.exists():
         raise RunError(f"--resume: there is no {path} to continue; run without --resume to start, or give the --out "
@@ -443,8 +444,8 @@ def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
     ckpt = load_checkpoint(path, kind)
     if "train_state" not in ckpt:
         raise RunError(f"--resume: {path} holds weights only, no training state; start a new run in another --out")
-    diffs = [f"{k}: {ckpt['model_args'].get(k)!r} in the checkpoint, {v!r} now"
-             for k, v in model_args.items() if ckpt["model_args"].get(k) != v]
+    saved = {**(defaults or {}), **ckpt["model_args"]}  # an option newer than the checkpoint: its default
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved.get(k) != v]
     diffs += [f"{k}: {ckpt['args'].get(k)!r} in the checkpoint, {getattr(args, k, None)!r} now"
               for k in must_match if ckpt["args"].get(k) != getattr(args, k, None)]
     for name, ours in (extra or {}).items():  # e.g. the OCL run's embedded VAE: ckpt["vae"]["model_args"]

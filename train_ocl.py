@@ -237,7 +237,8 @@ def train(args):
         start, best, metrics = 0, -float("inf"), {}  # best: the highest validation ARI + ARIfg
         if args.resume:  # weights (the VAE the run started with included), optimizer, RNG
             start, best, metrics, _ = train_common.resume(out, "ocl", args, model_args, model, optimizer, scaler, d,
-                                                          extra={"vae": vae_ckpt["model_args"]} if vae_ckpt else None)
+                                                          extra={"vae": vae_ckpt["model_args"]} if vae_ckpt else None,
+                                                          defaults=ocl.option_defaults())
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
             print(describe(args, params, vae_ckpt, resolution, device, start))
@@ -306,7 +307,8 @@ def model_args_of(args, resolution):
                 grouping=args.slot_attention, video=data.DATASETS[args.dataset]["video"], queries=args.queries,
                 predictor_dropout=args.predictor_dropout, box_prior=args.box_prior, predictor=args.predictor or "ours",
                 boxless=args.boxless or "gaussian", diffusion_target=args.diffusion_target,
-                latent_scale=args.latent_scale)
+                latent_scale=args.latent_scale, diffusion_prediction=args.diffusion_prediction,
+                mask_gate=args.mask_gate)
 
 
 def describe(args, params, vae_ckpt, resolution, device, start):
@@ -379,6 +381,13 @@ def parse_args(argv=None):
     p.add_argument("--latent-scale", default="auto", choices=["auto", "1"],
                    help="diffusion: auto, the target times 1 / std of the first training batch (ours: the noise "
                         "schedule assumes unit variance); 1, the target as it is (SlotDiffusion, the authors' code)")
+    p.add_argument("--diffusion-prediction", default="eps", choices=["eps", "x0"],
+                   help="diffusion: what the UNet predicts: eps, the noise (SlotDiffusion, the authors' code); x0, the "
+                        "target itself (an option of SlotDiffusion's code: more weight on the noisy steps, where only "
+                        "the slots know the target)")
+    p.add_argument("--mask-gate", action="store_true",
+                   help="diffusion (ours): Slot Attention's masks gate the UNet's cross-attention (each position "
+                        "reads mostly the slots that claim it), so the masks matter to the decoder")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
@@ -502,9 +511,13 @@ def parse_args(argv=None):
         p.error(f"--unet-base {args.unet_base}: the UNet's group norms and its {ocl.unet_heads(args.unet_base)} attention "
                 f"heads need every level width ({', '.join(map(str, widths))}) divisible by 8 and by the heads; "
                 f"use a multiple of 32 (e.g. 32, 128)")
-    if args.decoder != "diffusion" and (args.diffusion_target, args.latent_scale) != ("x", "auto"):
-        p.error(f"--diffusion-target and --latent-scale set the diffusion decoder's target; --decoder {args.decoder} "
-                f"has none: leave them out")
+    if args.decoder != "diffusion" and ((args.diffusion_target, args.latent_scale, args.diffusion_prediction) !=
+                                        ("x", "auto", "eps") or args.mask_gate):
+        p.error(f"--diffusion-target, --latent-scale, --diffusion-prediction and --mask-gate set the diffusion "
+                f"decoder; --decoder {args.decoder} has none: leave them out")
+    if args.mask_gate and args.slot_attention == "sysbinder":
+        p.error("--mask-gate gates each slot by its mask; SysBinder's decoder reads 2 coupled tokens per slot: use "
+                "--slot-attention sa with --mask-gate")
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
     if args.decoder == "mlp" and args.encoder == "dino":  # DINOSAUR: DINO's features are the target, no VAE
@@ -521,7 +534,8 @@ def run_folder(args, vae_args):
     the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
     for other --guide-scales); for mlp, DINOSAUR, `dino` (DINO's features, no VAE: vae_args None) or with the naive
     CNN `z1-<vae>`, that VAE's continuous encoder features Z_1 (the stand-in; the fusion is bypassed). The model's
-    name adds -z and -scale1 (diffusion: --diffusion-target z, --latent-scale 1), -dino (big-little encoder),
+    name adds -z, -scale1, -x0 and -gate (diffusion: --diffusion-target z, --latent-scale 1, --diffusion-prediction
+    x0, --mask-gate), -dino (big-little encoder),
     -sysbinder, and for video -gaussian (Gaussian instead of box queries), -boxprior (the box prior on frame 0, as
     the shapes_video recipe has it), then every video switch that differs from the dataset's recipe: -pred<kind>
     (--predictor), -boxless<kind> (--boxless), -plr<x> (--predictor-lr). The quick start's run is
@@ -532,7 +546,8 @@ def run_folder(args, vae_args):
     elif args.guide_scales != "1":
         target += "-g" + args.guide_scales.replace(",", "")
     model = args.decoder + ("-z" if args.diffusion_target == "z" else "") + \
-        ("-scale1" if args.latent_scale == "1" else "") + ("-dino" if args.encoder == "dino" else "") + \
+        ("-scale1" if args.latent_scale == "1" else "") + ("-x0" if args.diffusion_prediction == "x0" else "") + \
+        ("-gate" if args.mask_gate else "") + ("-dino" if args.encoder == "dino" else "") + \
         ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
         ("-gaussian" if data.DATASETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
         ("-boxprior" if args.box_prior else "")

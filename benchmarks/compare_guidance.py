@@ -65,6 +65,13 @@ VARIANTS = {
     "msf-scale1": ([], ["--latent-scale", "1"], "MSF guidance, SlotDiffusion on X unscaled (the originals' scale)"),
     "msf-z-scale1": ([], ["--diffusion-target", "z", "--latent-scale", "1"],
                      "MSF's encoder, SlotDiffusion on Z_1 unscaled: the authors' SlotDiffusion"),
+    # SlotDiffusion reading its slots through Slot Attention's masks (ours) and predicting X itself
+    "vqvae+stab-x0gate": (["--vae", "vqvae", "--stabilisers", "on"], ["--diffusion-prediction", "x0", "--mask-gate"],
+                          "stabilised VQ-VAE guidance, SlotDiffusion with the mask gate and x0 prediction"),
+    "gdr-x0gate": (["--vae", "gdr"], ["--diffusion-prediction", "x0", "--mask-gate"],
+                   "GDR guidance, SlotDiffusion with the mask gate and x0 prediction"),
+    "msf-x0gate": ([], ["--diffusion-prediction", "x0", "--mask-gate"],
+                   "MSF guidance, SlotDiffusion with the mask gate and x0 prediction"),
 }
 MAIN = ["vqvae", "vqvae+stab", "gdr", "multiscale", "msf"]
 ABLATIONS = ["msf-nointer", "msf-nointra", "msf-svshared", "msf-N2", "msf-N4", "msf-g12", "msf-g2", "msf-concat",
@@ -73,7 +80,7 @@ DIFFUSION = ["vqvae+stab", "gdr", "msf"]  # SlotDiffusion on VQ-VAE (the healthy
 # The baseline of the paired differences, fixed before any cell ran: the VQ-VAE with the same stabilisers as MSF
 # (the paper's recipe collapses at CPU budgets; a comparison against a collapsed codebook says nothing about MSF).
 BASELINE = "vqvae+stab"
-DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale"}  # train_ocl.py flags that only the diffusion decoder reads
+DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale", "--diffusion-prediction", "--mask-gate"}  # train_ocl.py flags that only the diffusion decoder reads
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 

@@ -126,6 +126,106 @@ def test_diffusion_loss_finite_at_both_ends_and_sampler_shape():
     assert a.shape == (2, 4, 16, 16) and torch.equal(a, b)
 
 
+def test_mask_gate_reads_each_position_from_the_slots_that_claim_it():
+    """--mask-gate adds log m_k(p) to position p's cross-attention logits: uniform masks change nothing (softmax is
+    blind to a constant per row); with one-hot masks a position's output depends on its own slot only."""
+    torch.manual_seed(0)
+    block = decoders.SpatialTransformer(16, 8, heads=2).eval()
+    x, slots = torch.randn(1, 16, 4, 4), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        free = block(x, slots)
+        assert torch.allclose(block(x, slots, torch.full((1, 3, 4, 4), 1 / 3)), free, atol=1e-5)
+        masks = torch.zeros(1, 3, 4, 4)
+        masks[:, 0, :, :2], masks[:, 1, :, 2:] = 1, 1  # slot 0 claims the left half, slot 1 the right, slot 2 nothing
+        gated = block(x, slots, masks)
+        other = slots.clone()
+        other[:, 1] += 3.0  # another slot 1
+        moved = block(x, other, masks)
+        assert torch.allclose(moved[..., :2], gated[..., :2], atol=1e-4)  # the left half reads slot 0 only
+        assert not torch.allclose(moved[..., 2:], gated[..., 2:], atol=1e-2)  # the right half reads slot 1
+        other = slots.clone()
+        other[:, 2] += 3.0  # the slot that claims nothing
+        assert torch.allclose(block(x, other, masks), gated, atol=1e-4)
+        assert not torch.allclose(block(x, other), free, atol=1e-2)  # ungated, every position reads it
+
+
+class _Fixed(torch.nn.Module):
+    """A UNet stand-in that answers one tensor whatever it is asked."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def forward(self, x, t, slots, masks=None):
+        return self.answer
+
+
+class _Perfect(torch.nn.Module):
+    """A UNet stand-in that knows the clean target x0 and answers as the decoder's parametrisation asks."""
+
+    def __init__(self, x0, alpha_bar, prediction):
+        super().__init__()
+        self.x0, self.alpha_bar, self.prediction = x0, alpha_bar, prediction
+
+    def forward(self, x, t, slots, masks=None):
+        if self.prediction == "x0":
+            return self.x0.expand_as(x)
+        a = self.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()  # the noise in x_t = sqrt(a) x0 + sqrt(1 - a) eps
+
+
+def test_x0_prediction_loss_and_ddim_with_a_perfect_denoiser():
+    """--diffusion-prediction x0: the loss is the MSE to the (scaled) target itself; DDIM with a perfect denoiser
+    ends on the target in either parametrisation (the last step has alpha_bar_prev = 1)."""
+    torch.manual_seed(0)
+    x0, slots = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8)
+    dec = decoders.DiffusionDecoder(4, 8, base=16, layers=1, heads=1, latent_scale="1", prediction="x0").train()
+    guess = torch.randn(2, 4, 8, 8)
+    dec.unet = _Fixed(guess)
+    assert dec.loss(x0, slots).item() == pytest.approx(((guess - x0) ** 2).mean().item(), rel=1e-6)
+    for prediction in ("eps", "x0"):
+        dec = decoders.DiffusionDecoder(4, 8, base=16, layers=1, heads=1, latent_scale="1", prediction=prediction)
+        dec.unet = _Perfect(x0, dec.alpha_bar, prediction)
+        out = dec.eval().sample(slots, x0.shape, steps=5, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(out, x0, atol=1e-4)
+    with pytest.raises(ValueError, match="eps .* or x0"):
+        decoders.DiffusionDecoder(4, 8, base=16, layers=1, heads=1, prediction="v")
+    gated = decoders.DiffusionDecoder(4, 8, base=16, layers=1, heads=1, gate=True)
+    with pytest.raises(ValueError, match="masks"):
+        gated.loss(x0, slots)
+
+
+def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_vaes, tmp_path):
+    """The flags reach the decoder and the checkpoint, the decoder gets Slot Attention's masks of the same step, the
+    run folder says -x0-gate; a checkpoint written before these options existed resumes as their defaults."""
+    flags = ["--diffusion-prediction", "x0", "--mask-gate"]
+    args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
+    vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
+    assert train_ocl.run_folder(args, vae_args) == "runs/ocl_shapes_diffusion-x0-gate_msf"
+    for wrong in (["--mask-gate"], ["--diffusion-prediction", "x0"],
+                  ["--decoder", "diffusion", "--mask-gate", "--slot-attention", "sysbinder"]):
+        with pytest.raises(SystemExit):
+            train_ocl.parse_args(wrong)
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "gate", "diffusion", "--steps", "1", *flags))
+    model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    assert (model.decoder.prediction, model.decoder.gate) == ("x0", True)
+    image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
+    seen = []
+    model.decoder.loss = lambda x0, slots, t=None, masks=None: seen.append(masks) or torch.zeros(())
+    torch.manual_seed(0)
+    out_masks = model(image)["masks"]
+    assert seen[0] is out_masks and out_masks.shape[0] == 1 and out_masks.dim() == 4  # (1, s, h, w), this step's
+    # a run of the code before --diffusion-prediction / --mask-gate: its checkpoint lacks both keys
+    plain = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1"))
+    last = torch.load(plain / "last.pt", weights_only=True)
+    for key in ("diffusion_prediction", "mask_gate"):
+        del last["model_args"][key]
+    torch.save(last, plain / "last.pt")
+    resumed = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1",
+                                       "--resume"))
+    assert resumed == plain
+
+
 def test_mlp_decoder_alpha_masks():
     dec = decoders.MLPDecoder(8, 5, 16, hidden=16)
     recon, masks = dec(torch.randn(2, 3, 8), (4, 4))
@@ -312,7 +412,7 @@ def test_diffusion_target_and_latent_scale(tiny_root, tiny_vaes, tmp_path):
                                        "--diffusion-target", target, "--latent-scale", scale))
         model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
         seen = []
-        model.decoder.loss = lambda x0, slots, t=None: seen.append(x0) or torch.zeros(())
+        model.decoder.loss = lambda x0, slots, t=None, masks=None: seen.append(x0) or torch.zeros(())
         model(image)
         with torch.no_grad():
             z1, x = model.vae.encoder(image), model.vae.guidance(image)[1][0]  # Z_1 and X at scale 1
