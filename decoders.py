@@ -301,6 +301,7 @@ class DiffusionDecoder(nn.Module):
         return F.mse_loss(pred.float(), (noise if self.prediction == "eps" else x0).float())
 
     def _gate(self, masks):
+        """The masks the UNet reads: Slot Attention's with the gate (then required), none without it."""
         if self.gate and masks is None:
             raise ValueError("this SlotDiffusion decoder reads the slots through Slot Attention's masks (--mask-gate): "
                              "pass masks=")
