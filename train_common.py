@@ -171,6 +171,17 @@ def distributed(device_name):
             dist.destroy_process_group()
 
 
+def exit_worker():
+    """End a torchrun worker whose run finished: flush the output and leave without the interpreter's teardown,
+    where gloo's threads can abort a finished process ("terminate called without an active exception"), which
+    torchrun then reports as a failed run. Everything a run writes is closed or flushed by then. A plain `python`
+    process (WORLD_SIZE unset) returns and exits as usual."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def wrap_ddp(model, d, compile=False):
     """DistributedDataParallel around the trainable model (a no-op for one process). Buffers are not broadcast
     every step: the codebooks' hit counts are per process and summed where they are used (vae.Codebook).

@@ -336,6 +336,7 @@ def main(argv=None):
     except (data.DatasetMissing, FloatingPointError, train_common.RunError, train_common.TrainingStopped,
             ValueError) as e:
         sys.exit(str(e))  # a problem the user can fix: the message, without a traceback
+    train_common.exit_worker()  # a torchrun worker leaves here, past the teardown where gloo can abort it
 
 
 if __name__ == "__main__":
