@@ -292,9 +292,6 @@ def train(args):
                                            optimizer, scaler, best, d, args.keep)
                 if stopping:
                     raise guard.stopped(step, out)
-        # DDP's reducer and the last step's graph hold the process group: let them go before the group closes
-        # (a gloo group destroyed while something still holds it can abort the process at exit)
-        ddp = loss = None
         if d.main:
             print(f"done: {out / 'best.pt'} (validation ARI + ARIfg {100 * best:.2f}); masks in {out / 'masks.png'}")
     return out

@@ -156,9 +156,6 @@ def train(args):
                                            pools=train_common.gather_objects([cb.pool_state() for cb in model.codebooks], d))
                 if stopping:
                     raise guard.stopped(step, out)
-        # DDP's reducer and the last step's graph hold the process group: let them go before the group closes
-        # (a gloo group destroyed while something still holds it can abort the process at exit)
-        ddp = result = loss = None
         if d.main:
             print(f"done: {out / 'best.pt'} (val reconstruction {best:.4f}); reconstructions in {out / 'recon.png'}")
     return out
