@@ -6,7 +6,9 @@ A.3-A.5 ("Training the OCL Model": Adam, lr 2e-4, warmup over the first 1/20 the
 clipping at 1.0, 50,000 steps at batch 32; the VAE is frozen; sigma of the query init anneals 1 -> 0).
 
 Run:  python train_ocl.py                                    # shapes, SLATE + MSF, CPU-sized
-      python train_ocl.py --decoder diffusion                # SlotDiffusion + MSF (needs a c = 4 VAE)
+      python train_ocl.py --decoder diffusion                # SlotDiffusion + MSF (needs a c = 4 VAE; shapes: x0 +
+                                                             # the mask gate, RECIPES)
+      python train_ocl.py --decoder diffusion --diffusion-prediction eps --no-mask-gate   # the authors' decoder
       python train_ocl.py --decoder mlp                      # DINOSAUR's decoder on a stand-in target (shapes)
       python train_ocl.py --dataset coco --decoder mlp       # DINOSAUR: DINO's features, big-little encoder, no VAE
       python train_ocl.py --dataset coco --decoder diffusion --device cuda   # the paper's recipe (RECIPES)
@@ -51,7 +53,11 @@ PAPER = dict(steps=50000, batch=32, val_every=1000, lr=2e-4, iters=3, clip=1.0, 
 MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False, predictor_lr=1.0,
             predictor="authors", boxless="zero")  # authors: 1 iteration per frame, their predictor and box queries
 RECIPES = {
-    "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn"),  # ours: 2 cores
+    # ours: 2 cores. SlotDiffusion (--decoder diffusion) predicts x0 and reads its slots through Slot Attention's masks
+    # (--mask-gate): the published decoder (eps, every position reads every slot) binds no objects at this budget,
+    # this one does (results/2026-12-02-slotdiffusion-slot-use.md); the other datasets keep the authors' decoder
+    "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn",
+                   diffusion_prediction="x0", mask_gate=True),
     # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), our
     # predictor and box-less queries, the box prior on frame 0 and the predictor at a tenth of the lr, which bound
     # and kept identity on a CPU (results/2026-11-26-video-preset.md); 6,000 steps take about 16 minutes on 2 cores
@@ -381,13 +387,14 @@ def parse_args(argv=None):
     p.add_argument("--latent-scale", default="auto", choices=["auto", "1"],
                    help="diffusion: auto, the target times 1 / std of the first training batch (ours: the noise "
                         "schedule assumes unit variance); 1, the target as it is (SlotDiffusion, the authors' code)")
-    p.add_argument("--diffusion-prediction", default="eps", choices=["eps", "x0"],
+    p.add_argument("--diffusion-prediction", default=None, choices=["eps", "x0"],
                    help="diffusion: what the UNet predicts: eps, the noise (SlotDiffusion, the authors' code); x0, the "
                         "target itself (an option of SlotDiffusion's code: more weight on the noisy steps, where only "
-                        "the slots know the target)")
-    p.add_argument("--mask-gate", action="store_true",
+                        "the slots know the target) (default: the dataset's recipe; shapes: x0, the others: eps)")
+    p.add_argument("--mask-gate", action=argparse.BooleanOptionalAction, default=None,
                    help="diffusion (ours): Slot Attention's masks gate the UNet's cross-attention (each position "
-                        "reads mostly the slots that claim it), so the masks matter to the decoder")
+                        "reads mostly the slots that claim it), so the masks matter to the decoder (default: the "
+                        "dataset's recipe; shapes: on, the others: off, the authors' decoder)")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
                                                     "c = 256 for transformer/mlp, c = 4 for diffusion)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
@@ -511,10 +518,17 @@ def parse_args(argv=None):
         p.error(f"--unet-base {args.unet_base}: the UNet's group norms and its {ocl.unet_heads(args.unet_base)} attention "
                 f"heads need every level width ({', '.join(map(str, widths))}) divisible by 8 and by the heads; "
                 f"use a multiple of 32 (e.g. 32, 128)")
-    if args.decoder != "diffusion" and ((args.diffusion_target, args.latent_scale, args.diffusion_prediction) !=
-                                        ("x", "auto", "eps") or args.mask_gate):
+    if args.decoder != "diffusion" and ((args.diffusion_target, args.latent_scale) != ("x", "auto") or
+                                        args.diffusion_prediction is not None or args.mask_gate is not None):
         p.error(f"--diffusion-target, --latent-scale, --diffusion-prediction and --mask-gate set the diffusion "
                 f"decoder; --decoder {args.decoder} has none: leave them out")
+    # SlotDiffusion's decoder: the recipe's (shapes: x0 and the mask gate) with Slot Attention. SysBinder has no mask
+    # per decoder token and x0 without the gate lets one slot take the image, so it keeps the authors' (eps, no gate)
+    ours = args.decoder == "diffusion" and args.slot_attention == "sa"
+    if args.diffusion_prediction is None:
+        args.diffusion_prediction = recipe.get("diffusion_prediction", "eps") if ours else "eps"
+    if args.mask_gate is None:
+        args.mask_gate = recipe.get("mask_gate", False) if ours else False
     if args.mask_gate and args.slot_attention == "sysbinder":
         p.error("--mask-gate gates each slot by its mask; SysBinder's decoder reads 2 coupled tokens per slot: use "
                 "--slot-attention sa with --mask-gate")

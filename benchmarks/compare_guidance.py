@@ -6,6 +6,7 @@ Run:  python benchmarks/compare_guidance.py                        # the main ta
       python benchmarks/compare_guidance.py --cells ablations --seeds 0,1
       python benchmarks/compare_guidance.py --cells msf,vqvae --decoders transformer --seeds 0   # a few cells
       python benchmarks/compare_guidance.py --cells all --device cuda --jobs 15   # on one GPU: 15 cells side by side
+      python benchmarks/compare_guidance.py --cells plain --decoders diffusion   # SlotDiffusion's published decoder
       python benchmarks/compare_guidance.py --table                # only rebuild the table from the cells on disk
       python benchmarks/compare_guidance.py --dataset clevrtex --data-root data --vae-steps 30000 --ocl-steps 50000
       python benchmarks/compare_guidance.py --dataset shapes_video --cells vqvae+stab,msf --decoders transformer   # STEVE
@@ -20,7 +21,8 @@ per row, because a GPU (AMP, other kernels) gives other digits than a CPU for th
 Pairing: seed k of every variant uses --seed k in both stages, so all see the same data order, and the OCL model's
 encoder, queries and Slot Attention start from the same weights (train_ocl seeds again after loading the VAE).
 Budget: the dataset's recipe (shapes: the quick start's, VAE 400 steps, OCL 3,200 steps at batch 16; shapes_video:
-the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise. Video cells add ARIfg_1+
+the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise; SlotDiffusion is the
+recipe's (shapes: x0 prediction and the mask gate, ours), the -plain rows its authors' decoder. Video cells add ARIfg_1+
 (ARIfg over the frames after the first, whose boxes the model is given) to the table.
 """
 import argparse
@@ -40,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+AUTHORS_SD = ["--diffusion-prediction", "eps", "--no-mask-gate"]  # SlotDiffusion's own decoder (train_ocl.py flags)
 # variant -> (train_vae.py flags, train_ocl.py flags, what it is). The VAE flags decide which VAE a cell trains on;
 # variants with the same VAE flags (msf, msf-g12, msf-g2) share one VAE run per seed.
 VARIANTS = {
@@ -61,33 +64,34 @@ VARIANTS = {
     "msf-sum": (["--fusion", "sum"], [], "element-wise-sum fusion of continuous scales (Tab. 6)"),
     # the reference methods as their authors publish them, on MSF's guidance
     "msf-sysbinder": ([], ["--slot-attention", "sysbinder"], "MSF guidance, SysBinder instead of Slot Attention"),
-    "msf-z": ([], ["--diffusion-target", "z"], "MSF's encoder, SlotDiffusion diffusing Z_1 (the authors' code)"),
-    "msf-scale1": ([], ["--latent-scale", "1"], "MSF guidance, SlotDiffusion on X unscaled (the originals' scale)"),
-    "msf-z-scale1": ([], ["--diffusion-target", "z", "--latent-scale", "1"],
+    # SlotDiffusion's decoder as its authors publish it (the noise predicted, every position reading every slot);
+    # the recipe's on shapes predicts x0 through Slot Attention's masks (train_ocl.RECIPES, --mask-gate: ours)
+    "vqvae+stab-plain": (["--vae", "vqvae", "--stabilisers", "on"], AUTHORS_SD,
+                         "stabilised VQ-VAE guidance, SlotDiffusion's decoder as published (eps, no mask gate)"),
+    "gdr-plain": (["--vae", "gdr"], AUTHORS_SD, "GDR guidance, SlotDiffusion's decoder as published (eps, no mask gate)"),
+    "msf-plain": ([], AUTHORS_SD, "MSF guidance, SlotDiffusion's decoder as published (eps, no mask gate)"),
+    "msf-z": ([], ["--diffusion-target", "z", *AUTHORS_SD], "MSF's encoder, SlotDiffusion diffusing Z_1 (the authors' code)"),
+    "msf-scale1": ([], ["--latent-scale", "1", *AUTHORS_SD], "MSF guidance, SlotDiffusion on X unscaled (the originals' scale)"),
+    "msf-z-scale1": ([], ["--diffusion-target", "z", "--latent-scale", "1", *AUTHORS_SD],
                      "MSF's encoder, SlotDiffusion on Z_1 unscaled: the authors' SlotDiffusion"),
-    # SlotDiffusion reading its slots through Slot Attention's masks (ours) and predicting X itself
-    "vqvae+stab-x0gate": (["--vae", "vqvae", "--stabilisers", "on"], ["--diffusion-prediction", "x0", "--mask-gate"],
-                          "stabilised VQ-VAE guidance, SlotDiffusion with the mask gate and x0 prediction"),
-    "gdr-x0gate": (["--vae", "gdr"], ["--diffusion-prediction", "x0", "--mask-gate"],
-                   "GDR guidance, SlotDiffusion with the mask gate and x0 prediction"),
-    "msf-x0gate": ([], ["--diffusion-prediction", "x0", "--mask-gate"],
-                   "MSF guidance, SlotDiffusion with the mask gate and x0 prediction"),
 }
 MAIN = ["vqvae", "vqvae+stab", "gdr", "multiscale", "msf"]
 ABLATIONS = ["msf-nointer", "msf-nointra", "msf-svshared", "msf-N2", "msf-N4", "msf-g12", "msf-g2", "msf-concat",
              "msf-sum"]
 DIFFUSION = ["vqvae+stab", "gdr", "msf"]  # SlotDiffusion on VQ-VAE (the healthy row), GDR and MSF (Tab. 1-2)
+PLAIN = [f"{n}-plain" for n in DIFFUSION]  # the same with the authors' decoder: `--cells plain --decoders diffusion`
 # The baseline of the paired differences, fixed before any cell ran: the VQ-VAE with the same stabilisers as MSF
 # (the paper's recipe collapses at CPU budgets; a comparison against a collapsed codebook says nothing about MSF).
 BASELINE = "vqvae+stab"
-DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale", "--diffusion-prediction", "--mask-gate"}  # train_ocl.py flags that only the diffusion decoder reads
+DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale", "--diffusion-prediction", "--mask-gate",
+                  "--no-mask-gate"}  # train_ocl.py flags that only the diffusion decoder reads
 METRICS = ("ari", "ari_fg", "miou", "mbo")
 
 
 def cells(args):
     """(variant, decoder, seed) of the cells asked for, in the order they start: the main table before the ablations
     (`--cells all`), each seed-major, so a partial run has every variant of seed 0 first."""
-    groups = {"main": [MAIN], "ablations": [ABLATIONS], "all": [MAIN, ABLATIONS]}.get(args.cells)
+    groups = {"main": [MAIN], "ablations": [ABLATIONS], "all": [MAIN, ABLATIONS], "plain": [PLAIN]}.get(args.cells)
     if groups is None:
         groups = [args.cells.split(",")]
     unknown = [n for names in groups for n in names if n not in VARIANTS]
@@ -233,14 +237,14 @@ def table(results):
         rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
     video = any("ari_fg_later" in c["metrics"] for c in found)  # clips: ARIfg_1+ beside ARIfg over whole clips
     lines = [f"| decoder | guidance | seeds | ARI | ARIfg |{' ARIfg_1+ |' if video else ''} mIoU | mBO | ARIfg - "
-             f"{BASELINE} (paired) | ARIfg - msf | recon MSE (scale 1) | perplexity / used | inter / intra (Tab. 4) | "
+             f"{BASELINE} (paired; -plain rows: - {BASELINE}-plain) | ARIfg - msf | recon MSE (scale 1) | perplexity / used | inter / intra (Tab. 4) | "
              "mIoU S / M / L | min / seed | ran on |",
              "|---|---|---|---|---|" + "---|" * video + "---|---|---|---|---|---|---|---|---|---|"]
     for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
                                                                          order.index(kv[0][1]))):
         seeds = sorted(by_seed)
         get = lambda k: [100 * by_seed[s]["metrics"][k] for s in seeds]  # noqa: E731
-        diff, diff_msf = (paired_difference(rows, decoder, name, by_seed, against) for against in (BASELINE, "msf"))
+        diff, diff_msf = (paired_difference(rows, decoder, name, by_seed, against) for against in (baseline_of(name), "msf"))
         recon = [by_seed[s]["vae"]["reconstruction_mse"]["recon1"] for s in seeds]  # scale 1: the same image for all
         perp, used = zip(*(usage(by_seed[s]["vae"]) for s in seeds))
         sep = [(by_seed[s]["vae"]["separability"]["inter_cluster"], by_seed[s]["vae"]["separability"]["intra_cluster"])
@@ -261,6 +265,12 @@ def table(results):
             f"Budget: VAE {first['vae_steps']} steps, OCL {first['ocl_steps']} steps; best.pt chosen on `select`, scored "
             f"on all of `val`; x100, mean +- std over seeds; minutes are wall time with the cells side by side as "
             f"stated. Where the cells ran:\n" + "".join(f"- {m}\n" for m in machines))
+
+
+def baseline_of(name):
+    """The row a variant's paired difference is taken against: the stabilised VQ-VAE with the same SlotDiffusion
+    decoder (a -plain row against vqvae+stab-plain), so the column isolates the guidance."""
+    return BASELINE + "-plain" if name.endswith("-plain") else BASELINE
 
 
 def paired_difference(rows, decoder, name, by_seed, against):

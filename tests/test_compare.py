@@ -105,6 +105,24 @@ def test_variants_of_slotdiffusions_target_run_only_under_the_diffusion_decoder(
     assert cg.cells(args) == [("msf", "mlp", 0), ("msf", "diffusion", 0), ("msf-z-scale1", "diffusion", 0)]
 
 
+def test_plain_rows_are_the_published_decoder_paired_against_their_own_baseline(tmp_path):
+    """`--cells plain`: SlotDiffusion's published decoder on the three guidances, under diffusion only, each with
+    flags that train_ocl parses to eps without the gate; a -plain row's paired difference is against
+    vqvae+stab-plain, not against the recipe's baseline."""
+    import train_ocl
+    args = cg.argparse.Namespace(cells="plain", seeds=[0], decoders=["transformer", "diffusion"])
+    assert cg.cells(args) == [(n, "diffusion", 0) for n in cg.PLAIN]
+    for name in cg.PLAIN + ["msf-z", "msf-scale1", "msf-z-scale1"]:
+        a = train_ocl.parse_args(["--decoder", "diffusion", *cg.VARIANTS[name][1]])
+        assert (a.diffusion_prediction, a.mask_gate) == ("eps", False), name
+    # recipe rows: base 0.20, msf 0.30; plain rows: base 0.10, msf 0.25 -> msf-plain pairs to +15, not to +5
+    for variant, ari_fg in (("vqvae+stab", 0.20), ("msf", 0.30), ("vqvae+stab-plain", 0.10), ("msf-plain", 0.25)):
+        write(tmp_path, fake_cell(variant, 0, ari_fg))
+    text = cg.table(tmp_path)
+    assert row(text, "msf-plain")[7] == "15.00 (1)" and row(text, "msf-plain")[8] == "-5.00 (1)"
+    assert row(text, "msf")[7] == "10.00 (1)" and row(text, "vqvae+stab-plain")[7] == "-"
+
+
 def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
     """benchmarks/paper_scale.py on DINOSAUR at batch 1: the model is the one train_ocl.py builds at the paper's
     settings (11 slots, DINO's 384 features, the 3 x 2,048 MLP), and the counted FLOPs of a training step are at least

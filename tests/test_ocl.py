@@ -202,10 +202,22 @@ def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_
     args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
     vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
     assert train_ocl.run_folder(args, vae_args) == "runs/ocl_shapes_diffusion-x0-gate_msf"
-    for wrong in (["--mask-gate"], ["--diffusion-prediction", "x0"],
+    for wrong in (["--mask-gate"], ["--no-mask-gate"], ["--diffusion-prediction", "x0"],
                   ["--decoder", "diffusion", "--mask-gate", "--slot-attention", "sysbinder"]):
         with pytest.raises(SystemExit):
             train_ocl.parse_args(wrong)
+    # the recipe: shapes' SlotDiffusion is x0 + the gate with no flag; SysBinder and the paper's datasets keep the
+    # authors' decoder; the authors' decoder on shapes is named as the plain run folder
+    for given, dataset, want in (([], "shapes", ("x0", True)), (["--slot-attention", "sysbinder"], "shapes", ("eps", False)),
+                                 ([], "coco", ("eps", False)), ([], "shapes_video", ("eps", False)),
+                                 (["--no-mask-gate"], "shapes", ("x0", False)),
+                                 (["--diffusion-prediction", "eps"], "shapes", ("eps", True))):
+        a = train_ocl.parse_args(["--decoder", "diffusion", "--dataset", dataset, *given])
+        assert (a.diffusion_prediction, a.mask_gate) == want, (given, dataset)
+    a = train_ocl.parse_args(["--decoder", "diffusion", "--diffusion-prediction", "eps", "--no-mask-gate"])
+    assert train_ocl.run_folder(a, vae_args) == "runs/ocl_shapes_diffusion_msf"
+    assert train_ocl.run_folder(train_ocl.parse_args(["--decoder", "diffusion"]), vae_args) == \
+        "runs/ocl_shapes_diffusion-x0-gate_msf"
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "gate", "diffusion", "--steps", "1", *flags))
     model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
     assert (model.decoder.prediction, model.decoder.gate) == ("x0", True)
@@ -216,14 +228,17 @@ def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_
     out_masks = model(image)["masks"]
     assert seen[0] is out_masks and out_masks.shape[0] == 1 and out_masks.dim() == 4  # (1, s, h, w), this step's
     # a run of the code before --diffusion-prediction / --mask-gate: its checkpoint lacks both keys
-    plain = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1"))
+    authors = ["--diffusion-prediction", "eps", "--no-mask-gate"]  # what such a run had
+    plain = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1", *authors))
     last = torch.load(plain / "last.pt", weights_only=True)
     for key in ("diffusion_prediction", "mask_gate"):
         del last["model_args"][key]
     torch.save(last, plain / "last.pt")
     resumed = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1",
-                                       "--resume"))
+                                       "--resume", *authors))
     assert resumed == plain
+    with pytest.raises(train_common.RunError, match="diffusion_prediction: 'eps' in the checkpoint, 'x0' now"):
+        train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1", "--resume"))
 
 
 def test_mlp_decoder_alpha_masks():
@@ -399,8 +414,8 @@ def test_diffusion_target_and_latent_scale(tiny_root, tiny_vaes, tmp_path):
     """--diffusion-target z noises the VAE encoder's continuous Z_1 (SlotDiffusion, the authors' code), x the guidance
     X (the paper's text); --latent-scale 1 keeps the target as it is, auto scales it by 1 / std of the first batch.
     Both name their run folder and are refused with the other decoders."""
-    for flags, name in (([], "diffusion_msf"), (["--diffusion-target", "z", "--latent-scale", "1"],
-                                                 "diffusion-z-scale1_msf")):
+    for flags, name in (([], "diffusion-x0-gate_msf"), (["--diffusion-target", "z", "--latent-scale", "1"],
+                                                         "diffusion-z-scale1-x0-gate_msf")):
         args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
         vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
         assert train_ocl.run_folder(args, vae_args) == f"runs/ocl_shapes_{name}"
