@@ -240,8 +240,9 @@ def table(results):
              f"{BASELINE} (paired; -plain rows: - {BASELINE}-plain) | ARIfg - msf | recon MSE (scale 1) | perplexity / used | inter / intra (Tab. 4) | "
              "mIoU S / M / L | min / seed | ran on |",
              "|---|---|---|---|---|" + "---|" * video + "---|---|---|---|---|---|---|---|---|---|"]
-    for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
-                                                                         order.index(kv[0][1]))):
+    place = lambda name: order.index(name) if name in order else len(order)  # noqa: E731  (a variant since renamed: last)
+    for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer", place(kv[0][1]),
+                                                                         kv[0][1])):
         seeds = sorted(by_seed)
         get = lambda k: [100 * by_seed[s]["metrics"][k] for s in seeds]  # noqa: E731
         diff, diff_msf = (paired_difference(rows, decoder, name, by_seed, against) for against in (baseline_of(name), "msf"))
