@@ -84,17 +84,17 @@ def table(found):
     for sides, by_variant in found.items():
         g = gains(by_variant)  # {seed: gain} over the seeds both variants have
         waiting += [f"{folder(sides)} {v} seed {s}" for v in CELLS for s in sorted(by_variant.get(v, {})) if s not in g]
+        if not g:
+            continue
 
         def col(variant, key):  # over the paired seeds only, so both columns and the gain share their seeds
             return ms([100 * by_variant[variant][s]["metrics"].get(key, math.nan) for s in g])
 
-        if not g:
-            continue
         sizes = {v: " / ".join(col(v, f"miou_{k}") for k in ("small", "medium", "large")) for v in CELLS}
         lines.append(f"| {sides[0]} to {sides[1]} | {sides[1] / sides[0]:.0f}x | {', '.join(map(str, g))} | "
                      f"{col(CELLS[0], 'ari_fg')} | {col(CELLS[1], 'ari_fg')} | "
-                     f"{ms(list(g.values())) + f' ({len(g)})' if g else '-'} | "
-                     f"{', '.join(f'{v:+.2f}' for v in g.values()) or '-'} | {sizes[CELLS[0]]} | {sizes[CELLS[1]]} |")
+                     f"{ms(list(g.values()))} ({len(g)}) | "
+                     f"{', '.join(f'{v:+.2f}' for v in g.values())} | {sizes[CELLS[0]]} | {sizes[CELLS[1]]} |")
     cells = [c for by_variant in found.values() for by_seed in by_variant.values() for c in by_seed.values()]
     machines = sorted({f"{c.get('ran_on', 'CPU')}, {c.get('jobs', 1)} cell(s) side by side, commit {c['commit']}"
                        for c in cells})
