@@ -55,9 +55,11 @@ MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_
 RECIPES = {
     # ours: 2 cores. SlotDiffusion (--decoder diffusion) predicts x0 and reads its slots through Slot Attention's masks
     # (--mask-gate): the published decoder (eps, every position reads every slot) binds no objects at this budget,
-    # this one does (results/2026-12-02-slotdiffusion-slot-use.md); the other datasets keep the authors' decoder
+    # this one does (results/2026-12-02-slotdiffusion-slot-use.md); the other datasets keep the authors' decoder.
+    # SlotDiffusion trains 4,800 steps (a decoder's own keys override the rest: recipe_of): a denoiser learns from
+    # one noise level per image and step and was still improving at 3,200 (results/2026-12-03-slotdiffusion-preset.md)
     "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn",
-                   diffusion_prediction="x0", mask_gate=True),
+                   diffusion_prediction="x0", mask_gate=True, diffusion=dict(steps=4800, val_every=480)),
     # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), our
     # predictor and box-less queries, the box prior on frame 0 and the predictor at a tenth of the lr, which bound
     # and kept identity on a CPU (results/2026-11-26-video-preset.md); 6,000 steps take about 16 minutes on 2 cores
@@ -67,6 +69,14 @@ RECIPES = {
     "clevrtex": PAPER, "coco": PAPER, "voc": PAPER, "openimages": PAPER,
     "movi_c": MOVI, "movi_d": MOVI, "movi_e": MOVI,
 }
+
+
+def recipe_of(dataset, decoder):
+    """A dataset's recipe for one decoder: RECIPES[dataset] with the decoder's own entries, if it has any (shapes:
+    SlotDiffusion's steps), over the rest."""
+    recipe = RECIPES[dataset]
+    return {**recipe, **recipe.get(decoder, {})}
+
 
 # -----------------------------------------------------------------------------
 # The schedules of A.5: functions of the step, so a resumed run needs to save none of them
@@ -473,7 +483,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     # the dataset's recipe (steps, batch, lr, ...), then the model size, then the checks that need the final values
-    recipe = train_common.apply_recipe(p, args, RECIPES, val_parts=10)
+    recipe = train_common.apply_recipe(p, args, {name: recipe_of(name, args.decoder) for name in RECIPES}, val_parts=10)
     video = data.DATASETS[args.dataset]["video"]
     args.iters = recipe["iters"] if args.iters is None else args.iters
     args.clip = recipe["clip"] if args.clip is None else args.clip

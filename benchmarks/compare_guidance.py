@@ -20,9 +20,9 @@ per row, because a GPU (AMP, other kernels) gives other digits than a CPU for th
 
 Pairing: seed k of every variant uses --seed k in both stages, so all see the same data order, and the OCL model's
 encoder, queries and Slot Attention start from the same weights (train_ocl seeds again after loading the VAE).
-Budget: the dataset's recipe (shapes: the quick start's, VAE 400 steps, OCL 3,200 steps at batch 16; shapes_video:
-the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise; SlotDiffusion is the
-recipe's (shapes: x0 prediction and the mask gate, ours), the -plain rows its authors' decoder. Video cells add ARIfg_1+
+Budget: each decoder's recipe (shapes: the quick start's, VAE 400 steps, OCL 3,200 steps at batch 16, SlotDiffusion
+4,800; shapes_video: the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise;
+SlotDiffusion is the recipe's (shapes: x0 prediction and the mask gate, ours), the -plain rows its authors' decoder. Video cells add ARIfg_1+
 (ARIfg over the frames after the first, whose boxes the model is given) to the table.
 """
 import argparse
@@ -171,8 +171,8 @@ def run_cell(args, name, decoder, seed):
                                                    str(args.vae_steps), "--log-every", "100"], args.vae_steps,
                          args.threads)
     ocl_time = train("train_ocl.py", ocl_dir, [*common, *ocl_flags, "--decoder", decoder, "--vae-ckpt",
-                                               str(vae_dir / "best.pt"), "--steps", str(args.ocl_steps),
-                                               "--log-every", "200"], args.ocl_steps, args.threads)
+                                               str(vae_dir / "best.pt"), "--steps", str(args.ocl_steps[decoder]),
+                                               "--log-every", "200"], args.ocl_steps[decoder], args.threads)
     scores = {}
     for kind, ckpt, lock in (("vae", vae_dir / "best.pt", vae_lock(vae_dir)), ("ocl", ocl_dir / "best.pt", None)):
         target = args.work / f"{ckpt.parent.name}_val.json"
@@ -184,7 +184,7 @@ def run_cell(args, name, decoder, seed):
     import torch
     ckpt = torch.load(ocl_dir / "best.pt", map_location="cpu", weights_only=True)
     return {"variant": name, "decoder": decoder, "seed": seed, "about": VARIANTS[name][2],
-            "vae_flags": vae_flags, "ocl_flags": ocl_flags, "vae_steps": args.vae_steps, "ocl_steps": args.ocl_steps,
+            "vae_flags": vae_flags, "ocl_flags": ocl_flags, "vae_steps": args.vae_steps, "ocl_steps": args.ocl_steps[decoder],
             "best_step": ckpt["step"], "metrics": {k: v["mean"] for k, v in scores["ocl"]["metrics"].items()},
             "counts": {k: v["count"] for k, v in scores["ocl"]["metrics"].items()},
             "vae": {"reconstruction_mse": scores["vae"]["reconstruction_mse"],
@@ -263,10 +263,20 @@ def table(results):
     machines = sorted({f"{short(c)}: {c.get('ran_on', 'CPU')} on {c['machine']}, {c.get('jobs', 1)} cell(s) side by "
                        f"side, {c.get('threads', 1)} torch thread(s) per run, commit {c['commit']}" for c in found})
     return ("\n".join(lines) + "\n\n"
-            f"Budget: VAE {first['vae_steps']} steps, OCL {first['ocl_steps']} steps; best.pt chosen on `select`, scored "
+            f"Budget: VAE {first['vae_steps']} steps, OCL {ocl_budget(found)}; best.pt chosen on `select`, scored "
             f"on all of `val`; x100, mean +- std over seeds; rows of SlotDiffusion's published decoder (-plain, "
             f"msf-z, ...) are paired against {BASELINE}-plain and msf-plain; minutes are wall time with the cells "
             f"side by side as stated. Where the cells ran:\n" + "".join(f"- {m}\n" for m in machines))
+
+
+def ocl_budget(found):
+    """The OCL steps of the cells, per decoder where they differ (shapes: SlotDiffusion trains longer)."""
+    steps = {}
+    for c in found:
+        steps.setdefault(c["decoder"], set()).add(c["ocl_steps"])
+    if len({n for s in steps.values() for n in s}) == 1:
+        return f"{found[0]['ocl_steps']} steps"
+    return ", ".join(f"{d} {' / '.join(map(str, sorted(s)))} steps" for d, s in sorted(steps.items()))
 
 
 def against_rows(name):
@@ -300,7 +310,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--vae-steps", type=int, default=None, help="default: the dataset's recipe (shapes: 400)")
     p.add_argument("--ocl-steps", type=int, default=None,
-                   help="default: the dataset's recipe (shapes: 3,200; shapes_video: 6,000, the video preset)")
+                   help="default: the recipe of the dataset and decoder (shapes: 3,200, SlotDiffusion 4,800; "
+                        "shapes_video: 6,000, the video preset)")
     p.add_argument("--results", type=Path, default=None, help="cells and table (default results/compare_<dataset>)")
     p.add_argument("--work", type=Path, default=None, help="training runs (default runs/compare_<dataset>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda: where every run of this invocation runs")
@@ -320,7 +331,8 @@ def main(argv=None):
         if args.dataset not in train_ocl.RECIPES:
             sys.exit(f"--dataset {args.dataset}: unknown; one of {', '.join(train_ocl.RECIPES)}")
         args.vae_steps = train_vae.RECIPES[args.dataset]["steps"] if args.vae_steps is None else args.vae_steps
-        args.ocl_steps = train_ocl.RECIPES[args.dataset]["steps"] if args.ocl_steps is None else args.ocl_steps
+        args.ocl_steps = {d: train_ocl.recipe_of(args.dataset, d)["steps"] if args.ocl_steps is None else args.ocl_steps
+                          for d in ("transformer", "diffusion", "mlp")}  # each decoder's recipe (shapes: diffusion 4,800)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.decoders = args.decoders.split(",")
     args.results = args.results or ROOT / "results" / f"compare_{args.dataset}"

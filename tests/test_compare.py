@@ -57,10 +57,18 @@ def test_video_cells_add_arifg_after_the_first_frame_and_take_the_video_recipe(t
     text = cg.table(tmp_path)
     assert "| ARIfg | ARIfg_1+ | mIoU |" in text and row(text, "msf")[5] == "40.00 +- 10.00"
     budgets = []
-    monkeypatch.setattr(cg, "cells", lambda a: budgets.append((a.vae_steps, a.ocl_steps)) or [])  # no training
-    for dataset in ("shapes_video", "shapes"):
-        cg.main(["--dataset", dataset, "--results", str(tmp_path / dataset), "--work", str(tmp_path / "w")])
-    assert budgets == [(400, 6000), (400, 3200)]
+    monkeypatch.setattr(cg, "cells", lambda a: budgets.append((a.vae_steps, a.ocl_steps["transformer"],
+                                                                 a.ocl_steps["diffusion"])) or [])  # no training
+    for dataset, flags in (("shapes_video", []), ("shapes", []), ("shapes", ["--ocl-steps", "50"])):
+        cg.main(["--dataset", dataset, "--results", str(tmp_path / dataset), "--work", str(tmp_path / "w"), *flags])
+    # shapes: SlotDiffusion's recipe trains 4,800 steps, SLATE 3,200; --ocl-steps sets both
+    assert budgets == [(400, 6000, 6000), (400, 3200, 4800), (400, 50, 50)]
+    # the table's budget line names each decoder's steps where they differ
+    (tmp_path / "mixed").mkdir()
+    write(tmp_path / "mixed", {**fake_cell("msf", 0, 0.6), "decoder": "diffusion", "ocl_steps": 4800})
+    write(tmp_path / "mixed", fake_cell("msf", 0, 0.6))
+    assert "OCL diffusion 4800 steps, transformer 3200 steps;" in cg.table(tmp_path / "mixed")
+    assert "OCL 3200 steps;" in cg.table(tmp_path)
 
 
 def test_finished_cells_are_never_recomputed_and_failures_are_retried(tmp_path, monkeypatch):

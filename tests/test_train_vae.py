@@ -231,3 +231,8 @@ def test_presets_validate_as_a5_says():
     assert train_ocl.parse_args(["--dataset", "coco"]).val_every == 1000
     assert train_vae.parse_args(["--dataset", "coco", "--steps", "100"]).val_every == 25
     assert train_vae.parse_args([]).val_every == 100 and train_ocl.parse_args([]).val_every == 320
+    # shapes' SlotDiffusion: its own steps (4,800) and period; its keys leave the other decoders' recipe alone
+    a = train_ocl.parse_args(["--decoder", "diffusion"])
+    assert (a.steps, a.val_every) == (4800, 480) and train_ocl.parse_args([]).steps == 3200
+    assert train_ocl.parse_args(["--decoder", "diffusion", "--steps", "1000"]).val_every == 100
+    assert train_ocl.parse_args(["--decoder", "diffusion", "--dataset", "coco"]).steps == 50000
