@@ -72,10 +72,8 @@ RECIPES = {
 
 
 def recipe_of(dataset, decoder):
-    """A dataset's recipe for one decoder: RECIPES[dataset] with the decoder's own entries, if it has any (shapes:
-    SlotDiffusion's steps), over the rest."""
-    recipe = RECIPES[dataset]
-    return {**recipe, **recipe.get(decoder, {})}
+    """RECIPES[dataset] with the decoder's own entries, if any (shapes: SlotDiffusion's steps), over the rest."""
+    return {**RECIPES[dataset], **RECIPES[dataset].get(decoder, {})}
 
 
 # -----------------------------------------------------------------------------
