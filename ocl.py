@@ -38,6 +38,7 @@ SIZES = {
     "paper": dict(slot_dim=256, enc_channels=64, enc_stride=1, dec_dim=256, dec_layers=4, dec_heads=4,
                   unet_base=128, unet_layers=2, mlp_hidden=2048),
 }
+DECODERS = ("transformer", "diffusion", "mlp")  # SLATE / STEVE, SlotDiffusion, DINOSAUR
 CODE_DIM = {"transformer": 256, "diffusion": 4}  # the guidance each decoder is designed for (A.3); mlp takes any
 
 # -----------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
-    p.add_argument("--decoder", default="transformer", choices=["transformer", "diffusion", "mlp"],
+    p.add_argument("--decoder", default="transformer", choices=ocl.DECODERS,
                    help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR: with --encoder dino it "
                         "reconstructs the frozen DINO's features (no VAE); with --encoder cnn (shapes, no DINO "
                         "weights) a stand-in: the frozen VAE encoder's continuous Z_1")

@@ -325,16 +325,20 @@ def main(argv=None):
                    help="DataLoader workers per run (shapes at 64 px decodes >20,000 samples/s in the main process)")
     p.add_argument("--table", action="store_true", help="only write the table from the cells on disk")
     args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.decoders = args.decoders.split(",")
     if not args.table:  # the budget: the training scripts' own recipe tables (the table itself needs none)
+        import ocl
         import train_ocl
         import train_vae
         if args.dataset not in train_ocl.RECIPES:
             sys.exit(f"--dataset {args.dataset}: unknown; one of {', '.join(train_ocl.RECIPES)}")
+        unknown = [d for d in args.decoders if d not in ocl.DECODERS]
+        if unknown:
+            sys.exit(f"--decoders {','.join(unknown)}: unknown; one or more of {', '.join(ocl.DECODERS)}")
         args.vae_steps = train_vae.RECIPES[args.dataset]["steps"] if args.vae_steps is None else args.vae_steps
         args.ocl_steps = {d: train_ocl.recipe_of(args.dataset, d)["steps"] if args.ocl_steps is None else args.ocl_steps
-                          for d in ("transformer", "diffusion", "mlp")}  # each decoder's recipe (shapes: diffusion 4,800)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.decoders = args.decoders.split(",")
+                          for d in args.decoders}  # each decoder's recipe (shapes: diffusion 4,800)
     args.results = args.results or ROOT / "results" / f"compare_{args.dataset}"
     args.work = args.work or ROOT / "runs" / f"compare_{args.dataset}"
     args.results.mkdir(parents=True, exist_ok=True)

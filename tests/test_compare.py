@@ -69,6 +69,8 @@ def test_video_cells_add_arifg_after_the_first_frame_and_take_the_video_recipe(t
     write(tmp_path / "mixed", fake_cell("msf", 0, 0.6))
     assert "OCL diffusion 4800 steps, transformer 3200 steps;" in cg.table(tmp_path / "mixed")
     assert "OCL 3200 steps;" in cg.table(tmp_path)
+    with pytest.raises(SystemExit, match="--decoders slate: unknown; one or more of transformer, diffusion, mlp"):
+        cg.main(["--decoders", "transformer,slate", "--results", str(tmp_path), "--work", str(tmp_path / "w")])
 
 
 def test_finished_cells_are_never_recomputed_and_failures_are_retried(tmp_path, monkeypatch):
