@@ -128,16 +128,31 @@ def run(cmd, log, threads):
 
 def train(script, out, flags, steps, threads):
     """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted. Its output
-    goes to `out`.log (one log per run, so that runs side by side do not interleave)."""
+    goes to `out`.log (one log per run, so that runs side by side do not interleave).
+    Returns the seconds it trained: this process's wall time plus what the earlier processes of an interrupted run
+    logged; 0 for a run an earlier cell or invocation finished (a VAE that cells share counts once)."""
     import torch
-    last = out / "last.pt"
+    last, earlier = out / "last.pt", 0.0
     if last.exists():
         if torch.load(last, map_location="cpu", weights_only=True)["step"] >= steps:
             return 0.0
-        flags = [*flags, "--resume"]
+        flags, earlier = [*flags, "--resume"], logged_seconds(out / "metrics.jsonl")
     start = time.time()
     run([str(ROOT / script), *flags, "--out", str(out)], out.with_suffix(".log"), threads)
-    return time.time() - start
+    return earlier + time.time() - start
+
+
+def logged_seconds(path):
+    """The training seconds in a run's metrics.jsonl: each process logs "time" from its own start, so a resumed run's
+    log restarts at 0; the sum of each process's last "time" (a process's start-up and its last few steps after
+    its last log line are not in it)."""
+    total = last = 0.0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        t = json.loads(line)["time"]
+        if t < last:  # a new process
+            total += last
+        last = t
+    return total + last
 
 
 _vae_locks, _locks_lock = {}, threading.Lock()

@@ -200,3 +200,20 @@ def test_size_spread_runs_seed_major_through_compare_guidance(tmp_path, monkeypa
     assert (tmp_path / "r" / "table.md").read_text() == "(no cells yet)\n"
     with pytest.raises(SystemExit):
         size_spread.main(["--seeds", "zero", "--table"])
+
+
+def test_a_resumed_run_counts_the_minutes_of_every_process(tmp_path, monkeypatch):
+    """metrics.jsonl's "time" restarts at 0 in each process of a run: an interrupted run's earlier processes (here
+    100 s and 50 s by hand) are added to the wall time of the process that finishes it; a finished run counts 0."""
+    out = tmp_path / "ocl"
+    out.mkdir()
+    lines = [(1, 0.5), (200, 60.0), (400, 100.0), (401, 0.4), (600, 50.0), (601, 0.3)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time": t}) + "\n" for s, t in lines))
+    assert cg.logged_seconds(out / "metrics.jsonl") == pytest.approx(100.0 + 50.0 + 0.3)
+    assert cg.logged_seconds(tmp_path / "none.jsonl") == 0.0
+    torch.save({"step": 601}, out / "last.pt")
+    calls = []
+    monkeypatch.setattr(cg, "run", lambda argv, log, threads: calls.append(argv))
+    seconds = cg.train("train_ocl.py", out, [], 800, 1)
+    assert "--resume" in calls[0] and 150.3 <= seconds < 151.3  # the earlier 150.3 s + this (instant) process
+    assert cg.train("train_ocl.py", out, [], 601, 1) == 0.0 and len(calls) == 1  # already finished: not rerun
