@@ -38,7 +38,8 @@ def main():
     commands = [["train_vae.py"], ["train_ocl.py"], ["evaluate.py", "--viz", "8", "--json", str(work / "metrics.json")]]
     if args.dataset != "shapes" or args.vae_args or args.ocl_args or args.seed:  # else the bare quick start
         common = ["--dataset", args.dataset, "--seed", str(args.seed)]
-        commands = [["train_vae.py", *common, *args.vae_args.split()], ["train_ocl.py", *common, "--out", "runs/ocl", *args.ocl_args.split()],
+        commands = [["train_vae.py", *common, *args.vae_args.split()],
+                    ["train_ocl.py", *common, "--out", "runs/ocl", *args.ocl_args.split()],
                     ["evaluate.py", "--ckpt", "runs/ocl/best.pt", "--viz", "2" if args.dataset == "shapes_video" else "8",
                      "--json", str(work / "metrics.json")]]
     times = {}
