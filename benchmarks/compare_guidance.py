@@ -165,11 +165,22 @@ def vae_lock(folder):
         return _vae_locks.setdefault(folder, threading.Lock())
 
 
+def cpu_model():
+    """The CPU's model name as Linux reports it (platform.processor() is empty there), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def where(device):
     """What the runs of this invocation run on, for the cell's record and the table: the GPU's name or the CPU."""
     import torch
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        return f"CPU ({cpu_model()}, {platform.machine()}, {os.cpu_count()} cores)"
     return torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda"))
 
 
@@ -198,7 +209,7 @@ def run_cell(args, name, decoder, seed):
         scores[kind] = json.loads(target.read_text())
     import torch
     ckpt = torch.load(ocl_dir / "best.pt", map_location="cpu", weights_only=True)
-    return {"variant": name, "decoder": decoder, "seed": seed, "about": VARIANTS[name][2],
+    return {"variant": name, "decoder": decoder, "seed": seed, "dataset": args.dataset, "about": VARIANTS[name][2],
             "vae_flags": vae_flags, "ocl_flags": ocl_flags, "vae_steps": args.vae_steps, "ocl_steps": args.ocl_steps[decoder],
             "best_step": ckpt["step"], "metrics": {k: v["mean"] for k, v in scores["ocl"]["metrics"].items()},
             "counts": {k: v["count"] for k, v in scores["ocl"]["metrics"].items()},
