@@ -41,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import stats  # noqa: E402  (benchmarks/stats.py: paired intervals, verdicts, binding)
 
 AUTHORS_SD = ["--diffusion-prediction", "eps", "--no-mask-gate"]  # SlotDiffusion's own decoder (train_ocl.py flags)
 # variant -> (train_vae.py flags, train_ocl.py flags, what it is). The VAE flags decide which VAE a cell trains on;
@@ -70,6 +73,9 @@ VARIANTS = {
                          "stabilised VQ-VAE guidance, SlotDiffusion's decoder as published (eps, no mask gate)"),
     "gdr-plain": (["--vae", "gdr"], AUTHORS_SD, "GDR guidance, SlotDiffusion's decoder as published (eps, no mask gate)"),
     "msf-plain": ([], AUTHORS_SD, "MSF guidance, SlotDiffusion's decoder as published (eps, no mask gate)"),
+    # the recipe's two departures one at a time (msf: both; msf-plain: neither)
+    "msf-x0": ([], ["--diffusion-prediction", "x0", "--no-mask-gate"], "MSF guidance, SlotDiffusion predicting x0, no gate"),
+    "msf-gate": ([], ["--diffusion-prediction", "eps", "--mask-gate"], "MSF guidance, SlotDiffusion's eps with the mask gate"),
     "msf-z": ([], ["--diffusion-target", "z", *AUTHORS_SD], "MSF's encoder, SlotDiffusion diffusing Z_1 (the authors' code)"),
     "msf-scale1": ([], ["--latent-scale", "1", *AUTHORS_SD], "MSF guidance, SlotDiffusion on X unscaled (the originals' scale)"),
     "msf-z-scale1": ([], ["--diffusion-target", "z", "--latent-scale", "1", *AUTHORS_SD],
@@ -234,13 +240,7 @@ def write_atomic(path, text):
 # The table
 
 
-def mean_std(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+mean_std = stats.mean_std
 
 
 def usage(vae):
@@ -262,16 +262,19 @@ def table(results):
     for c in found:
         rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
     video = any("ari_fg_later" in c["metrics"] for c in found)  # clips: ARIfg_1+ beside ARIfg over whole clips
-    lines = [f"| decoder | guidance | seeds | ARI | ARIfg |{' ARIfg_1+ |' if video else ''} mIoU | mBO | ARIfg - "
-             f"{BASELINE} (paired) | ARIfg - msf | recon MSE (scale 1) | perplexity / used | inter / intra (Tab. 4) | "
-             "mIoU S / M / L | min / seed | ran on |",
-             "|---|---|---|---|---|" + "---|" * video + "---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| decoder | guidance | seeds | ARI | ARIfg | bound (ARIfg >= {stats.THRESHOLD:g}): k of n, their mean |"
+             f"{' ARIfg_1+ |' if video else ''} mIoU | mBO | ARIfg - {BASELINE}: mean [95% interval] | ARIfg - msf | "
+             "recon MSE (scale 1) | perplexity / used | inter / intra (Tab. 4) | mIoU S / M / L | min / seed | ran on |",
+             "|---|---|---|---|---|---|" + "---|" * video + "---|---|---|---|---|---|---|---|---|---|"]
+    comparisons = []
     place = lambda name: order.index(name) if name in order else len(order)  # noqa: E731  (a variant since renamed: last)
     for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer", place(kv[0][1]),
                                                                          kv[0][1])):
         seeds = sorted(by_seed)
         get = lambda k: [100 * by_seed[s]["metrics"][k] for s in seeds]  # noqa: E731
         diff, diff_msf = (paired_difference(rows, decoder, name, by_seed, against) for against in against_rows(name))
+        comparisons += comparison_rows(rows, decoder, name)
+        bound, n, bound_mean = stats.binding(get("ari_fg"))
         recon = [by_seed[s]["vae"]["reconstruction_mse"]["recon1"] for s in seeds]  # scale 1: the same image for all
         perp, used = zip(*(usage(by_seed[s]["vae"]) for s in seeds))
         sep = [(by_seed[s]["vae"]["separability"]["inter_cluster"], by_seed[s]["vae"]["separability"]["intra_cluster"])
@@ -280,7 +283,8 @@ def table(results):
                            for k in ("small", "medium", "large"))
         minutes = statistics.mean(by_seed[s]["minutes"]["vae"] + by_seed[s]["minutes"]["ocl"] for s in seeds)
         later = f" {mean_std([100 * by_seed[s]['metrics'].get('ari_fg_later', math.nan) for s in seeds])} |"
-        lines.append(f"| {decoder} | {name} | {len(seeds)} | {mean_std(get('ari'))} | {mean_std(get('ari_fg'))} |"
+        lines.append(f"| {decoder} | {name} | {len(seeds)} | {mean_std(get('ari'))} | {mean_std(get('ari_fg'))} | "
+                     f"{bound} of {n}" + (f", {bound_mean:.2f}" if bound else "") + " |"
                      f"{later if video else ''} {mean_std(get('miou'))} | {mean_std(get('mbo'))} | {diff} | {diff_msf} | {statistics.mean(recon):.4f} | "
                      f"{statistics.mean(perp):.1f} / {min(used):.2f} | "
                      f"{statistics.mean(a for a, _ in sep):.3f} / {statistics.mean(b for _, b in sep):.3f} | "
@@ -290,9 +294,12 @@ def table(results):
                        f"side, {c.get('threads', 1)} torch thread(s) per run, commit {c['commit']}" for c in found})
     return ("\n".join(lines) + "\n\n"
             f"Budget: VAE {first['vae_steps']} steps, OCL {ocl_budget(found)}; best.pt chosen on `select`, scored "
-            f"on all of `val`; x100, mean +- std over seeds; rows of SlotDiffusion's published decoder (-plain, "
+            f"on all of `val`; x100, mean +- std over seeds; paired differences: mean over the seeds both rows have "
+            f"and its 95% t interval (benchmarks/stats.py); rows of SlotDiffusion's published decoder (-plain, "
             f"msf-z, ...) are paired against {BASELINE}-plain and msf-plain; minutes are wall time with the cells "
-            f"side by side as stated. Where the cells ran:\n" + "".join(f"- {m}\n" for m in machines))
+            f"side by side as stated.\n\n" + stats.HEADER + "\n" + "\n".join(dict.fromkeys(comparisons)) +
+            "\n\nWhere the cells "
+            f"ran (commit: the code each cell ran):\n" + "".join(f"- {m}\n" for m in machines))
 
 
 def ocl_budget(found):
@@ -313,12 +320,29 @@ def against_rows(name):
     return (BASELINE + "-plain", "msf-plain") if published else (BASELINE, "msf")
 
 
+def ari_fg(rows, decoder, name):
+    """{seed: ARIfg x100} of a row (empty if there is no such row)."""
+    return {s: 100 * c["metrics"]["ari_fg"] for s, c in rows.get((decoder, name), {}).items()}
+
+
 def paired_difference(rows, decoder, name, by_seed, against):
     """ARIfg of this row minus that of row `against` (same decoder), seed by seed over the seeds both have (x100):
-    mean +- std (number of pairs). Pairing removes what the seed does to both (data order, initial queries)."""
-    base = rows.get((decoder, against), {})
-    paired = [100 * (by_seed[s]["metrics"]["ari_fg"] - base[s]["metrics"]["ari_fg"]) for s in by_seed if s in base]
-    return "-" if name == against or not paired else mean_std(paired) + f" ({len(paired)})"
+    "mean [95% interval] (pairs)" (stats.paired). Pairing removes what the seed does to both (data order, initial
+    queries)."""
+    result = stats.paired(ari_fg(rows, decoder, name), ari_fg(rows, decoder, against))
+    return "-" if name == against or not result["n"] else f"{stats.interval(result)} ({result['n']})"
+
+
+def comparison_rows(rows, decoder, name):
+    """The lines of the comparisons table that a row asks for: MSF (msf, or msf-plain for SlotDiffusion's published
+    decoder) minus the row, and the row minus the stabilised VQ-VAE (the same decoder's)."""
+    base, msf = against_rows(name)
+    out = []
+    for a, b in ((msf, name), (name, base)):
+        result = stats.paired(ari_fg(rows, decoder, a), ari_fg(rows, decoder, b))
+        if a != b and name != base and result["n"]:  # the baseline's own row asks nothing new
+            out.append(stats.row(f"{decoder}: {a} - {b}", result))
+    return out
 
 
 def short(cell):

@@ -40,11 +40,16 @@ def test_table_pairs_seed_by_seed(tmp_path):
     write(tmp_path, fake_cell("msf-N2", 1, 0.52))  # one seed: paired with seed 1 only (0.52 - 0.60, 0.52 - 0.62)
     text = cg.table(tmp_path)
     msf, base, n2 = row(text, "msf"), row(text, "vqvae+stab"), row(text, "msf-N2")
-    assert msf[2] == "3" and msf[4] == "54.67 +- 7.51" and msf[7] == "4.67 +- 2.52 (3)" and msf[8] == "-"
-    assert base[7] == "-" and base[8] == "-4.67 +- 2.52 (3)"
-    assert n2[7] == "-8.00 (1)" and n2[8] == "-10.00 (1)"
-    assert msf[9] == "0.0200" and msf[10] == "50.0 / 0.80"  # scale-1 MSE; mean perplexity / smallest share used
+    # 95% interval: 4.67 +- t(0.975, 2) 4.3027 * 2.5166 / sqrt(3) = 4.67 +- 6.25 -> [-1.58, +10.92]
+    assert msf[2] == "3" and msf[4] == "54.67 +- 7.51" and msf[8] == "+4.67 [-1.58, +10.92] (3)" and msf[9] == "-"
+    assert base[8] == "-" and base[9] == "-4.67 [-10.92, +1.58] (3)"
+    assert n2[8] == "-8.00 (1)" and n2[9] == "-10.00 (1)"
+    assert msf[5] == "3 of 3, 54.67" and n2[5] == "1 of 1, 52.00"  # all bound (ARIfg >= 45)
+    assert msf[10] == "0.0200" and msf[11] == "50.0 / 0.80"  # scale-1 MSE; mean perplexity / smallest share used
     assert msf[-1] == "H200" and base[-1] == "CPU"
+    comparison = next(line for line in text.splitlines() if line.startswith("| transformer: msf - vqvae+stab |"))
+    # +-2.5 would take 7 pairs: 6 give 2.5706 * 2.5166 / sqrt(6) = 2.64, 7 give 2.4469 * 2.5166 / sqrt(7) = 2.33
+    assert "| 3 of 3 | not settled | 7 (has 3) |" in comparison
 
 
 def test_video_cells_add_arifg_after_the_first_frame_and_take_the_video_recipe(tmp_path, monkeypatch):
@@ -55,7 +60,7 @@ def test_video_cells_add_arifg_after_the_first_frame_and_take_the_video_recipe(t
         cell["metrics"]["ari_fg_later"] = later
         write(tmp_path, cell)
     text = cg.table(tmp_path)
-    assert "| ARIfg | ARIfg_1+ | mIoU |" in text and row(text, "msf")[5] == "40.00 +- 10.00"
+    assert "| ARIfg_1+ | mIoU |" in text and row(text, "msf")[6] == "40.00 +- 10.00"
     budgets = []
     monkeypatch.setattr(cg, "cells", lambda a: budgets.append((a.vae_steps, a.ocl_steps["transformer"],
                                                                  a.ocl_steps["diffusion"])) or [])  # no training
@@ -129,8 +134,8 @@ def test_plain_rows_are_the_published_decoder_paired_against_their_own_baseline(
     for variant, ari_fg in (("vqvae+stab", 0.20), ("msf", 0.30), ("vqvae+stab-plain", 0.10), ("msf-plain", 0.25)):
         write(tmp_path, fake_cell(variant, 0, ari_fg))
     text = cg.table(tmp_path)
-    assert row(text, "msf-plain")[7] == "15.00 (1)" and row(text, "msf-plain")[8] == "-"
-    assert row(text, "msf")[7] == "10.00 (1)" and row(text, "vqvae+stab-plain")[7] == "-"
+    assert row(text, "msf-plain")[8] == "+15.00 (1)" and row(text, "msf-plain")[9] == "-"
+    assert row(text, "msf")[8] == "+10.00 (1)" and row(text, "vqvae+stab-plain")[8] == "-"
 
 
 def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
@@ -217,3 +222,24 @@ def test_a_resumed_run_counts_the_minutes_of_every_process(tmp_path, monkeypatch
     seconds = cg.train("train_ocl.py", out, [], 800, 1)
     assert "--resume" in calls[0] and 150.3 <= seconds < 151.3  # the earlier 150.3 s + this (instant) process
     assert cg.train("train_ocl.py", out, [], 601, 1) == 0.0 and len(calls) == 1  # already finished: not rerun
+
+
+def test_statistics_against_hand_computed_values():
+    """benchmarks/stats.py: Student's t quantiles from the printed table, a paired difference, its interval and
+    verdict, the seeds a comparison would take, and the binding rate, each computed by hand."""
+    import stats
+    assert stats.t_quantile(3) == pytest.approx(4.3027, abs=1e-4)  # 2 degrees of freedom
+    assert stats.t_quantile(10) == pytest.approx(2.2622, abs=1e-4)  # 9
+    # differences 4, 5, 6 (seed 3 has no partner): mean 5, std 1, half-width 4.3027 / sqrt(3) = 2.4841
+    r = stats.paired({0: 5.0, 1: 6.0, 2: 7.0, 3: 9.0}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert r["seeds"] == [0, 1, 2] and r["diffs"] == [4.0, 5.0, 6.0] and r["mean"] == 5.0 and r["std"] == 1.0
+    assert r["half"] == pytest.approx(2.4841, abs=1e-4) and r["verdict"] == "ahead" and r["ahead"] == 3
+    assert stats.interval(r) == "+5.00 [+2.52, +7.48]"
+    r = stats.paired({0: 1.0, 1: 2.0}, {0: 2.0, 1: 4.0})  # -1, -2: mean -1.5, std 0.7071, half 12.706 * 0.5 = 6.35
+    assert r["verdict"] == "not settled" and r["low"] == pytest.approx(-7.853, abs=1e-3)
+    assert stats.paired({0: 1.0, 1: 1.5, 2: 2.0}, {0: 2.0, 1: 2.6, 2: 3.0})["verdict"] == "behind"
+    one = stats.paired({0: 1.0}, {0: 3.0})
+    assert one["n"] == 1 and one["verdict"] == "not settled" and one["half"] != one["half"]  # NaN: no interval
+    # std 3.37: 9 pairs give 2.3060 * 3.37 / 3 = 2.590 > 2.5, 10 give 2.2622 * 3.37 / 3.1623 = 2.411
+    assert stats.seeds_needed(3.37) == 10 and stats.seeds_needed(float("nan")) is None
+    assert stats.binding([50.0, 44.9, 45.0]) == (2, 3, 47.5) and stats.binding([10.0])[:2] == (0, 1)
