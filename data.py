@@ -42,6 +42,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import shapes
@@ -406,6 +407,48 @@ def video_frames(image, clip=0, generator=None):
         frames = start[:, None] + torch.arange(clip)  # (b, clip) frame indices
         image = image[torch.arange(b)[:, None], frames]  # (b, clip, 3, H, W)
     return image.flatten(0, 1)  # (b * clip, 3, H, W)
+
+
+def augment(image, bbox, seed, step, rank=0, world=1, scale=(0.75, 1.0), ratio=(3 / 4, 4 / 3)):
+    """--augment, the authors' training augmentation (not in the paper): per sample a random crop of 75-100% of the
+    area with an aspect ratio of 3/4-4/3 (torchvision's RandomResizedCrop draw), resized back to H x W (bilinear,
+    antialiased), then a horizontal flip with probability 1/2. A clip's frames share their sample's crop and flip,
+    and its boxes follow: clipped to the crop, a box left empty becomes the zero box (not visible). The draws are a
+    function of (seed, step) for the global batch, of which this process takes its part, as crop_clips.
+    image (b, 3, H, W) or clips (b, t, 3, H, W); bbox (b, t, K, 4) normalised (x0, y0, x1, y1), or None."""
+    b, (H, W) = image.shape[0], image.shape[-2:]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777_777)  # not crop_clips' stream
+    crops = [crop_box(H, W, scale, ratio, g) for _ in range(b * world)][rank * b:(rank + 1) * b]  # b x (i, j, h, w)
+    flips = (torch.rand(b * world, generator=g) < 0.5)[rank * b:(rank + 1) * b]  # (b,)
+    out = []
+    for x, (i, j, h, w), flip in zip(image, crops, flips):  # x (3, H, W) or (t, 3, H, W)
+        x = F.interpolate(x[..., i:i + h, j:j + w].reshape(-1, 3, h, w), size=(H, W), mode="bilinear",
+                          align_corners=False, antialias=True).reshape(x.shape)
+        out.append(x.flip(-1) if flip else x)
+    if bbox is not None:
+        shown = (bbox[..., 2:] > bbox[..., :2]).all(-1, keepdim=True)  # (b, t, K, 1) the visible boxes
+        i, j, h, w = (torch.tensor(v, dtype=bbox.dtype)[:, None, None] for v in zip(*crops))  # each (b, 1, 1)
+        x0, x1 = ((bbox[..., k] * W - j) / w for k in (0, 2))  # (b, t, K) in the crop's width
+        y0, y1 = ((bbox[..., k] * H - i) / h for k in (1, 3))
+        x0, x1 = torch.where(flips[:, None, None], 1 - x1, x0), torch.where(flips[:, None, None], 1 - x0, x1)
+        bbox = torch.stack([x0, y0, x1, y1], -1).clamp(0, 1)  # (b, t, K, 4)
+        bbox = bbox * (shown & (bbox[..., 2:] > bbox[..., :2]).all(-1, keepdim=True))  # empty after the crop: 0
+    return torch.stack(out), bbox
+
+
+def crop_box(H, W, scale, ratio, generator):
+    """(i, j, h, w) of a random crop as torchvision's RandomResizedCrop draws it: up to 10 tries of an area share
+    in `scale` and a log-uniform aspect ratio in `ratio` that fit the image, else the central crop."""
+    for _ in range(10):
+        area = H * W * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
+        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * torch.rand(1, generator=generator).item())
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            i = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+            j = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+            return i, j, h, w
+    w, h = (W, round(W / ratio[0])) if W / H < ratio[0] else (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
+    return (H - h) // 2, (W - w) // 2, h, w
 
 
 def clip_starts(frames, window, count, generator=None):

@@ -28,14 +28,15 @@ import torch.nn.functional as F
 
 class Attention(nn.Module):
     """Multi-head attention of x (b, n, d) to a context (b, m, d_ctx) (itself if None); causal=True lets token i
-    see tokens <= i only; bias (b, 1, n, m), if given, is added to the attention logits (the mask gate)."""
+    see tokens <= i only; bias (b, 1, n, m), if given, is added to the attention logits (the mask gate).
+    qkv_bias=False: the query, key and value maps without bias, as latent diffusion's (SlotDiffusion's) UNet."""
 
-    def __init__(self, dim, heads, context_dim=None):
+    def __init__(self, dim, heads, context_dim=None, qkv_bias=True):
         super().__init__()
         assert dim % heads == 0, f"dim {dim} not divisible by heads {heads}"
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, causal=False, bias=None):
@@ -48,15 +49,33 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, d))  # (b, n, d)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: self-attention (causal or not), cross-attention to the slots, MLP."""
+class GEGLU(nn.Module):
+    """The gated first layer of latent diffusion's feed-forward (GLU with a GELU gate, Shazeer 2020): one linear map
+    to twice the width, split into a value and a gate, value * GELU(gate)."""
 
-    def __init__(self, dim, heads, context_dim, dropout=0.0):
+    def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)  # 2 x (..., dim_out)
+        return value * F.gelu(gate)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention (causal or not), cross-attention to the slots, feed-forward of 4x
+    the width. SLATE's: a GELU MLP. The UNet's (latent diffusion's BasicTransformerBlock, as SlotDiffusion's):
+    geglu=True (the GEGLU feed-forward) and qkv_bias=False."""
+
+    def __init__(self, dim, heads, context_dim, dropout=0.0, geglu=False, qkv_bias=True):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, heads, qkv_bias=qkv_bias)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), Attention(dim, heads, context_dim, qkv_bias=qkv_bias)
         self.norm3 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        if geglu:
+            self.mlp = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
     def forward(self, x, slots, causal=False, bias=None):
         x = x + self.self_attn(self.norm1(x), causal=causal)  # (b, n, d)
@@ -143,51 +162,74 @@ def _groups(ch):
     return 32 if ch % 32 == 0 else 8
 
 
+def zero_init(module):
+    """A layer whose weights and bias start at zero, as latent diffusion's `zero_module`: the residual branch it
+    ends adds nothing at initialisation, so every block starts as the identity (or its skip path) and the UNet
+    starts by predicting zeros."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, add the time embedding (SiLU, then a linear map to this block's channels, as DDPM),
-    GroupNorm-SiLU-dropout-conv, plus a (1x1) skip."""
+    """Latent diffusion's (SlotDiffusion's) residual block: GroupNorm-SiLU-conv, plus the time embedding (SiLU, then
+    a linear map to this block's channels), GroupNorm-SiLU-dropout-conv, the last conv zero-initialised; plus the
+    skip path (a 1x1 conv where the channels change, else the identity)."""
 
     def __init__(self, in_ch, out_ch, time_dim, dropout):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(_groups(in_ch), in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time = nn.Linear(time_dim, out_ch)
         self.norm2, self.drop = nn.GroupNorm(_groups(out_ch), out_ch), nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))  # the block starts as its skip path
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))  # (b, out, h, w)
         h = h + self.time(F.silu(temb))[:, :, None, None]  # without the SiLU, two linear maps would stack
-        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))  # (b, out, h, w)
         return self.skip(x) + h
 
 
 class SpatialTransformer(nn.Module):
-    """Self-attention among the cells of a feature map and cross-attention to the slots (the conditioning).
-    masks (b, s, H', W'), if given (--mask-gate, ours): Slot Attention's masks gate the cross-attention, position p's
-    logit for slot k plus log m_k(p), m average-pooled to this map's grid: p reads mostly the slots that claim it."""
+    """Latent diffusion's (SlotDiffusion's) attention block on a feature map: GroupNorm, a 1x1 conv in (proj_in),
+    one transformer block over the h*w cells (self-attention, cross-attention to the slots, GEGLU feed-forward), a
+    1x1 conv out (proj_out, zero-initialised: the block starts as the identity), added to the input.
+    masks (b, s, H', W'), if given (--mask-gate): Slot Attention's masks gate the cross-attention, position p's logit
+    for slot k plus log m_k(p), m average-pooled to this map's grid: p reads mostly the slots that claim it."""
 
     def __init__(self, ch, slot_dim, heads):
         super().__init__()
-        self.norm = nn.GroupNorm(_groups(ch), ch)
-        self.block = Block(ch, heads, slot_dim)
+        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.block = Block(ch, heads, slot_dim, geglu=True, qkv_bias=False)
+        self.proj_out = zero_init(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x, slots, masks=None):
         b, c, h, w = x.shape
-        t = self.norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
+        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (b, h*w, c)
         bias = None
         if masks is not None:  # uniform masks add one constant per row: no change; a mask of 0 shuts a slot out
+            # ours: the mask gate, log m_k(p) added to the cross-attention logits (--mask-gate)
             m = F.adaptive_avg_pool2d(masks, (h, w))  # (b, s, h, w): the share of each slot in each cell
             bias = m.clamp(min=1e-6).log().flatten(2).transpose(1, 2)[:, None]  # (b, 1, h*w, s)
-        t = self.block(t, slots, bias=bias)
-        return x + t.transpose(1, 2).reshape(b, c, h, w)
+        t = self.block(t, slots, bias=bias)  # (b, h*w, c)
+        return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))  # (b, c, h, w)
 
 
 class UNet(nn.Module):
-    """Conditional UNet eps_theta(x_t, t, S) on the guidance grid (SlotDiffusion / latent diffusion).
+    """Conditional UNet eps_theta(x_t, t, S) on the guidance grid: latent diffusion's UNetModel as SlotDiffusion
+    configures it, block for block in the same order (the time embedding; conv_in; per level `layers` ResBlocks, each
+    followed by a SpatialTransformer on the levels in `attn_levels`, then a strided conv; the middle ResBlock,
+    SpatialTransformer, ResBlock; per level up `layers` + 1 ResBlocks on the concatenated skips, the same
+    SpatialTransformers, then nearest up-sampling and a conv; GroupNorm-SiLU-conv out).
 
-    Levels with channels base * mults; `layers` residual blocks per level; a SpatialTransformer after every
-    residual block of the levels in `attn_levels` and in the middle; skip connections from the down to the up path.
+    At the paper's size (base 128, mults 1-2-3-4, 2 layers, attention at the 8x8, 4x4 and 2x2 levels of the 16x16
+    grid, slots of 256) it has the parameters of the authors' diffusers UNet2DConditionModel, 135,048,452
+    (`benchmarks/unet_params.py`). Initialisation is latent diffusion's: the last conv of every residual branch,
+    every proj_out and the output conv start at zero (diffusers, which the authors' code builds on, starts them
+    at PyTorch's default). Heads: `heads` per attention (the authors' 8 at the paper's size; SlotDiffusion's own
+    configs use heads of 32 channels).
     """
 
     def __init__(self, in_ch, slot_dim, base=128, mults=(1, 2, 3, 4), layers=2, attn_levels=(1, 2, 3), heads=8,
@@ -216,7 +258,8 @@ class UNet(nn.Module):
                 ch = base * mult
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
-        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, in_ch, 3, padding=1))
+        # the output conv starts at zero: the untrained UNet predicts 0 (the mean of both eps and the unit-variance X)
+        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_ch, 3, padding=1)))
 
     def forward(self, x, t, slots, masks=None):
         """x_t (b, c, h, w), t (b,), slots (b, s, d); masks (b, s, H', W') gate every cross-attention (--mask-gate)."""

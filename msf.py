@@ -27,16 +27,21 @@ import torch.nn.functional as F
 import vae
 
 
-def image_pyramid(image, num_scales=3):
+def image_pyramid(image, num_scales=3, mode="halve"):
     """T_1 = T, T_n = bilinear down-sampling of T by 2^(n-1) (Sect. 3.2). image (b, 3, H, W) -> N x (b, 3, H/2^(n-1), W/2^(n-1)).
 
-    Each level halves the previous one: bilinear interpolation at exactly 1/2 (align_corners=False) averages
-    each 2x2 block, the classic box pyramid, so no level aliases.
+    mode "halve": each level halves the previous one; bilinear interpolation at exactly 1/2 (align_corners=False)
+    averages each 2x2 block, the classic box pyramid, so no level aliases. mode "direct" (the authors' code): T
+    itself resized by 2^-(n-1), bilinear without antialiasing, so from level 3 on a level samples 2x2 of each 4x4
+    block and aliases.
     """
     levels = [image]
-    for _ in range(num_scales - 1):
+    for n in range(1, num_scales):
         # EXERCISE: scales (EXERCISES.md 3): `--scales 4` adds a level here; what does the 4th scale see at 64 px?
-        levels.append(F.interpolate(levels[-1], scale_factor=0.5, mode="bilinear", align_corners=False))
+        if mode == "direct":  # authors: resized from T directly (--pyramid direct)
+            levels.append(F.interpolate(image, scale_factor=0.5 ** n, mode="bilinear", align_corners=False))
+        else:  # ours: each level the box average of the one before
+            levels.append(F.interpolate(levels[-1], scale_factor=0.5, mode="bilinear", align_corners=False))
     return levels
 
 
@@ -55,13 +60,15 @@ def resample(z, src, dst):
     return z
 
 
-def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.0, alpha=0.0, return_parts=False):
+def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.0, alpha=0.0, return_parts=False,
+                       noise=0.0):
     """Inter/intra-scale quantized fusion, Sect. 3.3 and Algorithm 1.
 
     zs: N x (b, c, h_n, w_n), finest first. codebook_si: (m, c) shared by all scales. codebooks_sv: N x (m, c),
     one per scale (the same tensor N times = the "shared" ablation), or None = no intra-scale fusion (then
     weight must be None and the si branch quantizes the raw c channels). weight: W (2c, c) or None.
-    inter=False: each scale votes alone (no inter-scale fusion). tau > 0: Gumbel sampling in matching.
+    inter=False: each scale votes alone (no inter-scale fusion). tau > 0: Gumbel sampling in matching; noise > 0:
+    the authors' Gumbel-sampled stage-2 guidance (vae.match), whose perturbed probabilities then vote in Eq. 4.
     alpha: annealed residual (vae.straight_through). Codebooks may be tensors or vae.Codebook modules.
 
     Returns indices: N x (b, 2, h_n, w_n) long ([si, sv]; (b, 1, h_n, w_n) without intra-scale fusion) and
@@ -91,7 +98,8 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
         cands = torch.stack([resample(zsi[j], j, n) for j in sources])  # (N', b, c, h, w)
         # Step 2: match every candidate with the shared codebook C^si (Eq. 1); one batched match for all N'
         # (groups: the N' stacked batches, which the codebook's data init needs to know under DDP)
-        flat_idx, conf = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources), confidence=True)
+        flat_idx, conf = vae.cb_match(codebook_si, cands.flatten(0, 1), tau, groups=len(sources), confidence=True,
+                                      noise=noise)
         conf = conf.unflatten(0, (len(sources), b))  # (N', b, h, w): P of each candidate's chosen code
         cand_idx = flat_idx.unflatten(0, (len(sources), b))  # (N', b, h, w): each candidate's code
         # Step 3, Eq. 4: I^si_n = argmax_m(max_n P): the most confident scale wins each super-pixel
@@ -106,7 +114,7 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
                 "wins": wins}
         if intra:
             # scale-variant half: its own codebook C^sv_n, no voting
-            idx_sv, _ = vae.cb_match(codebooks_sv[n], zsv[n], tau)  # (b, h, w)
+            idx_sv, _ = vae.cb_match(codebooks_sv[n], zsv[n], tau, noise=noise)  # (b, h, w)
             q_sv = vae.cb_select(codebooks_sv[n], idx_sv, zsv[n], tau)  # X^sv_n (b, c, h, w)
             z2 = torch.cat([z_si, zsv[n]], dim=1)  # (b, 2c, h, w)
             q2 = torch.cat([q_si, q_sv], dim=1)  # concat_c(X^si_n, X^sv_n), (b, 2c, h, w)
@@ -150,10 +158,12 @@ class MSFVAE(nn.Module):
     """
 
     def __init__(self, code_dim=256, channels=64, num_scales=3, fusion="msf", inter=True, intra=True,
-                 sv_shared=False, num_codes=4096):
+                 sv_shared=False, num_codes=4096, pyramid="halve"):
         super().__init__()
         assert num_scales >= 1 and fusion in ("msf", "concat", "sum"), (num_scales, fusion)
-        self.code_dim, self.num_scales, self.fusion = code_dim, num_scales, fusion
+        if pyramid not in ("halve", "direct"):
+            raise ValueError(f"pyramid {pyramid!r}: choose halve (each level from the one before) or direct")
+        self.code_dim, self.num_scales, self.fusion, self.pyramid = code_dim, num_scales, fusion, pyramid
         self.inter, self.intra = inter, intra and fusion == "msf"
         self.encoder, self.decoder = vae.Encoder(code_dim, channels), vae.Decoder(code_dim, channels)
         self.weight, self.mixer = None, None
@@ -169,17 +179,17 @@ class MSFVAE(nn.Module):
         self.sv_shared = sv_shared
         self.vocab = [cb.weight.shape[0] for cb in self.codebooks[:2 if self.intra else 1]]  # e.g. [64, 64]
 
-    def quantize(self, zs, tau=0.0, alpha=0.0):
+    def quantize(self, zs, tau=0.0, alpha=0.0, noise=0.0):
         """zs: N x (b, c, h_n, w_n) -> indices N x (b, g, h_n, w_n), xs N x (b, c, h_n, w_n), parts."""
         if self.fusion != "msf":
             fused = fuse_continuous(zs, self.fusion, self.mixer)
             return multi_scale_fusion(fused, self.codebooks[0], None, None, inter=False, tau=tau, alpha=alpha,
-                                      return_parts=True)
+                                      return_parts=True, noise=noise)
         sv = None
         if self.intra:
             sv = list(self.codebooks[1:]) * (self.num_scales if self.sv_shared else 1)  # N codebooks
         return multi_scale_fusion(zs, self.codebooks[0], sv, self.projection(), inter=self.inter, tau=tau,
-                                  alpha=alpha, return_parts=True)
+                                  alpha=alpha, return_parts=True, noise=noise)
 
     def projection(self):
         """W as Eq. 3 and 5 use it: with orthonormal columns (vae.orthonormal); None without intra-scale fusion."""
@@ -187,7 +197,7 @@ class MSFVAE(nn.Module):
         return None if self.weight is None else vae.orthonormal(self.weight)
 
     def forward(self, image, tau=0.0, alpha=0.0):
-        return vae.vae_forward(self, image_pyramid(image, self.num_scales), tau, alpha)
+        return vae.vae_forward(self, image_pyramid(image, self.num_scales, self.pyramid), tau, alpha)
 
     @torch.no_grad()
     def x_from_indices(self, idx, scale=1):
@@ -199,37 +209,40 @@ class MSFVAE(nn.Module):
         return vae.project(q, self.projection())  # (b, c, h, w)
 
     @torch.no_grad()
-    def guidance(self, image):
-        """Frozen stage-2 guidance at every scale: indices N x (b, g, h_n, w_n), X N x (b, c, h_n, w_n)."""
-        zs = [self.encoder(t) for t in image_pyramid(image, self.num_scales)]
-        idxs, xs, _ = self.quantize(zs)
+    def guidance(self, image, noise=0.0):
+        """Frozen stage-2 guidance at every scale: indices N x (b, g, h_n, w_n), X N x (b, c, h_n, w_n); noise > 0:
+        Gumbel-sampled codes, as the authors' stage 2 (vae.match)."""
+        zs = [self.encoder(t) for t in image_pyramid(image, self.num_scales, self.pyramid)]
+        idxs, xs, _ = self.quantize(zs, noise=noise)
         return idxs, xs
 
 
 def build_vae(kind="msf", code_dim=256, channels=64, scales=3, fusion="msf", inter=True, intra=True,
-              sv_shared=False, num_codes=4096):
+              sv_shared=False, num_codes=4096, pyramid="halve"):
     """--vae flag -> model. The single place where the kind of VAE is decided (train_vae.py and the loaders of
     checkpoints call it with the arguments stored in the checkpoint)."""
     if kind in ("vqvae", "gdr"):
         return vae.VQVAE(kind, code_dim, channels, num_codes)
     if kind == "multiscale":
-        return MSFVAE(code_dim, channels, scales, "msf", inter=False, intra=False, num_codes=num_codes)
+        return MSFVAE(code_dim, channels, scales, "msf", inter=False, intra=False, num_codes=num_codes, pyramid=pyramid)
     if kind == "msf":
-        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes)
+        return MSFVAE(code_dim, channels, scales, fusion, inter, intra, sv_shared, num_codes, pyramid)
     raise ValueError(f"unknown --vae '{kind}'; choose msf, vqvae, gdr or multiscale")
 
 
 def vae_name(model_args):
-    """A run name of a VAE configuration: msf, msf-nointer, msf-sum, msf-N2, gdr, vqvae, multiscale-m1024, ...
+    """A run name of a VAE configuration: msf, msf-nointer, msf-sum, msf-N2, msf-pyrdirect, gdr, vqvae, multiscale-m1024, ...
     (only what differs from the default), so that ablations and baselines never share a run folder."""
     a = {"fusion": "msf", "inter": True, "intra": True, "sv_shared": False, "scales": 3, "num_codes": 4096,
-         **model_args}
+         "pyramid": "halve", **model_args}
     name = a["kind"]
     if a["kind"] == "msf":
         name += "".join(f"-{tag}" for tag, on in ((a["fusion"], a["fusion"] != "msf"), ("nointer", not a["inter"]),
                                                    ("nointra", not a["intra"]), ("svshared", a["sv_shared"])) if on)
     if a["kind"] in ("msf", "multiscale") and a["scales"] != 3:
         name += f"-N{a['scales']}"
+    if a["kind"] in ("msf", "multiscale") and a["pyramid"] != "halve":
+        name += f"-pyr{a['pyramid']}"
     return name + (f"-m{a['num_codes']}" if a["num_codes"] != 4096 else "")
 
 

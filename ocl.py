@@ -13,8 +13,6 @@ VAE gives; encode: encoder -> queries -> Slot Attention; encode_video: the recur
 training loss; segment: what evaluation scores), load_ocl / load_dino (a model back from its checkpoint).
 train_ocl.py trains it; evaluate.py scores it.
 """
-import inspect
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,11 +57,17 @@ class OCL(nn.Module):
                  unet_base=128, unet_layers=2, mlp_hidden=2048, encoder="cnn", dino=None, dino_sha256=None,
                  grouping="sa", video=False, queries="gaussian", predictor_dropout=0.1, box_prior=False,
                  diffusion_target="x", latent_scale="auto", predictor="ours", boxless="gaussian",
-                 diffusion_prediction="eps", mask_gate=False):
+                 diffusion_prediction="eps", mask_gate=False, guidance_noise=0.0, dino_target="postnorm"):
         super().__init__()
         self.dinosaur = decoder == "mlp" and encoder == "dino"  # DINOSAUR proper: DINO's features are the target
         if (vae is None) != self.dinosaur:
             raise ValueError("a VAE guides every model but DINOSAUR (--decoder mlp --encoder dino), which reads none")
+        if dino_target not in ("postnorm", "prenorm"):
+            raise ValueError(f"dino_target {dino_target!r}: choose postnorm or prenorm (DINO's final LayerNorm)")
+        # authors: DINOSAUR's target after DINO's final LayerNorm (DINOSAUR's own: before it, --dino-target prenorm)
+        self.dino_prenorm = self.dinosaur and dino_target == "prenorm"
+        # authors: the guidance of every training step Gumbel-sampled (their std = 5) when > 0 (--guidance-noise)
+        self.guidance_noise = guidance_noise
         self.vae = vae if vae is None else vae.eval().requires_grad_(False)  # frozen: never trained or in train mode
         self.decoder_kind, self.guide_scales, self.video = decoder, list(guide_scales), video
         self.diffuses_z = decoder == "diffusion" and diffusion_target == "z"  # Z_1, not X (--diffusion-target z)
@@ -140,12 +144,13 @@ class OCL(nn.Module):
         return self
 
     @torch.no_grad()
-    def guide(self, image):
+    def guide(self, image, noise=0.0):
         """The frozen VAE's guidance at the guide scales: indices and X, lists over self.guide_scales. Always in
         fp32, also inside the training step's autocast: the guidance must not depend on the precision it was
-        computed in (train_ocl.GuidanceCache computes it outside autocast; both paths must give the same codes)."""
+        computed in (train_ocl.GuidanceCache computes it outside autocast; both paths must give the same codes).
+        noise > 0: Gumbel-sampled codes (vae.match), as the authors' stage 2."""
         with torch.autocast(image.device.type, enabled=False):
-            indices, xs = self.vae.guidance(image.float())  # per VAE scale: (b, g, h_n, w_n), (b, c, h_n, w_n)
+            indices, xs = self.vae.guidance(image.float(), noise)  # per scale: (b, g, h_n, w_n), (b, c, h_n, w_n)
         return [indices[n - 1] for n in self.guide_scales], [xs[n - 1] for n in self.guide_scales]
 
     @torch.no_grad()
@@ -154,16 +159,18 @@ class OCL(nn.Module):
         diffusion decoder with --diffusion-target z the VAE encoder's continuous Z_1 instead of X; for the mlp
         decoder frozen features: DINOSAUR's, DINO's map (b, 384, H/8, W/8) (`dino_features` where the encoder already
         has it), or with the naive CNN a stand-in, the frozen VAE encoder's continuous Z_1 (b, c, H/4, W/4).
-        `indices`: already known (train_ocl.GuidanceCache): X is rebuilt from them."""
+        `indices`: already known (train_ocl.GuidanceCache): X is rebuilt from them. In training, guidance_noise > 0
+        samples the codes (the authors' stage 2)."""
         with torch.autocast(image.device.type, enabled=False):
-            if self.dinosaur:
-                return None, (self.encoder.dino_map(image) if dino_features is None else dino_features).float()
+            if self.dinosaur:  # the last 384 channels: DINO's final map, or with dino_prenorm the one before its norm
+                maps = self.encoder.dino_map(image, self.dino_prenorm) if dino_features is None else dino_features
+                return None, maps[:, -self.encoder.dino.dim:].float()  # (b, 384, H/8, W/8)
             if self.decoder_kind == "mlp":  # ours: without DINO, the stand-in target is the VAE encoder's Z_1
                 return None, self.vae.encoder(image.float())  # (b, c, h, w)
             if self.diffuses_z:  # authors: SlotDiffusion diffuses the continuous Z_1 before quantization
                 return None, [self.vae.encoder(image.float())]  # [(b, c, h, w)]
             if indices is None:
-                return self.guide(image)
+                return self.guide(image, self.guidance_noise if self.training else 0.0)
             return indices, [self.vae.x_from_indices(i, n) for i, n in zip(indices, self.guide_scales)]
 
     def initial_queries(self, b, sigma, bbox):
@@ -217,7 +224,7 @@ class OCL(nn.Module):
         Video: clips (b, t, 3, H, W); every frame is decoded from its own slots (STEVE), masks (b, t, s, h, w)."""
         frames = image.flatten(0, 1) if self.video else image  # the VAE and the decoder are per frame: (b*t, ...)
         if self.dinosaur and dino_features is None:  # DINO's map, once: the encoder's input and the target
-            dino_features = self.encoder.dino_map(frames)  # (b(*t), 384, H/8, W/8)
+            dino_features = self.encoder.dino_map(frames, self.dino_prenorm)  # (b(*t), 384 or 768, H/8, W/8)
         indices, xs = self.targets(frames, indices, dino_features)  # I, X of Sect. 3.1 (mlp: the features as xs)
         slots, masks = self.encode(image, sigma, dino_features, bbox)  # video: (b, t, s, d), (b, t, s, h, w)
         per_frame = slots.flatten(0, 1) if self.video else slots  # (b*t, s, d) or (b, s, d)
@@ -251,16 +258,12 @@ class OCL(nn.Module):
 
 def unet_heads(base):
     """Attention heads of the diffusion UNet: heads of 16 channels on small (CPU) UNets, 8 at paper size."""
+    # authors: 8 heads at the paper's size (SlotDiffusion's configs: heads of 32 channels, 8-16 per block)
     return max(1, base // 16) if base < 128 else 8
 
 
 # -----------------------------------------------------------------------------
 # Rebuilding a model from its checkpoint
-
-
-def option_defaults():
-    """OCL's keyword defaults: what a checkpoint written before an option existed had (train_common.resume)."""
-    return {k: v.default for k, v in inspect.signature(OCL).parameters.items() if v.default is not inspect.Parameter.empty}
 
 
 def load_ocl(ckpt, device="cpu", dino_weights=None):

@@ -400,19 +400,23 @@ class CNNEncoder(nn.Module):
         return self
 
     @torch.no_grad()
-    def dino_map(self, image):
-        """The frozen DINO's map of the images, (b, 384, H/8, W/8), rounded to fp16. The one place that computes it:
-        the feature cache (train_ocl.FeatureCache) stores exactly what this returns, so cached and uncached steps
-        see the same numbers."""
-        return self.dino(image).half()
+    def dino_map(self, image, prenorm=False):
+        """The frozen DINO's map of the images, (b, 384, H/8, W/8), rounded to fp16; prenorm=True (DINOSAUR's target
+        before DINO's final LayerNorm, --dino-target prenorm) appends the map before that norm: (b, 768, H/8, W/8).
+        The one place that computes it: the feature cache (train_ocl.FeatureCache) stores exactly what this returns,
+        so cached and uncached steps see the same numbers."""
+        maps = self.dino(image, prenorm)  # (b, 384, h, w), or its two maps after and before the final norm
+        return (torch.cat(maps, 1) if prenorm else maps).half()
 
     def forward(self, image, dino_features=None):
         """image (b, 3, H, W) -> features (b, n, d), grid (h, w). dino_features: DINO's map of these images
-        (b, 384, H/8, W/8) if already known (the feature cache); computed here otherwise."""
+        (b, 384, H/8, W/8) if already known (the feature cache; the first 384 channels of dino_map's); computed
+        here otherwise."""
         f = self.convs(image)  # (b, ch, h, w)
         if self.dino is not None:  # dino() -> conv(k3 s1 p1) -> upsample (x 8/r, nearest) + naivecnn()
             if dino_features is None:
                 dino_features = self.dino_map(image)  # (b, 384, H/8, W/8)
+            dino_features = dino_features[:, :self.dino.dim]  # the final map (prenorm maps append the other)
             up = F.interpolate(self.dino_proj(dino_features.to(f.dtype)), size=f.shape[-2:], mode="nearest")
             f = f + up  # (b, ch, h, w)
         b, ch, h, w = f.shape
@@ -496,7 +500,9 @@ class DinoViT(nn.Module):
             grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, d)
         return torch.cat([cls, grid], dim=1)
 
-    def forward(self, image):
+    def forward(self, image, prenorm=False):
+        """The map after the final LayerNorm (DINO's output); prenorm=True: (that map, the last block's map before
+        the norm), the target OCLF's DINOSAUR reconstructs."""
         x = ((image + 1) / 2 - self.mean) / self.std  # [-1, 1] -> [0, 1] -> ImageNet-normalized, (b, 3, H, W)
         x = self.patch_embed.proj(x)  # (b, d, h, w), h = H/8
         b, d, h, w = x.shape
@@ -504,10 +510,11 @@ class DinoViT(nn.Module):
         x = x + self.position(h, w)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)  # (b, 1 + h*w, d)
         # the patch tokens as a map (b, 384, H/8, W/8), in contiguous memory: a strided view would send the
         # big-little projection down another convolution kernel than cached maps (other float rounding)
-        return x[:, 1:].transpose(1, 2).reshape(b, d, h, w).contiguous()
+        as_map = lambda t: t[:, 1:].transpose(1, 2).reshape(b, d, h, w).contiguous()  # noqa: E731
+        out = as_map(self.norm(x))  # (b, 384, h, w)
+        return (out, as_map(x)) if prenorm else out
 
 
 def weights_digest(model):

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 import data
 
-CKPT_VERSION = 4  # the one checkpoint format this code reads and writes; load_checkpoint refuses any other
+CKPT_VERSION = 5  # the one checkpoint format this code reads and writes; load_checkpoint refuses any other
 
 # -----------------------------------------------------------------------------
 # The lr and the schedules' shape (the schedules themselves are in the training scripts)
@@ -439,15 +439,14 @@ def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
 
 
 def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
-           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr", "predictor_lr"), defaults=None):
+           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr", "predictor_lr", "augment")):
     """--resume: load last.pt of `out` into the model, optimizer, grad scaler and random generators, and return
     (step to start at, best score, last validation metrics, train_state). The data order and every schedule are
     functions of the step, so nothing else needs restoring.
 
     A checkpoint of another configuration is refused with every difference named: another kind, model, dataset
-    or schedule (the LR, sigma and data order are functions of `must_match`). `extra`: more model_args to compare,
-    {"vae": current VAE model_args} for an OCL run. `defaults`: the value of a model_args key that a checkpoint
-    written before that option existed lacks (the model's default then, e.g. ocl.OCL's keyword defaults)."""
+    or schedule (the LR, sigma, data order and augmentation are functions of `must_match`). `extra`: more model_args
+    to compare, {"vae": current VAE model_args} for an OCL run."""
     path = Path(out) / "last.pt"
     if not path.exists():
         raise RunError(f"--resume: there is no {path} to continue; run without --resume to start, or give the --out "
@@ -455,7 +454,7 @@ def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
     ckpt = load_checkpoint(path, kind)
     if "train_state" not in ckpt:
         raise RunError(f"--resume: {path} holds weights only, no training state; start a new run in another --out")
-    saved = {**(defaults or {}), **ckpt["model_args"]}  # an option newer than the checkpoint: its default
+    saved = ckpt["model_args"]
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved.get(k) != v]
     diffs += [f"{k}: {ckpt['args'].get(k)!r} in the checkpoint, {getattr(args, k, None)!r} now"
               for k in must_match if ckpt["args"].get(k) != getattr(args, k, None)]

@@ -49,20 +49,18 @@ import train_common
 # val_batch: images or clips per validation batch (default: the training batch); clip: gradient-norm clipping;
 # iters: Slot Attention iterations (per frame for video); clip_frames: frames per training clip (A.4's crop).
 PAPER = dict(steps=50000, batch=32, val_every=1000, lr=2e-4, iters=3, clip=1.0, encoder="dino")  # A.3: big-little
-# MOVi (A.4-A.5): 8 clips of 6 frames per step, 4 per validation batch, clipping 0.02
+# MOVi: A.4-A.5's steps, lr (2e-4) and clipping (0.02), 8 clips of 6 frames, 4 per validation batch; from VQ-VFM-OCL's
+# STEVE config (a later paper of the authors, no MSF), which trains at lr 5e-5, clipping 0.05, DINOv2 at 256 px, augmented:
 MOVI = dict(PAPER, batch=8, val_batch=4, clip=0.02, iters=1, clip_frames=6, box_prior=False, predictor_lr=1.0,
             predictor="authors", boxless="zero")  # authors: 1 iteration per frame, their predictor and box queries
 RECIPES = {
-    # ours: 2 cores. SlotDiffusion (--decoder diffusion) predicts x0 and reads its slots through Slot Attention's masks
-    # (--mask-gate): the published decoder (eps, every position reads every slot) binds no objects at this budget,
-    # this one does (results/2026-12-02-slotdiffusion-slot-use.md); the other datasets keep the authors' decoder.
-    # SlotDiffusion trains 4,800 steps (a decoder's own keys override the rest: recipe_of): a denoiser learns from
-    # one noise level per image and step and was still improving at 3,200 (results/2026-12-03-slotdiffusion-preset.md)
+    # ours: 2 cores. SlotDiffusion predicts x0 and reads the slots through Slot Attention's masks (--mask-gate), and
+    # trains 4,800 steps (a decoder's own keys: recipe_of); the other datasets keep the authors' decoder
+    # (results/2026-12-02-slotdiffusion-slot-use.md, results/2026-12-03-slotdiffusion-preset.md)
     "shapes": dict(steps=3200, batch=16, val_every=320, lr=2e-3, iters=3, clip=1.0, encoder="cnn",
                    diffusion_prediction="x0", mask_gate=True, diffusion=dict(steps=4800, val_every=480)),
     # ours: 8 clips of 3 frames, the image recipe's lr and clipping, 1 iteration per frame (the authors' STEVE), our
-    # predictor and box-less queries, the box prior on frame 0 and the predictor at a tenth of the lr, which bound
-    # and kept identity on a CPU (results/2026-11-26-video-preset.md); 6,000 steps take about 16 minutes on 2 cores
+    # predictor and box-less queries, the box prior and the predictor at 0.1 x lr (results/2026-11-26-video-preset.md)
     "shapes_video": dict(steps=6000, batch=8, val_every=600, val_batch=4, lr=2e-3, iters=1, clip=1.0,
                          clip_frames=3, box_prior=True, predictor_lr=0.1, predictor="ours", boxless="gaussian",
                          encoder="cnn"),
@@ -93,11 +91,10 @@ def sigma_at(step, steps, start):
 
 
 class GuidanceCache:  # ours: the guidance indices of a training image computed once, reused after
-    """The frozen VAE is deterministic (eval mode) and training images are not augmented (paper A.4), so the code
-    indices of a training image never change: compute them the first time the image is seen and reuse them (int16,
-    ~0.5 KB per image) afterwards; the model rebuilds X from them (vae.x_from_indices). On the quick start a step
-    takes 0.19 s while the cache fills and 0.11 s after (results/2026-11-26-quickstart-seeds.md). Results are
-    identical with and without the cache (--no-cache)."""
+    """The frozen VAE is deterministic (Eq. 1's argmax) and the images are not augmented (no --augment or
+    --guidance-noise, which turn the cache off), so a training image's code indices never change: computed the first
+    time it is seen, kept (int16, ~0.5 KB per image), and X rebuilt from them (vae.x_from_indices). The quick start's
+    step: 0.19 s while the cache fills, 0.11 s after; the losses equal --no-cache's."""
 
     def __init__(self):
         self.store = {}  # dataset index -> list over guide scales of (g, h, w) int16
@@ -118,23 +115,22 @@ class GuidanceCache:  # ours: the guidance indices of a training image computed 
 
 class FeatureCache:
     """--cache-features: the frozen DINO's map of every training image (big-little encoder), computed once into an
-    LMDB next to the dataset (data/<dataset>_features/dino_train, fp16; not inside the dataset's folder, where it
-    would pass for a split) and read back in later epochs and later runs. The frozen
-    backbone dominates a big-little step (benchmarks/encoder_speed.py), and training images are not augmented (A.4):
-    a sample's features never change. DINO's features are fp16 in both paths (CNNEncoder rounds them), so what is
-    read back is bit for bit what the encoder would compute in the same batch.
+    LMDB beside the dataset (data/<dataset>_features/dino_train, fp16) and read back in later epochs and runs: the
+    frozen backbone dominates a big-little step (benchmarks/encoder_speed.py) and the images are not augmented.
+    Both paths round DINO's features to fp16, so what is read back is bit for bit what the encoder computes.
+    A header names what the features depend on (DINO's sha256, the resolution, the dataset's meta record, the maps
+    kept): a cache made with anything else is refused with a message, never used or overwritten. Process 0 alone
+    fills it (the others read once it is complete); a fill cut short continues where it stopped; records are
+    written and read per batch."""
 
-    A header record names what the features depend on: DINO's weights (sha256), the resolution, the dataset's meta
-    record. A cache made with anything else is refused with a message, never used, never overwritten. One writer:
-    process 0 fills it (DataLoader workers and the other DDP processes only read, after it is complete). A fill cut
-    short is continued where it stopped. Memory stays bounded: records are written and read per batch."""
-
-    def __init__(self, dataset, dino_sha256, folder=None):
+    def __init__(self, dataset, dino_sha256, folder=None, prenorm=False):
         split = Path(dataset.path)  # data/<dataset>/<split>: the cache is data/<dataset>_features/dino_<split>, beside
-        self.folder = Path(folder or split.parent.with_name(f"{split.parent.name}_features") / f"dino_{split.name}")
+        name = f"dino_{split.name}" + ("_prenorm" if prenorm else "")  # with the map before DINO's last norm too
+        self.folder = Path(folder or split.parent.with_name(f"{split.parent.name}_features") / name)
         self.header = {"dino_sha256": dino_sha256, "resolution": dataset.meta["resolution"],
-                       "dataset_meta": json.dumps(dataset.meta, sort_keys=True), "dtype": "float16"}
-        self.dataset, self.env = dataset, None
+                       "dataset_meta": json.dumps(dataset.meta, sort_keys=True), "dtype": "float16",
+                       "maps": "postnorm+prenorm" if prenorm else "postnorm"}
+        self.dataset, self.env, self.prenorm = dataset, None, prenorm
 
     def open(self, model, device, batch_size, d):
         """Check the header of an existing cache, fill what is missing (process 0), then open it for reading."""
@@ -161,7 +157,7 @@ class FeatureCache:
     @torch.no_grad()
     def fill(self, model, device, batch_size):
         h = w = self.header["resolution"] // 8
-        record = model.encoder.dino.dim * h * w * 2  # fp16 bytes of one image's map (384, H/8, W/8)
+        record = model.encoder.dino.dim * (2 if self.prenorm else 1) * h * w * 2  # fp16 bytes of one image's maps
         size = int(1.2 * len(self.dataset) * (record + 4096)) + (1 << 24)  # the records, LMDB's pages, room
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(self.folder), map_size=size, subdir=True, readahead=False)
@@ -184,7 +180,7 @@ class FeatureCache:
         for batch in loader:  # one write transaction per batch: a stop loses at most one batch
             image = batch["image"].to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                maps = encoder.dino_map(image).cpu()  # (b, 384, H/8, W/8), fp16, as CNNEncoder computes them
+                maps = encoder.dino_map(image, self.prenorm).cpu()  # (b, 384 or 768, H/8, W/8) fp16, as the model
             with env.begin(write=True) as txn:
                 for i, m in zip(batch["index"].tolist(), maps):
                     txn.put(str(i).encode(), m.numpy().tobytes())
@@ -197,7 +193,7 @@ class FeatureCache:
             self.env = None
 
     def __call__(self, index, device):
-        """DINO's maps of a batch (b, 384, H/8, W/8), fp16, read back from the cache."""
+        """DINO's maps of a batch (b, 384, H/8, W/8; 768 with the prenorm map), fp16, read back from the cache."""
         h = w = self.header["resolution"] // 8
         with self.env.begin() as txn:
             maps = [torch.frombuffer(bytearray(txn.get(str(int(i)).encode())), dtype=torch.float16)
@@ -251,8 +247,7 @@ def train(args):
         start, best, metrics = 0, -float("inf"), {}  # best: the highest validation ARI + ARIfg
         if args.resume:  # weights (the VAE the run started with included), optimizer, RNG
             start, best, metrics, _ = train_common.resume(out, "ocl", args, model_args, model, optimizer, scaler, d,
-                                                          extra={"vae": vae_ckpt["model_args"]} if vae_ckpt else None,
-                                                          defaults=ocl.option_defaults())
+                                                          extra={"vae": vae_ckpt["model_args"]} if vae_ckpt else None)
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
             print(describe(args, params, vae_ckpt, resolution, device, start))
@@ -262,11 +257,16 @@ def train(args):
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d, args.compile)  # DDP: gradients averaged over processes
-        # the cache holds code indices: the targets of mlp (features) and of diffusion on Z_1 are continuous
-        cache = None if args.no_cache or args.decoder == "mlp" or model.diffuses_z else GuidanceCache()
+        # the cache holds code indices: the targets of mlp (features) and of diffusion on Z_1 are continuous, and
+        # augmented images or sampled codes give an image other codes at every step
+        varying = args.augment or args.guidance_noise > 0
+        cache = None if args.no_cache or args.decoder == "mlp" or model.diffuses_z or varying else GuidanceCache()
+        if varying and not args.no_cache and d.main:
+            print("note: --augment / --guidance-noise change an image's codes at every step: the guidance cache is off")
         features = None  # --cache-features: DINO's maps of the training images, computed once (FeatureCache)
         if args.cache_features:
-            features = FeatureCache(train_data, model_args["dino_sha256"]).open(model, device, args.batch_size, d)
+            features = FeatureCache(train_data, model_args["dino_sha256"], prenorm=model.dino_prenorm).open(
+                model, device, args.batch_size, d)
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr.") as guard:
             for step in range(start, args.steps):
                 lr = train_common.set_lr(optimizer, lr_at(step, args.steps, args.lr))  # warmup, then cosine (A.5)
@@ -277,6 +277,8 @@ def train(args):
                 if model.video:  # A.4: a random strided crop of --clip-frames frames of every clip
                     image, bbox, keys = data.crop_clips(image, bbox, keys, args.clip_frames, args.seed, step,
                                                           d.rank, d.world)
+                if args.augment:  # authors: random crop and flip (--augment; boxes follow)
+                    image, bbox = data.augment(image, bbox, args.seed, step, d.rank, d.world)
                 image = image.to(device, non_blocking=True)  # (b, 3, H, W), video (b, t, 3, H, W)
                 bbox = None if bbox is None else bbox.to(device, non_blocking=True)  # video (b, t, K, 4)
                 # the guidance, if seen before (video: per frame)
@@ -322,7 +324,7 @@ def model_args_of(args, resolution):
                 predictor_dropout=args.predictor_dropout, box_prior=args.box_prior, predictor=args.predictor or "ours",
                 boxless=args.boxless or "gaussian", diffusion_target=args.diffusion_target,
                 latent_scale=args.latent_scale, diffusion_prediction=args.diffusion_prediction,
-                mask_gate=args.mask_gate)
+                mask_gate=args.mask_gate, guidance_noise=args.guidance_noise, dino_target=args.dino_target)
 
 
 def describe(args, params, vae_ckpt, resolution, device, start):
@@ -385,26 +387,27 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="shapes", help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--data-root", default="data", help="folder holding the LMDB datasets")
     p.add_argument("--decoder", default="transformer", choices=ocl.DECODERS,
-                   help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR: with --encoder dino it "
-                        "reconstructs the frozen DINO's features (no VAE); with --encoder cnn (shapes, no DINO "
-                        "weights) a stand-in: the frozen VAE encoder's continuous Z_1")
+                   help="transformer = SLATE, diffusion = SlotDiffusion, mlp = DINOSAUR (--encoder dino: DINO's "
+                        "features; --encoder cnn: a stand-in, the frozen VAE encoder's Z_1)")
     p.add_argument("--diffusion-target", default="x", choices=["x", "z"],
-                   help="diffusion: what is noised and denoised: x, the quantised fused guidance X (the paper's text, "
-                        "Sect. 3.1); z, the VAE encoder's continuous Z_1 before quantisation (SlotDiffusion's and "
-                        "the authors' code, eaq=True: MSF then reaches the decoder through the encoder's weights only)")
+                   help="diffusion: what is denoised: x, the guidance X (the paper, Sect. 3.1); z, the VAE encoder's "
+                        "continuous Z_1 (SlotDiffusion's and the authors' code, eaq=True)")
     p.add_argument("--latent-scale", default="auto", choices=["auto", "1"],
-                   help="diffusion: auto, the target times 1 / std of the first training batch (ours: the noise "
-                        "schedule assumes unit variance); 1, the target as it is (SlotDiffusion, the authors' code)")
+                   help="diffusion: auto, the target times 1 / std of the first batch (ours); 1, as it is (the authors')")
     p.add_argument("--diffusion-prediction", default=None, choices=["eps", "x0"],
                    help="diffusion: what the UNet predicts: eps, the noise (SlotDiffusion, the authors' code); x0, the "
-                        "target itself (an option of SlotDiffusion's code: more weight on the noisy steps, where only "
-                        "the slots know the target) (default: the dataset's recipe; shapes: x0, the others: eps)")
+                        "target itself (an option of SlotDiffusion's code) (default: the dataset's recipe)")
     p.add_argument("--mask-gate", action=argparse.BooleanOptionalAction, default=None,
-                   help="diffusion (ours): Slot Attention's masks gate the UNet's cross-attention (each position "
-                        "reads mostly the slots that claim it), so the masks matter to the decoder (default: the "
-                        "dataset's recipe; shapes: on, the others: off, the authors' decoder)")
-    p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's path for the dataset, msf, "
-                                                    "c = 256 for transformer/mlp, c = 4 for diffusion)")
+                   help="diffusion (ours): Slot Attention's masks gate the UNet's cross-attention, each position reading "
+                        "mostly the slots that claim it (default: the dataset's recipe)")
+    p.add_argument("--guidance-noise", type=data.number(float, 0), default=0.0,
+                   help="the authors' stage 2: Gumbel-sample the guidance codes at every step with this logit scale "
+                        "(their std: 5 for MSF, 2 for GDR); 0: Eq. 1's argmax (the paper)")
+    p.add_argument("--augment", action="store_true", help="the authors' random crop and flip (data.augment; the paper has none)")
+    p.add_argument("--dino-target", default=None, choices=["postnorm", "prenorm"],
+                   help="DINOSAUR: DINO's map after its final LayerNorm (the authors') or before it (DINOSAUR's own)")
+    p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's msf run of the dataset, "
+                                                    "c = 4 for diffusion, 256 otherwise)")
     # the OCL model (Sect. 3.1, A.3): slots, guidance, widths
     p.add_argument("--slots", type=data.number(int, 1), default=None,
                    help="number of slots (default: the dataset's, data.DATASETS: objects + background)")
@@ -433,8 +436,7 @@ def parse_args(argv=None):
                         "the authors' STEVE)")
     p.add_argument("--queries", default=None, choices=["gaussian", "box"],
                    help="query initialization (A.5): gaussian (learned means + annealed sigma), or box (the first "
-                        "frame's bounding boxes through a 2-layer MLP; needs a dataset with boxes) (default: box for "
-                        "video datasets, gaussian for images)")
+                        "frame's boxes through a 2-layer MLP) (default: box for video, gaussian for images)")
     # video (STEVE, video SlotDiffusion)
     p.add_argument("--box-prior", action=argparse.BooleanOptionalAction, default=None,
                    help="video, box queries: on the first frame a slot that starts from a box attends only inside "
@@ -443,20 +445,16 @@ def parse_args(argv=None):
                    help="video: frames per training clip, a random strided crop (default: the dataset's recipe; A.4: 6, "
                         "shapes_video: 3); validation takes whole clips")
     p.add_argument("--predictor", default=None, choices=["authors", "steve", "ours"],
-                   help="video: the layer from frame t's slots to frame t+1's queries: authors (their post-norm, "
-                        "bias-free layer), steve (STEVE's: normalised input, ReLU FFN, final LayerNorm) or ours "
-                        "(pre-norm, residual branches starting at zero) (default: the dataset's recipe; MOVi: "
-                        "authors, shapes_video: ours)")
+                   help="video: the layer from frame t's slots to frame t+1's queries: authors (post-norm, no bias), "
+                        "steve (STEVE's) or ours (pre-norm, residual branches starting at zero) (default: the recipe's)")
     p.add_argument("--boxless", default=None, choices=["zero", "gaussian"],
-                   help="video, box queries: the slots without a box start from the MLP of the zero box, every box "
-                        "entering the MLP as it is (zero: the authors'), or from learned Gaussian queries, the boxes "
-                        "centred (gaussian: ours) (default: the dataset's recipe; MOVi: zero, shapes_video: gaussian)")
+                   help="video, box queries: slots without a box start from the zero box's query, boxes as they are "
+                        "(zero: the authors'), or from Gaussian queries, boxes centred (gaussian: ours) (default: the recipe's)")
     p.add_argument("--predictor-dropout", type=data.number(float, 0), default=0.1,
-                   help="video: dropout of the predictor, the transformer layer from frame t's slots to frame t+1's "
-                        "queries (authors: 0.1)")
+                   help="video: dropout of the predictor (authors: 0.1)")
     p.add_argument("--predictor-lr", type=data.number(float, 0), default=None,
-                   help="video: the predictor's learning rate as a multiple of --lr (default: 1.0 as the authors, "
-                        "0.1 for shapes_video, where it keeps the predictor near the identity: ours)")
+                   help="video: the predictor's learning rate as a multiple of --lr (default: the recipe's; MOVi 1.0 "
+                        "as the authors, shapes_video 0.1)")
     p.add_argument("--val-batch-size", type=data.number(int, 1), default=None,
                    help="clips or images per validation batch (default: the dataset's recipe; paper: 32 images, 4 clips)")
     p.add_argument("--bilevel", action="store_true",
@@ -468,16 +466,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=data.number(float, above=0), default=None,
                    help="Adam learning rate (default: the dataset's recipe; paper 2e-4, shapes 2e-3 for its short CPU schedule)")
     p.add_argument("--clip", type=data.number(float, above=0), default=None,
-                   help="gradient clipping norm (default: the dataset's recipe; paper 1.0 for images, 0.02 for MOVi; "
-                        "shapes_video 1.0)")
+                   help="gradient clipping norm (default: the dataset's recipe; paper 1.0 for images, 0.02 for MOVi)")
     p.add_argument("--sigma", type=data.number(float, 0), default=1.0,
                    help="start of the query-init sigma, cosine-annealed to 0 (A.5)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen VAE every step instead of caching its indices")
     # seeds, devices, logging, checkpoints and resume: the same flags as train_vae.py
     train_common.add_run_args(p, val_default="the recipe's: 1000 (A.5), shapes 320; steps/10 with other --steps")
-    p.add_argument("--out", default=None,
-                   help="run folder (default runs/ocl_<dataset>_<decoder>_<target>, the target named after the VAE "
-                        "checkpoint: msf, vqvae, msf-nointer, ...; mlp: z1-<vae>)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/ocl_<dataset>_<model>_<target>, run_folder)")
     args = p.parse_args(argv)
 
     # the dataset's recipe (steps, batch, lr, ...), then the model size, then the checks that need the final values
@@ -542,7 +537,15 @@ def parse_args(argv=None):
                 "--slot-attention sa with --mask-gate")
     if args.decoder != "transformer" and args.guide_scales != "1":
         p.error(f"--guide-scales {args.guide_scales} needs the transformer decoder (the others decode one grid)")
-    if args.decoder == "mlp" and args.encoder == "dino":  # DINOSAUR: DINO's features are the target, no VAE
+    dinosaur = args.decoder == "mlp" and args.encoder == "dino"
+    if args.dino_target is not None and not dinosaur:
+        p.error(f"--dino-target {args.dino_target} chooses DINOSAUR's target: it needs --decoder mlp --encoder dino")
+    args.dino_target = args.dino_target or "postnorm"
+    if args.guidance_noise > 0 and (args.decoder == "mlp" or args.diffusion_target == "z"):
+        p.error("--guidance-noise samples guidance codes; mlp and --diffusion-target z read none: leave it out")
+    if args.augment and args.cache_features:
+        p.error("--cache-features keeps DINO's map of each image as it is, --augment changes it: give one of them")
+    if dinosaur:  # DINOSAUR: DINO's features are the target, no VAE
         if args.vae_ckpt is not None:
             p.error("--decoder mlp --encoder dino is DINOSAUR: it reconstructs DINO's features and reads no VAE; "
                     "leave out --vae-ckpt (or use --encoder cnn for the stand-in that reconstructs a VAE's Z_1)")
@@ -552,16 +555,12 @@ def parse_args(argv=None):
 
 
 def run_folder(args, vae_args):
-    """The default --out: runs/ocl_<dataset>_<decoder>_<target>, the target being what the decoder reconstructs:
-    the guidance of a VAE named as its own run folder (msf.vae_name: msf, vqvae, msf-nointer, ...; plus -g12 / -g2
-    for other --guide-scales); for mlp, DINOSAUR, `dino` (DINO's features, no VAE: vae_args None) or with the naive
-    CNN `z1-<vae>`, that VAE's continuous encoder features Z_1 (the stand-in; the fusion is bypassed). The model's
-    name adds -z, -scale1, -x0 and -gate (diffusion: --diffusion-target z, --latent-scale 1, --diffusion-prediction
-    x0, --mask-gate), -dino (big-little encoder),
-    -sysbinder, and for video -gaussian (Gaussian instead of box queries), -boxprior (the box prior on frame 0, as
-    the shapes_video recipe has it), then every video switch that differs from the dataset's recipe: -pred<kind>
-    (--predictor), -boxless<kind> (--boxless), -plr<x> (--predictor-lr). The quick start's run is
-    runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
+    """The default --out: runs/ocl_<dataset>_<model>_<target>. The target is what the decoder reconstructs: the
+    guidance of a VAE named as its run folder (msf.vae_name; -g12 / -g2 for other --guide-scales), `dino` for
+    DINOSAUR (vae_args None), `z1-<vae>` for the mlp stand-in. The model is the decoder plus a tag for every switch
+    that is not the default (-z, -scale1, -x0, -gate, -dino, -sysbinder, -prenorm, -gnoise<std>, -aug; video:
+    -gaussian, -boxprior, and -pred<kind>, -boxless<kind>, -plr<x> where they differ from the dataset's recipe).
+    The quick start's run is runs/ocl_shapes_transformer_msf, evaluate.py's default --ckpt."""
     target = "dino" if vae_args is None else msf.vae_name(vae_args)
     if args.decoder == "mlp" and vae_args is not None:
         target = f"z1-{target}"
@@ -572,7 +571,8 @@ def run_folder(args, vae_args):
         ("-gate" if args.mask_gate else "") + ("-dino" if args.encoder == "dino" else "") + \
         ("-sysbinder" if args.slot_attention == "sysbinder" else "") + \
         ("-gaussian" if data.DATASETS[args.dataset]["video"] and args.queries == "gaussian" else "") + \
-        ("-boxprior" if args.box_prior else "")
+        ("-boxprior" if args.box_prior else "") + ("-prenorm" if args.dino_target == "prenorm" else "") + \
+        (f"-gnoise{args.guidance_noise:g}" if args.guidance_noise > 0 else "") + ("-aug" if args.augment else "")
     recipe = RECIPES[args.dataset]
     if data.DATASETS[args.dataset]["video"]:  # runs that differ in a video switch must not share a folder
         model += "".join(f"-{tag}{value:g}" if isinstance(value, float) else f"-{tag}{value}"

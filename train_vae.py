@@ -120,6 +120,8 @@ def train(args):
                 # videos: which frames of each clip, a function of the step (so a resumed run draws the same)
                 slices = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + d.rank)
                 image = data.video_frames(next(batches)["image"], args.clip_frames, slices)  # (b, 3, H, W)
+                if args.augment:  # authors: random crop and flip (--augment)
+                    image, _ = data.augment(image, None, args.seed, step, d.rank, d.world)
                 image = image.to(device, non_blocking=True)  # this process's share of the global batch
 
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -179,7 +181,8 @@ def my_pools(saved, d):
 def model_args_of(args):
     """The flags that define the VAE, as msf.build_vae takes them (and the checkpoint stores them)."""
     return dict(kind=args.vae, code_dim=args.code_dim, channels=args.channels, scales=args.scales, fusion=args.fusion,
-                inter=not args.no_inter, intra=not args.no_intra, sv_shared=args.sv_shared, num_codes=args.num_codes)
+                inter=not args.no_inter, intra=not args.no_intra, sv_shared=args.sv_shared, num_codes=args.num_codes,
+                **({"pyramid": args.pyramid} if args.vae in ("msf", "multiscale") else {}))
 
 
 def forget_adam_rows(optimizer, param, rows):
@@ -219,7 +222,7 @@ def validate(model, val_data, args, device, out, step, log):
         model.eval()  # no Gumbel noise, no code-use counting
         recons = model(fixed)["recons"]  # per scale (8, 3, H_n, W_n)
         model.train()
-    pyramid = msf.image_pyramid(fixed, len(recons))  # the inputs each scale saw
+    pyramid = msf.image_pyramid(fixed, len(recons), getattr(model, "pyramid", "halve"))  # the inputs each scale saw
     labels = [f"scale {n}: {what}" for n in range(1, len(recons) + 1) for what in ("input", "reconstruction")]
     figures.save_rows_png(out / "recon.png", [r for pair in zip(pyramid, recons) for r in pair], labels=labels)
     figures.curves(out / "metrics.jsonl", out / "curves.png")
@@ -253,6 +256,9 @@ def parse_args(argv=None):
                    help="c: 256 guides the transformer decoder, 4 the diffusion decoder")
     p.add_argument("--scales", type=data.number(int, 1), default=None,
                    help="N, number of pyramid scales (msf, multiscale; default 3)")
+    p.add_argument("--pyramid", default="halve", choices=["halve", "direct"],
+                   help="msf, multiscale: how the pyramid's levels are made: halve, each from the one before (a box "
+                        "average, ours); direct, the image resized by 2^-(n-1) without antialiasing (the authors' code)")
     p.add_argument("--channels", type=data.number(int, 16), default=64,
                    help="width of the VAE encoder/decoder CNN, a multiple of 16 (its group norms)")
     p.add_argument("--num-codes", type=data.number(int, 4), default=4096,
@@ -277,6 +283,9 @@ def parse_args(argv=None):
                    help="video datasets: consecutive frames taken from each clip per step (default: the dataset's recipe; "
                         "authors: 6; shapes_video: 2, so that a CPU-sized batch holds 8 scenes); a batch is "
                         "--batch-size clips x this many frames")
+    p.add_argument("--augment", action="store_true",
+                   help="the authors' training augmentation: random crop (75-100%% of the area) resized back, and "
+                        "horizontal flip (the paper names none)")
     # GDR's stabilisers (A.3), which the MSF VAE inherits from its base
     p.add_argument("--stabilisers", default="auto", choices=["auto", "on", "off"],
                    help="GDR's annealed residual + Gumbel matching + code replacing; auto = on for gdr/msf/multiscale")
@@ -305,7 +314,7 @@ def parse_args(argv=None):
         p.error(f"--num-codes {args.num_codes}: {args.vae} splits the vocabulary into 2 codebooks of sqrt(m) codes, "
                 f"so it must be a square (4096 = 64 x 64)")
     if args.out is None:  # train_ocl.py looks for its guidance here (runs/vae_<dataset>_msf_c256 or _c4)
-        args.out = f"runs/vae_{args.dataset}_{msf.vae_name(model_args_of(args))}_c{args.code_dim}"
+        args.out = f"runs/vae_{args.dataset}_{msf.vae_name(model_args_of(args))}{'-aug' * args.augment}_c{args.code_dim}"
     return args
 
 

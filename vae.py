@@ -18,6 +18,8 @@ Differences from the paper: the encoder/decoder is a small residual CNN sized fo
 public code has none), see Codebook.replace_dead.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -86,13 +88,16 @@ class Decoder(nn.Module):
 # -----------------------------------------------------------------------------
 # Codebook matching and selection (Eq. 1-2)
 
-def match(z, codebook, tau=0.0, confidence=False, chunk=2 ** 24):
+def match(z, codebook, tau=0.0, confidence=False, chunk=2 ** 24, noise=0.0):
     """Eq. 1: P = softmax_m(-||Z - C||^2), I = argmax_m(P).
 
     z (b, c, h, w), codebook (m, c) -> idx (b, h, w), and with confidence=True also conf (b, h, w), the probability
     P of the chosen code (what Eq. 4 compares across scales); None otherwise.
     With tau > 0 the index is instead sampled from softmax_m(-||Z - C||^2 / tau) by the Gumbel-max trick
     (GDR's Gumbel sampling in code matching, A.3: exploration while the codebook forms); tau = 0 is Eq. 1.
+    With noise = std > 0, the authors' stage-2 guidance (--guidance-noise): their gumbel_softmax(std * S, tau=1) with
+    S = (-||Z - C|| - mu) / sigma, the plain distance standardised by the mean and std of the chi distribution with
+    c degrees of freedom; I is its argmax (a sample of softmax(std * S)) and conf its probability there.
     Matching chooses, it does not learn: no gradient flows through it (losses act on the selected codes).
     Memory: P is never built for all m codes of all tokens (4,096 codes x 65,536 tokens of a paper-size batch would
     be 1 GB per scale): tokens go in chunks of `chunk` / m, and P of the chosen code is exp(logit - logsumexp).
@@ -106,9 +111,10 @@ def match(z, codebook, tau=0.0, confidence=False, chunk=2 ** 24):
         for zc in zf.split(max(1, chunk // m)):  # (n, c): at most `chunk` distances at a time
             # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, one matmul instead of a (n, m, c) difference tensor
             logits = -(zc.pow(2).sum(1, keepdim=True) - 2 * zc @ cb.t() + cb.pow(2).sum(1))  # (n, m)
+            if noise > 0:  # authors: Gumbel-perturbed standardised distance (the shift mu cancels in the softmax)
+                logits = -(-logits).clamp(min=0).sqrt() * (noise / chi_std(c)) + gumbel(logits)  # (n, m)
             if tau > 0:
-                u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
-                i = (logits / tau - torch.log(-torch.log(u))).argmax(dim=1)  # Gumbel-max sample, (n,)
+                i = (logits / tau + gumbel(logits)).argmax(dim=1)  # Gumbel-max sample, (n,)
             else:
                 i = logits.argmax(dim=1)  # (n,)
             idx.append(i)
@@ -116,6 +122,20 @@ def match(z, codebook, tau=0.0, confidence=False, chunk=2 ** 24):
                 conf.append((logits.gather(1, i[:, None])[:, 0] - logits.logsumexp(dim=1)).exp())  # (n,)
     idx = torch.cat(idx).view(b, h, w)
     return idx, (torch.cat(conf).view(b, h, w) if confidence else None)
+
+
+def gumbel(like):
+    """Standard Gumbel noise -log(-log u), u ~ U(0, 1), of the shape of `like`: argmax(logits + noise) is a sample of
+    softmax(logits) (the Gumbel-max trick)."""
+    u = torch.rand_like(like).clamp_(1e-9, 1 - 1e-9)
+    return -torch.log(-torch.log(u))
+
+
+def chi_std(dof):
+    """The standard deviation of the chi distribution with `dof` degrees of freedom (the length of a standard normal
+    vector of that size): sqrt(dof - mu^2), mu = sqrt(2) Gamma((dof + 1) / 2) / Gamma(dof / 2)."""
+    mu = math.sqrt(2) * math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2))
+    return math.sqrt(max(dof - mu * mu, 1e-12))
 
 
 def select(codebook, idx):
@@ -181,10 +201,10 @@ class Codebook(nn.Module):
         self.register_buffer("recent", torch.zeros(0, dim), persistent=False)  # (<=1024, c)
         self.register_buffer("initialised", torch.tensor(False))
 
-    def match(self, z, tau=0.0, groups=1, confidence=False):
+    def match(self, z, tau=0.0, groups=1, confidence=False, noise=0.0):
         if self.training and not self.initialised:
             self.init_from(z, groups)
-        return match(z, self.weight, tau, confidence)  # (b, h, w), (b, h, w) or None
+        return match(z, self.weight, tau, confidence, noise=noise)  # (b, h, w), (b, h, w) or None
 
     def select(self, idx):
         return select(self.weight, idx)  # (b, c, h, w)
@@ -327,19 +347,20 @@ def project(x, matrix):
     return (x.permute(0, 2, 3, 1) @ matrix.to(x.dtype)).permute(0, 3, 1, 2)  # (b, h, w, k) @ (k, k') -> (b, k', h, w)
 
 
-def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0):
+def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0, noise=0.0):
     """Grouped quantization (GDR). z (b, c, h, w), g codebooks of (m_k, c) each, W (g*c, c) or None.
 
     With W: project up with pinv(W) to g*c channels, chunk into g groups of c, match each group with its own
     codebook, concatenate the selected codes and project down with W. Without W and with one codebook this is
     the plain VQ-VAE quantizer. Returns indices (b, g, h, w), x (b, c, h, w) carrying the straight-through
-    gradient, and `parts` (continuous and quantized halves, for the losses and the figures).
+    gradient, and `parts` (continuous and quantized halves, for the losses and the figures). noise: the authors'
+    stage-2 Gumbel guidance (match).
     """
     g = len(codebooks)
     c = z.shape[1]
     zup = project(z, pinv(weight)) if weight is not None else z  # Eq. 3: (b, g*c, h, w)
     zs = zup.split(c, dim=1)  # g x (b, c, h, w)
-    idxs = [cb_match(cb, zk, tau)[0] for cb, zk in zip(codebooks, zs)]  # g x (b, h, w)
+    idxs = [cb_match(cb, zk, tau, noise=noise)[0] for cb, zk in zip(codebooks, zs)]  # g x (b, h, w)
     qs = [cb_select(cb, i, zk, tau) for cb, i, zk in zip(codebooks, idxs, zs)]  # g x (b, c, h, w)
     z2, q2 = torch.cat(zs, 1), torch.cat(qs, 1)  # (b, g*c, h, w)
     x = straight_through(z2, q2, alpha)  # (b, g*c, h, w)
@@ -349,12 +370,12 @@ def quantize_grouped(z, codebooks, weight=None, tau=0.0, alpha=0.0):
     return torch.stack(idxs, 1), x, {"z": list(zs), "q": qs}  # (b, g, h, w), (b, c, h, w)
 
 
-def cb_match(codebook, z, tau, groups=1, confidence=False):
+def cb_match(codebook, z, tau, groups=1, confidence=False, noise=0.0):
     """Match against a Codebook module (tracks usage) or a plain (m, c) tensor. `groups`: z stacks that many
     batches along its first dim (MSF's scales), which Codebook.init_from needs to know under DDP."""
     if isinstance(codebook, Codebook):
-        return codebook.match(z, tau, groups, confidence)
-    return match(z, codebook, tau, confidence)
+        return codebook.match(z, tau, groups, confidence, noise)
+    return match(z, codebook, tau, confidence, noise=noise)
 
 
 def cb_select(codebook, idx, z=None, tau=0.0):
@@ -397,18 +418,19 @@ class VQVAE(nn.Module):
         """W as Eq. 3 and 5 use it: with orthonormal columns (orthonormal); None for the plain VQ-VAE."""
         return None if self.weight is None else orthonormal(self.weight)
 
-    def quantize(self, zs, tau=0.0, alpha=0.0):
+    def quantize(self, zs, tau=0.0, alpha=0.0, noise=0.0):
         """zs: list with one (b, c, h, w) -> indices [(b, g, h, w)], xs [(b, c, h, w)], parts."""
-        idx, x, parts = quantize_grouped(zs[0], list(self.codebooks), self.projection(), tau, alpha)
+        idx, x, parts = quantize_grouped(zs[0], list(self.codebooks), self.projection(), tau, alpha, noise)
         return [idx], [x], [parts]
 
     def forward(self, image, tau=0.0, alpha=0.0):
         return vae_forward(self, [image], tau, alpha)
 
     @torch.no_grad()
-    def guidance(self, image):
-        """Frozen stage-2 guidance: indices [(b, g, h, w)] and discrete representation X [(b, c, h, w)]."""
-        idxs, xs, _ = self.quantize([self.encoder(image)])
+    def guidance(self, image, noise=0.0):
+        """Frozen stage-2 guidance: indices [(b, g, h, w)] and discrete representation X [(b, c, h, w)]; noise > 0:
+        Gumbel-sampled codes, as the authors' stage 2 (match)."""
+        idxs, xs, _ = self.quantize([self.encoder(image)], noise=noise)
         return idxs, xs
 
     @torch.no_grad()

@@ -293,3 +293,26 @@ def test_dinosaurs_mlp_is_three_hidden_layers_of_2048_at_paper_size():
     widths = [(m.in_features, m.out_features) for m in layers if isinstance(m, torch.nn.Linear)]
     assert widths == [(256, 2048), (2048, 2048), (2048, 2048), (2048, 385)]  # 384 features + 1 alpha logit
     assert sum(isinstance(m, torch.nn.GELU) for m in layers) == 3 and model.token_grid == (16, 16)
+
+
+def test_dino_target_prenorm_is_the_last_block_before_the_final_layernorm(tiny_root, tmp_path):
+    """--dino-target prenorm (OCLF's DINOSAUR): the target is the last block's map before DINO's final LayerNorm,
+    whose LayerNorm over channels is exactly the usual map; the encoder still reads the final map, and one DINO
+    forward gives both."""
+    dino = slot_attention.dino_vit_s8("random")[0]
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        post, pre = dino(image, prenorm=True)  # (2, 384, 4, 4) each
+        assert torch.equal(post, dino(image))
+        normed = dino.norm(pre.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(post.shape)
+        assert torch.allclose(normed, post, atol=1e-5) and not torch.allclose(pre, post, atol=1e-2)
+    args = train_ocl.parse_args(["--data-root", str(tiny_root), "--decoder", "mlp", "--encoder", "dino",
+                                 "--dino-weights", "random", "--dino-target", "prenorm", "--out", str(tmp_path / "run"),
+                                 *TINY_OCL, "--steps", "1"])
+    assert train_ocl.run_folder(args, None) == "runs/ocl_shapes_mlp-dino-prenorm_dino"
+    model, _ = ocl.load_ocl(train_common.load_checkpoint(train_ocl.train(args) / "last.pt", "ocl"))
+    frames = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
+    with torch.no_grad():
+        target = model.targets(frames)[1]  # (1, 384, 8, 8)
+        post, pre = model.encoder.dino(frames, prenorm=True)
+    assert torch.equal(target, pre.half().float()) and model.dino_prenorm

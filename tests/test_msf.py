@@ -20,6 +20,20 @@ def test_pyramid_levels_are_block_means():
         assert torch.allclose(levels[n], blocks, atol=1e-5)
 
 
+def test_direct_pyramid_resizes_the_image_itself_as_the_authors():
+    """--pyramid direct: level n is the image resized by 2^-n, bilinear without antialiasing; at 1/4 each output
+    pixel samples input position 4i + 1.5, the mean of the 2 x 2 centre of its 4 x 4 block (the box pyramid
+    averages all 16)."""
+    img = torch.randn(2, 3, 16, 16)
+    direct = msf.image_pyramid(img, 3, "direct")
+    assert torch.allclose(direct[1], msf.image_pyramid(img, 3)[1], atol=1e-6)  # at 1/2 both average 2 x 2
+    centre = img.reshape(2, 3, 4, 4, 4, 4)[:, :, :, 1:3, :, 1:3].mean((3, 5))  # (2, 3, 4, 4)
+    assert torch.allclose(direct[2], centre, atol=1e-5)
+    assert not torch.allclose(direct[2], msf.image_pyramid(img, 3)[2], atol=1e-2)
+    model = msf.build_vae("msf", code_dim=8, channels=16, pyramid="direct")
+    assert model.pyramid == "direct" and msf.vae_name({"kind": "msf", "pyramid": "direct"}) == "msf-pyrdirect"
+
+
 def test_resample_mean_and_nearest():
     fine = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert torch.allclose(msf.resample(fine, 0, 1), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))

@@ -131,6 +131,7 @@ def test_mask_gate_reads_each_position_from_the_slots_that_claim_it():
     blind to a constant per row); with one-hot masks a position's output depends on its own slot only."""
     torch.manual_seed(0)
     block = decoders.SpatialTransformer(16, 8, heads=2).eval()
+    torch.nn.init.normal_(block.proj_out.weight)  # as after training: at initialisation the block adds nothing
     x, slots = torch.randn(1, 16, 4, 4), torch.randn(1, 3, 8)
     with torch.no_grad():
         free = block(x, slots)
@@ -174,6 +175,77 @@ class _Perfect(torch.nn.Module):
         return (x - a.sqrt() * self.x0) / (1 - a).sqrt()  # the noise in x_t = sqrt(a) x0 + sqrt(1 - a) eps
 
 
+def test_unet_blocks_start_as_the_identity_and_the_unet_predicts_zeros():
+    """Latent diffusion's initialisation (SlotDiffusion's UNet): at initialisation every SpatialTransformer returns its
+    input, every ResBlock its skip path (the input itself where the channels stay), and the UNet returns zeros;
+    after one optimiser step none of it holds any more (the zeros are a starting point, not frozen)."""
+    torch.manual_seed(0)
+    unet = decoders.UNet(4, 8, base=32, layers=1, heads=2)
+    seen = {"res": 0, "attn": 0}
+
+    def check(kind):
+        def hook(module, inputs, out):
+            x = inputs[0]
+            expected = x if kind == "attn" else module.skip(x)
+            assert torch.equal(out, expected), f"{kind} block of {tuple(x.shape)} changed its input at initialisation"
+            seen[kind] += 1
+        return hook
+    hooks = [m.register_forward_hook(check("res" if isinstance(m, decoders.ResBlock) else "attn"))
+             for m in unet.modules() if isinstance(m, (decoders.ResBlock, decoders.SpatialTransformer))]
+    x, t, slots = torch.randn(2, 4, 16, 16), torch.tensor([3, 900]), torch.randn(2, 5, 8)
+    out = unet(x, t, slots)
+    assert torch.equal(out, torch.zeros_like(x))
+    # 4 levels x 1 layer down, 2 in the middle, 4 x 2 up; attention after the ResBlocks of levels 1-3 and the middle
+    assert seen == {"res": 4 + 2 + 8, "attn": 3 + 1 + 6}
+    for h in hooks:
+        h.remove()
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    F = torch.nn.functional
+    for _ in range(2):  # step 1 moves the zero convs; step 2 passes gradients through them into everything else
+        opt.zero_grad()
+        F.mse_loss(unet(x, t, slots), torch.randn_like(x)).backward()
+        opt.step()
+    assert unet(x, t, slots).abs().max() > 0
+
+
+def test_unet_attention_block_is_latent_diffusions():
+    """SpatialTransformer as SlotDiffusion's (latent diffusion's): GroupNorm, 1x1 proj_in, one transformer block whose
+    q, k, v have no bias and whose feed-forward is GEGLU (value * GELU(gate), 4x the width), 1x1 proj_out. Checked
+    against the block written out by hand from those equations."""
+    torch.manual_seed(0)
+    block = decoders.SpatialTransformer(32, 8, heads=2)
+    for p in block.parameters():  # random weights everywhere, the zero-initialised proj_out included
+        torch.nn.init.normal_(p, std=0.2)
+    assert block.block.self_attn.q.bias is None and block.block.cross_attn.kv.bias is None
+    assert block.block.mlp[0].proj.out_features == 2 * 4 * 32 and block.block.mlp[-1].in_features == 4 * 32
+    x, slots = torch.randn(2, 32, 4, 4), torch.randn(2, 3, 8)
+    F = torch.nn.functional
+
+    def attend(att, q_in, ctx):  # plain multi-head softmax attention, 2 heads of 16
+        q = q_in @ att.q.weight.T
+        k, v = (ctx @ att.kv.weight.T).chunk(2, dim=-1)
+        split = lambda z: z.unflatten(-1, (2, 16)).transpose(1, 2)  # noqa: E731  (b, heads, n, 16)
+        w = (split(q) @ split(k).transpose(-1, -2) / 4.0).softmax(-1)
+        return att.out((w @ split(v)).transpose(1, 2).flatten(2))
+    b = block.block
+    t = block.proj_in(block.norm(x)).flatten(2).transpose(1, 2)  # (2, 16, 32)
+    t = t + attend(b.self_attn, b.norm1(t), b.norm1(t))
+    t = t + attend(b.cross_attn, b.norm2(t), slots)
+    value, gate = b.mlp[0].proj(b.norm3(t)).chunk(2, dim=-1)
+    t = t + b.mlp[2](value * F.gelu(gate))
+    expected = x + block.proj_out(t.transpose(1, 2).reshape(2, 32, 4, 4))
+    with torch.no_grad():
+        assert torch.allclose(block.eval()(x, slots), expected, atol=1e-5)
+
+
+def test_paper_size_unet_has_the_authors_parameter_count():
+    """At the paper's size our UNet has exactly the parameters of the authors' diffusers UNet2DConditionModel (in/out
+    4, block widths 128-256-384-512, 2 layers per block, cross-attention at 256): 135,048,452, counted by building
+    theirs with diffusers 0.35.1 (benchmarks/unet_params.py counts both where diffusers is installed)."""
+    unet = decoders.UNet(4, 256, base=128, layers=2, heads=8)
+    assert sum(p.numel() for p in unet.parameters()) == 135_048_452
+
+
 def test_x0_prediction_loss_and_ddim_with_a_perfect_denoiser():
     """--diffusion-prediction x0: the loss is the MSE to the (scaled) target itself; DDIM with a perfect denoiser
     ends on the target in either parametrisation (the last step has alpha_bar_prev = 1)."""
@@ -197,7 +269,7 @@ def test_x0_prediction_loss_and_ddim_with_a_perfect_denoiser():
 
 def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_vaes, tmp_path):
     """The flags reach the decoder and the checkpoint, the decoder gets Slot Attention's masks of the same step, the
-    run folder says -x0-gate; a checkpoint written before these options existed resumes as their defaults."""
+    run folder says -x0-gate; a run of the other decoder does not resume as this one."""
     flags = ["--diffusion-prediction", "x0", "--mask-gate"]
     args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
     vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
@@ -227,18 +299,42 @@ def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_
     torch.manual_seed(0)
     out_masks = model(image)["masks"]
     assert seen[0] is out_masks and out_masks.shape[0] == 1 and out_masks.dim() == 4  # (1, s, h, w), this step's
-    # a run of the code before --diffusion-prediction / --mask-gate: its checkpoint lacks both keys
-    authors = ["--diffusion-prediction", "eps", "--no-mask-gate"]  # what such a run had
-    plain = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1", *authors))
-    last = torch.load(plain / "last.pt", weights_only=True)
-    for key in ("diffusion_prediction", "mask_gate"):
-        del last["model_args"][key]
-    torch.save(last, plain / "last.pt")
-    resumed = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1",
-                                       "--resume", *authors))
-    assert resumed == plain
+    # a run of the authors' decoder does not resume as the recipe's: the difference is named
+    authors = ["--diffusion-prediction", "eps", "--no-mask-gate"]
+    plain = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "plain", "diffusion", "--steps", "1", *authors))
     with pytest.raises(train_common.RunError, match="diffusion_prediction: 'eps' in the checkpoint, 'x0' now"):
-        train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old", "diffusion", "--steps", "1", "--resume"))
+        train_ocl.train(ocl_args(tiny_root, tiny_vaes, plain, "diffusion", "--steps", "1", "--resume"))
+
+
+def test_the_authors_switches_augment_and_guidance_noise(tiny_root, tiny_vaes, tmp_path, capsys):
+    """--augment and --guidance-noise reach training (the guidance cache off, said in one line), name the run folder
+    and the checkpoint; sampled guidance differs between training steps and not at evaluation; combinations that
+    mean nothing are refused with the flag named."""
+    for wrong, says in ((["--augment", "--cache-features", "--encoder", "dino"], "--augment"),
+                        (["--decoder", "mlp", "--guidance-noise", "5"], "--guidance-noise"),
+                        (["--decoder", "diffusion", "--diffusion-target", "z", "--guidance-noise", "5"], "--guidance-noise"),
+                        (["--dino-target", "prenorm"], "--dino-target")):
+        with pytest.raises(SystemExit, match="2"):
+            train_ocl.parse_args(wrong)
+        assert says in capsys.readouterr().err
+    args = ocl_args(tiny_root, tiny_vaes, tmp_path / "run", "transformer", "--steps", "2", "--augment",
+                    "--guidance-noise", "5")
+    vae_args = train_common.load_checkpoint(tiny_vaes[256])["model_args"]
+    assert train_ocl.run_folder(args, vae_args).endswith("transformer-gnoise5-aug_msf")
+    out = train_ocl.train(args)
+    assert "the guidance cache is off" in capsys.readouterr().out
+    model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    assert model.guidance_noise == 5 and ckpt["args"]["augment"]
+    image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None].expand(4, -1, -1, -1)  # (4, 3, 64, 64)
+    model.train()
+    torch.manual_seed(0)
+    first, second = model.targets(image)[0][0], model.targets(image)[0][0]  # (4, 2, 16, 16) each
+    assert not torch.equal(first, second)  # each step its own sample
+    model.eval()
+    assert torch.equal(model.targets(image)[0][0], model.targets(image)[0][0])  # Eq. 1: deterministic
+    with pytest.raises(train_common.RunError, match="augment: True in the checkpoint, False now"):
+        train_ocl.train(ocl_args(tiny_root, tiny_vaes, out, "transformer", "--steps", "3", "--guidance-noise", "5",
+                                 "--resume"))
 
 
 def test_mlp_decoder_alpha_masks():
@@ -389,13 +485,13 @@ def test_checkpoint_of_another_format_is_refused_by_name(tiny_root, tiny_vaes, t
     refused by evaluate.py and by --resume with a one-line message naming both formats, never half-loaded."""
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "new", "transformer", "--steps", "2"))
     (tmp_path / "old_run").mkdir()
-    for name, version in (("best.pt", 3), ("last.pt", None)):
+    for name, version in (("best.pt", 4), ("last.pt", None)):
         ckpt = torch.load(out / name, weights_only=True)
         ckpt.pop("format_version") if version is None else ckpt.update(format_version=version)
         torch.save(ckpt, tmp_path / "old_run" / name)
-    with pytest.raises(SystemExit, match=r"has checkpoint format 3; this code reads format 4 only"):
+    with pytest.raises(SystemExit, match=r"has checkpoint format 4; this code reads format 5 only"):
         evaluate.main(["--ckpt", str(tmp_path / "old_run" / "best.pt"), "--limit", "8"])
-    with pytest.raises(ValueError, match=r"has checkpoint format 1; this code reads format 4 only"):
+    with pytest.raises(ValueError, match=r"has checkpoint format 1; this code reads format 5 only"):
         train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "old_run", "transformer", "--steps", "2", "--resume"))
 
 

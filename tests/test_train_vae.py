@@ -139,10 +139,10 @@ def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         train_common.load_checkpoint(path, "vae")
     torch.save({"kind": "vae", "format_version": 99}, path)
-    with pytest.raises(ValueError, match="has checkpoint format 99; this code reads format 4 only"):
+    with pytest.raises(ValueError, match="has checkpoint format 99; this code reads format 5 only"):
         train_common.load_checkpoint(path, "vae")
     torch.save({"kind": "vae"}, path)  # the first format stored no version
-    with pytest.raises(ValueError, match="has checkpoint format 1; this code reads format 4 only"):
+    with pytest.raises(ValueError, match="has checkpoint format 1; this code reads format 5 only"):
         train_common.load_checkpoint(path, "vae")
 
 

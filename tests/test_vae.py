@@ -44,6 +44,27 @@ def test_gumbel_matching_samples_softmax_of_scaled_distances():
     assert (idx0 == 0).all()
 
 
+def test_guidance_noise_samples_the_authors_standardised_distances():
+    """--guidance-noise std: codes are a sample of softmax(std * (-||z - c|| - mu) / sigma), the plain distance
+    standardised by the chi distribution of c degrees of freedom (scipy's chi is the oracle), and the probability
+    returned for Eq. 4 is that of the Gumbel-perturbed softmax at the sample (gumbel_softmax's maximum)."""
+    from scipy.stats import chi
+    for dof in (1, 4, 256):
+        assert vae.chi_std(dof) == pytest.approx(chi(dof).std(), rel=1e-6)
+    c, std = 4, 5.0
+    codebook = torch.zeros(3, c)
+    codebook[1, 0], codebook[2, 0] = 0.3, 0.6  # plain distances 0, 0.3, 0.6 from z = 0
+    z = torch.zeros(20000, c, 1, 1)
+    torch.manual_seed(0)
+    idx, conf = vae.match(z, codebook, confidence=True, noise=std)
+    freq = torch.bincount(idx.flatten(), minlength=3).float() / idx.numel()
+    target = torch.softmax(-std * torch.tensor([0.0, 0.3, 0.6]) / chi(c).std(), 0)
+    assert torch.allclose(freq, target, atol=0.01), (freq, target)
+    assert (conf > 0).all() and (conf <= 1).all() and conf.std() > 0.05  # perturbed: a different P at each draw
+    idx0, _ = vae.match(z[:10], codebook, noise=0.0)
+    assert (idx0 == 0).all()  # Eq. 1 without noise
+
+
 def test_projection_round_trip_is_identity():
     torch.manual_seed(0)
     W = vae.init_projection(16, 2).detach() + 0.3 * torch.randn(32, 16)  # any full-column-rank W, not just orthonormal
