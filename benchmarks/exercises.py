@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import stats  # noqa: E402  (paired intervals and verdicts)
+
 SEEDS = (0, 1, 2)
 # what answers each exercise's question with little noise, read off the cell: (label, where: "vae" / "ocl" / "loss",
 # key); the four metrics are reported for every exercise beside it
@@ -142,39 +145,16 @@ def value(cell, where, key, which=-1):
     return scale * entry[key] if key in entry else float("nan")  # e.g. the share of a 4th scale the baseline lacks
 
 
-def spread(values):
-    if any(v != v for v in values):  # NaN anywhere: no mean to speak of
-        return float("nan"), float("nan")
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def fmt(values, digits=2):
-    if any(v != v for v in values):  # NaN: the quantity does not exist there
-        return "-"
-    m, s = spread(values)
-    return f"{m:.{digits}f} +- {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
-def seeds_to_show(diffs, most=30):
-    """The fewest seeds at which a paired difference of this mean and std would be significant (two-sided paired t
-    test, 5%), if more seeds kept the mean and std measured here: "3" means it already is at 3 seeds. None where
-    the difference has no spread to speak of; f">{most}" beyond `most`."""
-    from scipy.stats import t  # a runtime requirement already
-    if len(diffs) < 2 or any(d != d for d in diffs):
-        return None
-    mean, std = statistics.mean(diffs), statistics.stdev(diffs)
-    if std == 0:
-        return None
-    for n in range(2, most + 1):
-        if abs(mean) / (std / n ** 0.5) > t.ppf(0.975, n - 1):
-            return str(n)
-    return f">{most}"
+    """mean +- std (stats.mean_std), "-" where the quantity does not exist (NaN anywhere)."""
+    return "-" if any(v != v for v in values) else stats.mean_std(values, digits)
 
 
 def table(results):
     """The teacher's table (markdown) from every cell on disk: per exercise the observable as mean +- std over its
-    seeds beside the baseline's, their paired difference and the seeds at which it would show, whether the two
-    leave each other's spread (the mean +- std intervals do not overlap), and the four metrics."""
+    seeds beside the baseline's on the same seeds, their paired difference with its 95% interval and verdict
+    (benchmarks/stats.py: higher, lower or not settled), how many seeds (students) show the effect (the sign of the
+    mean), the seeds at which it would settle, and the four metrics with those whose paired difference settles."""
     cells = {}
     for path in sorted(results.glob("*__s*.json")):
         cell = json.loads(path.read_text())
@@ -182,12 +162,13 @@ def table(results):
     if "baseline" not in cells:
         return "no baseline cells yet\n"
     base = cells["baseline"]
-    lines = ["| exercise | seeds | minutes | observable | exercise | baseline | paired difference | seeds to show it | "
-             "outside the baseline's spread? | ARI | ARIfg | mIoU | mBO | metrics outside the baseline's spread |",
-             "|" + "---|" * 14]
+    lines = ["| exercise | seeds | minutes | observable | exercise | baseline | paired difference [95% interval] | "
+             "verdict | seeds showing it | seeds to settle it | ARI | ARIfg | mIoU | mBO | metrics that settle |",
+             "|" + "---|" * 15]
     metrics = ("ari", "ari_fg", "miou", "mbo")
-    lines.append(f"| the baseline | {len(base)} | {fmt([c['minutes'] for c in base], 1)} | | | | | | | " +
+    lines.append(f"| the baseline | {len(base)} | {fmt([c['minutes'] for c in base], 1)} | | | | | | | | " +
                  " | ".join(fmt([value(c, 'ocl', k) for c in base]) for k in metrics) + " | |")
+    words = {"ahead": "higher", "behind": "lower", "not settled": "not settled"}
     for key in sorted((k for k in cells if k != "baseline"), key=int):
         mine = sorted(cells[key], key=lambda c: c["seed"])
         label, where, obs = OBSERVABLES[key]
@@ -195,32 +176,34 @@ def table(results):
         ref = [(c, 0) for c in mine] if key == "11" else [(b, -1) for b in base]
         by_seed = {c["seed"]: (c, w) for c, w in ref}
         mine = [c for c in mine if c["seed"] in by_seed]
-        pairs = [(c, *by_seed[c["seed"]]) for c in mine]  # seed k of the exercise beside seed k of the baseline
-        ex = [value(c, where, obs) for c, _, _ in pairs]
-        rf = [value(r, where, obs, w) for _, r, w in pairs]
-        diffs = [a - b for a, b in zip(ex, rf)]
-        (m1, s1), (m0, s0) = spread(ex), spread(rf)
-        outside = ("yes" if abs(m1 - m0) > s1 + s0 else "no") if len(ex) > 1 and m0 == m0 else "-"  # no spread
-        moved = []  # the metrics whose mean +- std does not overlap the baseline's (on the same seeds)
-        for k, name in zip(metrics, ("ARI", "ARIfg", "mIoU", "mBO")):
-            (a1, b1), (a0, b0) = spread([value(c, "ocl", k) for c, _, _ in pairs]), \
-                spread([value(r, "ocl", k, w) for _, r, w in pairs])
-            if len(mine) > 1 and abs(a1 - a0) > b1 + b0:
-                moved.append(f"{name} {'+' if a1 > a0 else '-'}{abs(a1 - a0):.1f}")
+        pairs = {c["seed"]: (c, *by_seed[c["seed"]]) for c in mine}  # seed k of the exercise, of the baseline
+
+        def compare(where_, key_):  # the exercise minus the baseline over the paired seeds (stats.paired)
+            return stats.paired({s: value(c, where_, key_) for s, (c, _, _) in pairs.items()},
+                                {s: value(r, where_, key_, w) for s, (_, r, w) in pairs.items()})
+        r = compare(where, obs)
         digits = 3 if where == "loss" or obs.startswith("wins") else 2
+        known = r["n"] and r["mean"] == r["mean"]  # NaN: the quantity does not exist for the baseline
+        shown = sum(d != 0 and (d > 0) == (r["mean"] > 0) for d in r["diffs"]) if known else 0
+        showing = f"{shown} of {r['n']}" if known else "-"
+        settled = [f"{name} {m['mean']:+.1f}" for k, name in zip(metrics, ("ARI", "ARIfg", "mIoU", "mBO"))
+                   if (m := compare("ocl", k))["verdict"] != "not settled"]
         lines.append(f"| {key}. {mine[0]['title']} | {len(mine)} | {fmt([c['minutes'] for c in mine], 1)} | {label} | "
-                     f"{fmt(ex, digits)} | {fmt(rf, digits)} | {fmt(diffs, digits)} | {seeds_to_show(diffs) or '-'} | "
-                     f"{outside} | " + " | ".join(fmt([value(c, 'ocl', k) for c, _, _ in pairs]) for k in metrics) +
-                     f" | {', '.join(moved) or ('none' if len(mine) > 1 else '-')} |")
+                     f"{fmt([value(c, where, obs) for c in mine], digits)} | "
+                     f"{fmt([value(b, where, obs, w) for _, b, w in pairs.values()], digits)} | "
+                     f"{stats.interval(r, digits) if known else '-'} | {words[r['verdict']] if known else '-'} | "
+                     f"{showing} | {(stats.seeds_to_settle(r) if known else None) or '-'} | " +
+                     " | ".join(fmt([value(c, 'ocl', k) for c, _, _ in pairs.values()]) for k in metrics) +
+                     f" | {', '.join(settled) or ('none' if len(mine) > 1 else '-')} |")
     ran = sorted({c["ran_on"] for group in cells.values() for c in group})
     return "\n".join(lines) + (
         "\n\nx100 (the loss and the shares as they are); mean +- std over the seeds listed, each on all 500 `val` "
         "images (exercise 11: 200 clips, its baseline the recipe with the box prior). Paired difference: seed k of "
-        "the exercise minus seed k of the baseline. Seeds to show it: the fewest seeds at which that paired difference "
-        "would pass a two-sided paired t test at 5% if its mean and std held (no more than the seeds listed: it "
-        "already does). \"Outside\": the exercise's and the baseline's mean +- std do not overlap; \"metrics outside "
-        "it\": the same test for each of the four metrics, with the difference of the means. Ran on: "
-        + "; ".join(ran) + ".\n")
+        "the exercise minus seed k of the baseline, mean and 95% t interval; verdict: higher or lower where the "
+        "interval is clear of 0, else not settled (benchmarks/stats.py). Seeds showing it: the seeds (in a class, the "
+        "students) whose own difference has the mean's sign. Seeds to settle it: the fewest at which that interval "
+        "would clear 0 if the mean and std held (the seeds listed, where it already does). Metrics that settle: the "
+        "same test for each of the four metrics. Ran on: " + "; ".join(ran) + ".\n")
 
 
 def ship(args):

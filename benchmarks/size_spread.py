@@ -16,7 +16,6 @@ dataset before seed 1) and writes <results>/table.md and <results>/gain.png.
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import compare_guidance  # noqa: E402  (the cells, their runner and mean_std)
+import compare_guidance  # noqa: E402  (the cells and their runner)
+import stats  # noqa: E402  (paired intervals and verdicts)
 
 SPREADS = [(24, 24), (6, 48), (3, 60)]  # object sides at 64 px, smallest to widest spread (the plan)
-CELLS = ("vqvae+stab", "msf")  # the strongest honest baseline and MSF, both under SLATE
+# the stabilised VQ-VAE (the strongest honest baseline), GDR (MSF's two codebooks of 64 at one scale: MSF - GDR is
+# what the fusion of scales adds) and MSF, all under SLATE
+CELLS = ("vqvae+stab", "gdr", "msf")
+PAIRS = (("msf", "vqvae+stab"), ("msf", "gdr"), ("gdr", "vqvae+stab"))  # the comparisons of the table and figure
+COLOURS = {("msf", "vqvae+stab"): (31, 119, 180), ("msf", "gdr"): (255, 127, 14)}  # the figure's two gains
 
 
 def folder(sides):
@@ -49,7 +53,7 @@ def run(args):
     for seed in args.seeds:
         for sides in SPREADS:
             root = build_dataset(args.data_root, sides)
-            compare_guidance.main(["--cells", ",".join(CELLS), "--decoders", "transformer", "--seeds", str(seed),
+            compare_guidance.main(["--cells", ",".join(args.cells), "--decoders", "transformer", "--seeds", str(seed),
                                    "--jobs", str(args.jobs), "--threads", str(args.threads), "--data-root", str(root),
                                    "--results", str(args.results / folder(sides)),
                                    "--work", str(args.work / folder(sides))])
@@ -66,62 +70,65 @@ def gather(results):
     return out
 
 
-def gains(by_variant):
-    """MSF - vqvae+stab ARIfg (x100) seed by seed, over the seeds both have: {seed: gain}."""
-    base, msf = by_variant.get(CELLS[0], {}), by_variant.get(CELLS[1], {})
-    return {s: 100 * (msf[s]["metrics"]["ari_fg"] - base[s]["metrics"]["ari_fg"]) for s in sorted(msf) if s in base}
+def ari_fg(by_variant, variant):
+    """{seed: ARIfg x100} of one variant of one spread."""
+    return {s: 100 * c["metrics"]["ari_fg"] for s, c in by_variant.get(variant, {}).items()}
+
+
+def gains(by_variant, pair=PAIRS[0]):
+    """The paired difference (stats.paired) of `pair`, e.g. MSF - vqvae+stab ARIfg x100, over the seeds both have."""
+    return stats.paired(ari_fg(by_variant, pair[0]), ari_fg(by_variant, pair[1]))
 
 
 def table(found):
-    """Markdown: one row per spread; ARIfg of both variants, the paired gain (mean +- std and per seed), mIoU of
-    small / medium / large objects (Tab. 7's split, the same thresholds on every dataset)."""
+    """Markdown: per spread the ARIfg of each variant and mIoU of small / medium / large objects (Tab. 7's split, the
+    same thresholds on every dataset), then the comparisons table: each pair's paired difference per spread with
+    its 95% interval, sign count and verdict (benchmarks/stats.py)."""
     if not found:
         return "(no cells yet)\n"
-    ms = compare_guidance.mean_std
-    lines = ["| object sides (px at 64) | spread | seeds | ARIfg vqvae+stab | ARIfg msf | MSF - vqvae+stab (paired) | "
-             "per seed | mIoU S / M / L vqvae+stab | mIoU S / M / L msf |", "|---|---|---|---|---|---|---|---|---|"]
-    waiting = []  # cells whose pair has not landed yet: named under the table, left out of every column
+    ms = stats.mean_std
+    lines = ["| object sides (px at 64) | spread | " + " | ".join(f"ARIfg {v} (seeds)" for v in CELLS) + " | " +
+             " | ".join(f"mIoU S / M / L {v}" for v in CELLS) + " |", "|---|---|" + "---|" * (2 * len(CELLS))]
+    compared = [stats.HEADER]
     for sides, by_variant in found.items():
-        g = gains(by_variant)  # {seed: gain} over the seeds both variants have
-        waiting += [f"{folder(sides)} {v} seed {s}" for v in CELLS for s in sorted(by_variant.get(v, {})) if s not in g]
-        if not g:
-            continue
-
-        def col(variant, key):  # over the paired seeds only, so both columns and the gain share their seeds
-            return ms([100 * by_variant[variant][s]["metrics"].get(key, math.nan) for s in g])
-
-        sizes = {v: " / ".join(col(v, f"miou_{k}") for k in ("small", "medium", "large")) for v in CELLS}
-        lines.append(f"| {sides[0]} to {sides[1]} | {sides[1] / sides[0]:.0f}x | {', '.join(map(str, g))} | "
-                     f"{col(CELLS[0], 'ari_fg')} | {col(CELLS[1], 'ari_fg')} | "
-                     f"{ms(list(g.values()))} ({len(g)}) | "
-                     f"{', '.join(f'{v:+.2f}' for v in g.values())} | {sizes[CELLS[0]]} | {sizes[CELLS[1]]} |")
+        spread = f"{sides[0]} to {sides[1]} | {sides[1] / sides[0]:.0f}x"
+        columns = [f"{ms(list(ari_fg(by_variant, v).values()))} ({len(by_variant.get(v, {}))})" for v in CELLS]
+        sizes = [" / ".join(ms([100 * c["metrics"].get(f"miou_{k}", math.nan) for c in by_variant.get(v, {}).values()])
+                            for k in ("small", "medium", "large")) for v in CELLS]
+        lines.append(f"| {spread} | " + " | ".join(columns + sizes) + " |")
+        for a, b in PAIRS:
+            result = gains(by_variant, (a, b))
+            if result["n"]:
+                compared.append(stats.row(f"{sides[1] / sides[0]:.0f}x: {a} - {b}", result))
     cells = [c for by_variant in found.values() for by_seed in by_variant.values() for c in by_seed.values()]
     machines = sorted({f"{c.get('ran_on', 'CPU')}, {c.get('jobs', 1)} cell(s) side by side, commit {c['commit']}"
                        for c in cells})
-    return ("\n".join(lines) + "\n\nSLATE, VAE " f"{cells[0]['vae_steps']} steps, OCL {cells[0]['ocl_steps']} steps; best.pt "
-            "chosen on `select`, scored on all of `val`; x100, mean +- std over the paired seeds. "
-            + (f"Waiting for their pair (not in the table): {', '.join(waiting)}. " if waiting else "")
-            + "Ran on:\n" + "".join(f"- {m}\n" for m in machines))
+    return ("\n".join(lines) + "\n\n" + "\n".join(compared) + "\n\nSLATE, VAE " f"{cells[0]['vae_steps']} steps, OCL "
+            f"{cells[0]['ocl_steps']} steps; best.pt chosen on `select`, scored on all of `val`; x100, mean +- std over "
+            "seeds; a comparison pairs the seeds both rows have, mean and 95% t interval (benchmarks/stats.py). "
+            "Ran on:\n" + "".join(f"- {m}\n" for m in machines))
 
 
-def figure(found, path, size=(420, 280)):
-    """gain.png: the paired gain (y, ARIfg x100) against the spread of sides (x, log scale); one dot per seed, the
-    mean with +- one std as a bar, the zero line dashed (PIL only)."""
+def figure(found, path, size=(460, 300)):
+    """gain.png: the paired ARIfg differences (y, x100) against the spread of sides (x, log scale): MSF - vqvae+stab
+    (blue) and MSF - GDR (orange), one dot per seed, the mean with its 95% interval as a bar, the zero line dashed
+    (PIL only)."""
     from PIL import Image, ImageDraw
-    points = {sides[1] / sides[0]: list(gains(by_variant).values()) for sides, by_variant in found.items()}
-    points = {k: v for k, v in points.items() if v}
+    points = {pair: {sides[1] / sides[0]: gains(v, pair) for sides, v in found.items()} for pair in COLOURS}
     w, h = size
-    x0, y0, pw, ph = 56, 24, w - 80, h - 64  # the plot area
+    x0, y0, pw, ph = 56, 36, w - 80, h - 76  # the plot area
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    values = [v for vs in points.values() for v in vs] or [0.0]
-    lo, hi = min(min(values), 0.0) - 1, max(max(values), 0.0) + 1
+    values = [d for by_spread in points.values() for r in by_spread.values() for d in r["diffs"]] or [0.0]
+    lows = [r["low"] for by_spread in points.values() for r in by_spread.values() if r["n"] > 1]
+    highs = [r["high"] for by_spread in points.values() for r in by_spread.values() if r["n"] > 1]
+    lo, hi = min(values + lows + [0.0]) - 1, max(values + highs + [0.0]) + 1
     spreads = [s[1] / s[0] for s in SPREADS]
     xmin, xmax = math.log(min(spreads)), math.log(max(spreads))
 
-    def xy(ratio, value):
-        inset = 24  # the outermost spreads stay off the frame
-        return (x0 + inset + (pw - 2 * inset) * (math.log(ratio) - xmin) / (xmax - xmin),
+    def xy(ratio, value, shift=0):
+        inset = 28  # the outermost spreads stay off the frame
+        return (x0 + inset + shift + (pw - 2 * inset) * (math.log(ratio) - xmin) / (xmax - xmin),
                 y0 + ph * (1 - (value - lo) / (hi - lo)))
 
     draw.rectangle((x0, y0, x0 + pw, y0 + ph), outline=(180, 180, 180))
@@ -131,16 +138,18 @@ def figure(found, path, size=(420, 280)):
     draw.text((x0 - 4, zero), "0", fill="gray", anchor="rm")
     for ratio in spreads:
         draw.text((xy(ratio, 0)[0], y0 + ph + 4), f"{ratio:.0f}x", fill="black", anchor="mt")
-    for ratio, vs in points.items():
-        for v in vs:
-            x, y = xy(ratio, v)
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), outline=(31, 119, 180))
-        mean = statistics.mean(vs)
-        std = statistics.stdev(vs) if len(vs) > 1 else 0.0
-        x, y = xy(ratio, mean)
-        draw.line((x, xy(ratio, mean - std)[1], x, xy(ratio, mean + std)[1]), fill=(214, 39, 40), width=2)
-        draw.line((x - 8, y, x + 8, y), fill=(214, 39, 40), width=2)
-    draw.text((x0, y0 - 4), "ARIfg: MSF - VQ-VAE (stabilised), paired", fill="black", anchor="lb")
+    for k, (pair, by_spread) in enumerate(points.items()):
+        colour, shift = COLOURS[pair], (-6, 6)[k]  # the two gains side by side at each spread
+        for ratio, r in by_spread.items():
+            for d in r["diffs"]:
+                x, y = xy(ratio, d, shift)
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), outline=colour)
+            if r["n"] > 1:
+                x, y = xy(ratio, r["mean"], shift)
+                draw.line((x, xy(ratio, r["low"])[1], x, xy(ratio, r["high"])[1]), fill=colour, width=2)
+                draw.line((x - 6, y, x + 6, y), fill=colour, width=2)
+        draw.text((x0 + 4 + 150 * k, 6), f"{pair[0]} - {pair[1]}", fill=colour, anchor="lt")
+    draw.text((x0, y0 - 6), "ARIfg, paired by seed: mean and 95% interval", fill="black", anchor="lb")
     draw.text((x0 - 4, y0), f"{hi:+.1f}", fill="gray", anchor="rt")
     draw.text((x0 - 4, y0 + ph), f"{lo:+.1f}", fill="gray", anchor="rb")
     draw.text((x0 + pw / 2, h - 6), "largest / smallest object side", fill="black", anchor="mb")
@@ -150,6 +159,7 @@ def figure(found, path, size=(420, 280)):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--cells", default=",".join(CELLS), help="variants to run (compare_guidance.py names)")
     p.add_argument("--data-root", type=Path, default=ROOT / "data" / "size_spread")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "size_spread")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "size_spread")
@@ -157,6 +167,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (compare_guidance.py --threads)")
     p.add_argument("--table", action="store_true", help="only the table and the figure from the cells on disk")
     args = p.parse_args(argv)
+    args.cells = args.cells.split(",")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -167,7 +178,7 @@ def main(argv=None):
     args.results.mkdir(parents=True, exist_ok=True)
     text = table(found)
     compare_guidance.write_atomic(args.results / "table.md", text)
-    if any(gains(v) for v in found.values()):
+    if any(gains(v)["n"] for v in found.values()):
         figure(found, args.results / "gain.png")
     print(text)
 

@@ -34,8 +34,8 @@ def paired(a, b):
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
     n = len(diffs)
-    mean = statistics.mean(diffs) if diffs else math.nan
-    if n < 2:
+    mean = statistics.mean(diffs) if diffs and all(d == d for d in diffs) else math.nan  # NaN: no such quantity
+    if n < 2 or mean != mean:
         std = half = math.nan
     else:
         std = statistics.stdev(diffs)
@@ -61,6 +61,18 @@ def seeds_needed(std, target=TARGET, most=200):
         return None
     for n in range(2, most + 1):
         if t_quantile(n) * std / math.sqrt(n) <= target:
+            return n
+    return f">{most}"
+
+
+def seeds_to_settle(result, most=30):
+    """The fewest pairs at which a paired difference of this mean and std would be settled (its 95% interval clear
+    of 0), if more seeds kept them: `n` itself where it already is; None without a spread; f">{most}" beyond."""
+    mean, std = result["mean"], result["std"]
+    if result["n"] < 2 or std != std or std == 0:
+        return None
+    for n in range(2, most + 1):
+        if abs(mean) > t_quantile(n) * std / math.sqrt(n):
             return n
     return f">{most}"
 
@@ -98,8 +110,9 @@ def row(name, result, digits=2):
     need = seeds_needed(result["std"]) if n >= 2 else None
     need = "-" if need is None else (f"{need} (has {n})" if not isinstance(need, int) or need > n else "reached")
     return (f"| {name} | {n} ({seeds}) | {mean_std(result['diffs'], digits)} | {interval(result, digits)} | "
-            f"{result['ahead']} of {n} | {result['verdict']} | {need} |")
+            f"{result['ahead']} of {n} | {result['verdict']} | {need} | "
+            f"{', '.join(f'{d:+.{digits}f}' for d in result['diffs'])} |")
 
 
 HEADER = ("| comparison (ARIfg x100, paired) | seeds | mean +- std | mean [95% interval] | ahead on | verdict | "
-          f"seeds for +-{TARGET} |\n|---|---|---|---|---|---|---|")
+          f"seeds for +-{TARGET} | by seed |\n|---|---|---|---|---|---|---|---|")

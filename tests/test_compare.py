@@ -159,34 +159,34 @@ def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
 
 
 def test_size_spread_pairs_each_spread_seed_by_seed_and_draws_the_gain(tmp_path, capsys):
+    """Per spread the ARIfg of each guidance, then MSF - vqvae+stab, MSF - GDR and GDR - vqvae+stab over the seeds
+    both rows have, with their 95% intervals by hand; a spread without cells has no row."""
     import size_spread
     from PIL import Image
-    # 1x: gains 2, -1 points (mean 0.50, std 2.12); 20x: gains 5, 2, 7 (mean 4.67, std 2.52); 8x: no cell
-    for seed, (base, ours) in enumerate([(0.50, 0.52), (0.60, 0.59)]):
-        write_to = tmp_path / "sides24-24"
-        write_to.mkdir(exist_ok=True)
-        write(write_to, fake_cell("vqvae+stab", seed, base))
-        write(write_to, fake_cell("msf", seed, ours))
-    for seed, (base, ours) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
-        write_to = tmp_path / "sides3-60"
-        write_to.mkdir(exist_ok=True)
-        write(write_to, fake_cell("vqvae+stab", seed, base))
-        write(write_to, fake_cell("msf", seed, ours))
-    write(tmp_path / "sides3-60", fake_cell("msf-N2", 0, 0.9))  # another variant: not part of this comparison
-    write(tmp_path / "sides24-24", fake_cell("msf", 2, 0.99))  # no vqvae+stab seed 2 yet: named, kept out of the row
-    (tmp_path / "sides6-48").mkdir()
-    write(tmp_path / "sides6-48", fake_cell("vqvae+stab", 0, 0.5))  # a spread with no pair at all: no row
+    for folder, cells in (("sides24-24", {"vqvae+stab": [0.50, 0.60], "msf": [0.52, 0.59, 0.99]}),
+                          ("sides3-60", {"vqvae+stab": [0.50, 0.60, 0.40], "gdr": [0.52, 0.61, 0.45],
+                                         "msf": [0.55, 0.62, 0.47], "msf-N2": [0.9]})):
+        (tmp_path / folder).mkdir()
+        for variant, values in cells.items():
+            for seed, v in enumerate(values):
+                write(tmp_path / folder, fake_cell(variant, seed, v))
     size_spread.main(["--table", "--results", str(tmp_path)])
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "table.md").read_text().splitlines()
-            if line.startswith("| 24 to 24") or line.startswith("| 3 to 60")]
-    assert [r[:7] for r in rows] == [
-        ["24 to 24", "1x", "0, 1", "55.00 +- 7.07", "55.50 +- 4.95", "0.50 +- 2.12 (2)", "+2.00, -1.00"],
-        ["3 to 60", "20x", "0, 1, 2", "50.00 +- 10.00", "54.67 +- 7.51", "4.67 +- 2.52 (3)", "+5.00, +2.00, +7.00"]]
-    assert rows[0][7] == "10.00 +- 0.00 / 30.00 +- 0.00 / 50.00 +- 0.00"  # mIoU S / M / L, x100
     text = (tmp_path / "table.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and ":" in line.split("|")[1]}
+    # 1x: msf - vqvae+stab over seeds 0, 1 (seed 2 has no pair): +2, -1; half-width 12.706 * 2.121 / sqrt(2) = 19.06
+    assert rows["1x: msf - vqvae+stab"][1:] == ["2 (0,1)", "0.50 +- 2.12", "+0.50 [-18.56, +19.56]", "1 of 2",
+                                                "not settled", "6 (has 2)", "+2.00, -1.00"]
+    assert "1x: msf - gdr" not in rows  # no GDR cells there
+    # 20x: msf - gdr 3, 1, 2 -> 2 +- 4.3027 / sqrt(3) = [-0.48, +4.48]; msf - vqvae+stab 5, 2, 7 -> [-1.58, +10.92]
+    assert rows["20x: msf - gdr"][3:6] == ["+2.00 [-0.48, +4.48]", "3 of 3", "not settled"]
+    assert rows["20x: msf - vqvae+stab"][3] == "+4.67 [-1.58, +10.92]"
+    assert rows["20x: gdr - vqvae+stab"][3] == "+2.67 [-2.50, +7.84]"  # 2, 1, 5: std 2.08
+    spread = next(line for line in text.splitlines() if line.startswith("| 3 to 60"))
+    assert "| 50.00 +- 10.00 (3) | 52.67 +- 8.02 (3) | 54.67 +- 7.51 (3) |" in spread
+    assert "10.00 +- 0.00 / 30.00 +- 0.00 / 50.00 +- 0.00" in spread  # mIoU S / M / L, x100
     assert "| 6 to 48" not in text
-    assert "Waiting for their pair (not in the table): sides24-24 msf seed 2, sides6-48 vqvae+stab seed 0." in text
-    assert Image.open(tmp_path / "gain.png").size == (420, 280)
+    assert Image.open(tmp_path / "gain.png").size == (460, 300)
     assert "| 24 to 24" in capsys.readouterr().out
 
 
@@ -200,7 +200,7 @@ def test_size_spread_runs_seed_major_through_compare_guidance(tmp_path, monkeypa
     order = [(c[c.index("--seeds") + 1], Path(c[c.index("--results") + 1]).name) for c in calls]
     assert order == [("0", "sides24-24"), ("0", "sides6-48"), ("0", "sides3-60"),
                      ("1", "sides24-24"), ("1", "sides6-48"), ("1", "sides3-60")]
-    assert all(c[c.index("--cells") + 1] == "vqvae+stab,msf" and c[c.index("--decoders") + 1] == "transformer"
+    assert all(c[c.index("--cells") + 1] == "vqvae+stab,gdr,msf" and c[c.index("--decoders") + 1] == "transformer"
                for c in calls)
     assert (tmp_path / "r" / "table.md").read_text() == "(no cells yet)\n"
     with pytest.raises(SystemExit):

@@ -154,15 +154,18 @@ def test_the_shipped_baseline_scores_the_digits_written_beside_it(name, first_64
 
 def test_the_teachers_table_pairs_seeds_and_says_when_a_difference_shows(tmp_path):
     """benchmarks/exercises.py's table on made-up cells, against hand-computed values: exercise 4's scale-1
-    reconstruction (x100) is 1, 2, 3 points above the baseline's on seeds 0, 1, 2 (paired 2.00 +- 1.00); with that mean
-    and std a paired t test passes at 5% first at 4 seeds (t = 2 / (1 / sqrt 4) = 4.00 > 3.18; at 3 seeds 3.46 <
-    4.30). The baseline's 10, 20, 30 and the exercise's 11, 22, 33 overlap (20 +- 10 and 22 +- 11): not outside."""
+    reconstruction (x100) is 1, 2, 3 points above the baseline's on seeds 0, 1, 2: paired 2.00 +- 1.00, 95% interval
+    2 +- 4.303 / sqrt(3) = [-0.48, +4.48], not settled, shown by 3 seeds of 3; the interval would clear 0 first at 4
+    seeds (3.182 / sqrt(4) = 1.59 < 2; at 3, 2.48 > 2)."""
     import sys
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import exercises as bench
-    assert bench.seeds_to_show([1.0, 2.0, 3.0]) == "4"
-    assert bench.seeds_to_show([30.0, 34.0, 38.0]) == "3"  # t = 34 / (4 / sqrt 3) = 14.7 > 4.30
-    assert bench.seeds_to_show([1.0, -1.0, 1.0, -1.0]) == ">30" and bench.seeds_to_show([2.0, 2.0]) is None
+    import stats
+    assert stats.seeds_to_settle(stats.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})) == 4
+    # mean 34, std 4: at 2 pairs 12.706 * 4 / sqrt(2) = 35.9 > 34, at 3 pairs 9.9: already at the 3 it has
+    assert stats.seeds_to_settle(stats.paired({0: 30.0, 1: 34.0, 2: 38.0}, {0: 0, 1: 0, 2: 0})) == 3
+    assert stats.seeds_to_settle(stats.paired({i: (-1.0) ** i for i in range(4)}, {i: 0.0 for i in range(4)})) == ">30"
+    assert stats.seeds_to_settle(stats.paired({0: 2.0, 1: 2.0}, {0: 0.0, 1: 0.0})) is None  # no spread
     metrics = {"ari": 0.3, "ari_fg": 0.5, "miou": 0.4, "mbo": 0.4}
     for seed in range(3):
         for key, recon in (("baseline", 0.1 * (seed + 1)), ("4", 0.1 * (seed + 1) + 0.01 * (seed + 1))):
@@ -170,4 +173,4 @@ def test_the_teachers_table_pairs_seeds_and_says_when_a_difference_shows(tmp_pat
                     "vae": [{"recon1": recon}], "ocl": [metrics]}
             (tmp_path / f"{key}__s{seed}.json").write_text(json.dumps(cell))
     row = [line for line in bench.table(tmp_path).splitlines() if line.startswith("| 4.")][0].split(" | ")
-    assert row[4:9] == ["22.00 +- 11.00", "20.00 +- 10.00", "2.00 +- 1.00", "4", "no"], row
+    assert row[4:10] == ["22.00 +- 11.00", "20.00 +- 10.00", "+2.00 [-0.48, +4.48]", "not settled", "3 of 3", "4"], row
