@@ -409,7 +409,7 @@ def evaluate_vae(ckpt, args, device):
     m = validate_vae(model, dataset, device, args.batch_size or 32, clusters=k, seed=args.seed)
     first = dataset[0]["image"]  # (3, H, W), or (T, 3, H, W) for a video: every frame was scored
     count = len(dataset) * (len(first) if first.dim() == 4 else 1)
-    result = {"ckpt": str(args.ckpt), "kind": "vae", "split": args.split, "samples": count,
+    result = {"ckpt": str(args.ckpt), "kind": "vae", "seed": a.get("seed"), "split": args.split, "samples": count,
               "separability": {"inter_cluster": m["inter_cluster"], "intra_cluster": m["intra_cluster"], "clusters": k},
               "reconstruction_mse": {n: v for n, v in m.items() if n.startswith("recon")},
               "codebook_usage": {n: v for n, v in m.items() if n.startswith(("perplexity", "used"))},
@@ -472,7 +472,8 @@ def evaluate_ocl(ckpt, args, device):
         if model.decoder_kind == "diffusion" and not model.video:  # slots -> X' (DDIM) -> pixels (VAE decoder)
             gen = torch.Generator(device=device).manual_seed(args.seed)
             figures.diffusion_recon(out_dir / "diffusion_recon.png", model, image, out["slots"], gen, out["masks"])
-    return {"ckpt": str(args.ckpt), "kind": "ocl", "split": args.split, "decoder": a["decoder"], "step": ckpt["step"],
+    return {"ckpt": str(args.ckpt), "kind": "ocl", "seed": a.get("seed"), "split": args.split, "decoder": a["decoder"],
+            "step": ckpt["step"],
             "protocol": args.protocol, "metrics": {k: {"mean": m, "count": c} for k, (m, c) in stats.items()}}
 
 

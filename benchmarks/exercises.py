@@ -12,6 +12,7 @@ Run: python benchmarks/exercises.py                          # every exercise bu
      python benchmarks/exercises.py --only 11 --seeds 0       # some exercises, some seeds
      python benchmarks/exercises.py --table                   # the table from the cells on disk
      python benchmarks/exercises.py --ship                    # seed 0's baseline -> exercises/baseline/ (fp16)
+     python benchmarks/exercises.py --pool class/             # a class's runs: class/<exercise>/*.json (evaluate.py --json)
 Cells run side by side (--jobs, one torch thread each by default: the digits of a cell then do not depend on how busy
 the machine is); minutes are the wall time of the exercise's commands as they ran.
 """
@@ -138,11 +139,38 @@ def run_cell(args, key, spec, seed):
 def value(cell, where, key, which=-1):
     """One number of a cell: the last VAE / OCL evaluation's `key` (x100 for metrics and reconstruction MSE), or the
     final training loss; `which` picks among several OCL evaluations (exercise 11 scores two runs)."""
+    if not cell[where]:  # a pooled cell without that evaluation (exercise 9's loss is not in evaluate.py's JSON)
+        return float("nan")
     if where == "loss":
         return cell["loss"][which]["loss"]
     entry = cell[where][which]
     scale = 100 if where == "ocl" or key.startswith("recon") else 1
     return scale * entry[key] if key in entry else float("nan")  # e.g. the share of a 4th scale the baseline lacks
+
+
+def pool(folder):
+    """A class's runs as cells: <folder>/<exercise>/*.json, each the `evaluate.py --json` of one student's run
+    (`baseline`, `1`, `2`, ... as folder names; the seed is the run's --seed, recorded in the JSON), merged per
+    (exercise, seed) as run_cell records them (a VAE and an OCL evaluation of one seed go into one cell; files in
+    name order). Observables the JSON files do not hold (exercise 9's training loss) show as "-"."""
+    titles = {k: v["title"] for k, v in exercises((ROOT / "EXERCISES.md").read_text()).items()}
+    cells = {}
+    for path in sorted(Path(folder).glob("*/*.json")):
+        key = path.parent.name
+        if key not in titles:
+            sys.exit(f"--pool {folder}: {path.parent.name}/ is not an exercise; name the folders baseline, 1, 2, ... 11")
+        result = json.loads(path.read_text())
+        if result.get("seed") is None or result.get("kind") not in ("vae", "ocl"):
+            sys.exit(f"--pool {folder}: {path} is not the --json of `evaluate.py --ckpt ...` on a training run")
+        cell = cells.setdefault((key, result["seed"]), {"exercise": key, "title": titles[key], "seed": result["seed"],
+                                                        "minutes": float("nan"), "ran_on": f"pooled from {folder}",
+                                                        "loss": [], "vae": [], "ocl": []})
+        if result["kind"] == "vae":
+            cell["vae"].append({k: v for group in ("reconstruction_mse", "codebook_usage", "scale_wins")
+                                for k, v in result[group].items()})
+        else:
+            cell["ocl"].append({k: v["mean"] for k, v in result["metrics"].items()})
+    return list(cells.values())
 
 
 def fmt(values, digits=2):
@@ -151,13 +179,13 @@ def fmt(values, digits=2):
 
 
 def table(results):
-    """The teacher's table (markdown) from every cell on disk: per exercise the observable as mean +- std over its
+    """The teacher's table (markdown) from every cell on disk (or a list of cells: pool): per exercise the observable as mean +- std over its
     seeds beside the baseline's on the same seeds, their paired difference with its 95% interval and verdict
     (benchmarks/stats.py: higher, lower or not settled), how many seeds (students) show the effect (the sign of the
     mean), the seeds at which it would settle, and the four metrics with those whose paired difference settles."""
     cells = {}
-    for path in sorted(results.glob("*__s*.json")):
-        cell = json.loads(path.read_text())
+    found = results if isinstance(results, list) else [json.loads(p.read_text()) for p in sorted(results.glob("*__s*.json"))]
+    for cell in found:
         cells.setdefault(cell["exercise"], []).append(cell)
     if "baseline" not in cells:
         return "no baseline cells yet\n"
@@ -244,7 +272,16 @@ def main(argv=None):
     p.add_argument("--exercises", type=Path, default=ROOT / "EXERCISES.md", help="where the commands are read from")
     p.add_argument("--table", action="store_true", help="only write the table from the cells on disk")
     p.add_argument("--ship", action="store_true", help="write seed 0's baseline into exercises/baseline/")
+    p.add_argument("--pool", type=Path, default=None,
+                   help="a class's runs: FOLDER/<exercise>/*.json, each a student's `evaluate.py --json`; prints "
+                        "their table (seeds paired across exercises) and writes nothing")
     args = p.parse_args(argv)
+    if args.pool:
+        if not args.pool.is_dir():
+            sys.exit(f"--pool {args.pool}: no such folder (one subfolder per exercise: baseline, 1, 2, ...)")
+        text = table(pool(args.pool))
+        print(text)
+        return text
     args.results.mkdir(parents=True, exist_ok=True)
     if args.ship:
         return ship(args)
@@ -271,10 +308,10 @@ def main(argv=None):
             return [s for s in seeds if not (args.results / f"{key}__s{s}.json").exists() or
                     (key == "baseline" and not (args.work / f"baseline__s{s}" / "runs").exists())]
         failed = []
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as executor:
             for todo in ([("baseline", s) for s in missing("baseline")],  # first: the others read its checkpoints
                          [(k, s) for k in wanted for s in missing(k)]):
-                running = {pool.submit(run, k, s): (k, s) for k, s in todo}
+                running = {executor.submit(run, k, s): (k, s) for k, s in todo}
                 for f in concurrent.futures.as_completed(running):
                     try:
                         f.result()

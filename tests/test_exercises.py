@@ -174,3 +174,29 @@ def test_the_teachers_table_pairs_seeds_and_says_when_a_difference_shows(tmp_pat
             (tmp_path / f"{key}__s{seed}.json").write_text(json.dumps(cell))
     row = [line for line in bench.table(tmp_path).splitlines() if line.startswith("| 4.")][0].split(" | ")
     assert row[4:10] == ["22.00 +- 11.00", "20.00 +- 10.00", "+2.00 [-0.48, +4.48]", "not settled", "3 of 3", "4"], row
+
+
+def test_a_class_pools_its_runs_into_the_paired_table(tmp_path, capsys):
+    """--pool: each student's `evaluate.py --json` under class/<exercise>/, paired by the seed each run records;
+    students 0-3 ran the baseline, 0-2 exercise 7 (ARIfg 2, 3, 4 points below their own baseline: -3 +- 1, 95%
+    interval -3 +- 4.303 / sqrt(3) = [-5.48, -0.52], lower, shown by 3 of 3); a folder that is no exercise is named."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import exercises as bench
+
+    def write(key, name, seed, ari_fg):
+        (tmp_path / "class" / key).mkdir(parents=True, exist_ok=True)
+        metrics = {k: {"mean": v, "count": 500} for k, v in (("ari", 0.3), ("ari_fg", ari_fg), ("miou", 0.4), ("mbo", 0.4))}
+        (tmp_path / "class" / key / f"{name}.json").write_text(json.dumps(
+            {"ckpt": "x", "kind": "ocl", "seed": seed, "metrics": metrics}))
+    for seed, base in enumerate([0.50, 0.60, 0.40, 0.55]):
+        write("baseline", f"student{seed}", seed, base)
+        if seed < 3:
+            write("7", f"student{seed}", seed, base - (seed + 2) / 100)
+    text = bench.main(["--pool", str(tmp_path / "class")])
+    row = next(line for line in text.splitlines() if line.startswith("| 7.")).split(" | ")
+    assert row[1] == "3" and row[6:9] == ["-3.00 [-5.48, -0.52]", "lower", "3 of 3"], row
+    (tmp_path / "class" / "seven").mkdir()
+    (tmp_path / "class" / "seven" / "x.json").write_text("{}")
+    with pytest.raises(SystemExit, match="seven/ is not an exercise"):
+        bench.main(["--pool", str(tmp_path / "class")])
