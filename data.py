@@ -1,5 +1,5 @@
 """Datasets for MSF object-centric learning: the LMDB sample format, the dataset facts, the torch `Dataset` that
-every script reads through `load_dataset`, and the frame and clip helpers of video datasets.
+every script reads through `load_dataset`, and the frames of video clips (video_frames).
 
 Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), Appendix A.4
 ("converting all datasets into the LMDB database format ... center-cropped and resized to 128x128 ...
@@ -25,8 +25,8 @@ On-disk format (one LMDB environment per split, `data/<name>/<split>/`):
   never mistaken for a complete one.
 
 Reading order: DATASETS, square_image (how every dataset's images are prepared), encode_record/decode_record,
-write_lmdb, LMDBDataset, video_frames, clip_starts, crop_clips, write_shapes / write_shapes_video, load_dataset (the
-one entry point of the scripts), the CLI.
+write_lmdb, LMDBDataset, video_frames, write_shapes / write_shapes_video, load_dataset (the one entry point of the
+scripts), the CLI. What a training step draws from a batch (temporal crops, augmentation) is train_common's.
 Imports shapes (the built-in datasets' renderers) and nothing else of the project.
 """
 import argparse
@@ -42,7 +42,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 import shapes
@@ -90,6 +90,25 @@ def square_image(image, res):
     if side != res:
         x = torch.nn.functional.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # (res, res, 3)
+
+
+def read_picture(path, background):
+    """A picture file of any kind as (H, W, 3) uint8, upright as the camera held it (EXIF orientation), and what was
+    done to it (one line each): 16-bit values scaled to 8 bits (not clipped to white); transparent pixels composited
+    on `background` (an RGB triple, not shown black). Your own pictures for evaluate.py --images."""
+    notes = []
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I") and np.array(im).max() > 255:  # 16-bit (PIL stores I;16 as I)
+            im = Image.fromarray((np.array(im).astype(np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+            notes.append("16-bit: scaled to 8 bits")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = np.array(im.convert("RGBA")).astype(np.float64)  # (h, w, 4)
+            alpha = rgba[..., 3:] / 255
+            if (alpha < 1).any():
+                notes.append(f"transparent: composited on the dataset's background colour {tuple(background)}")
+            return (rgba[..., :3] * alpha + np.array(background) * (1 - alpha)).round().astype(np.uint8), notes
+        return np.array(im.convert("RGB")), notes
 
 
 class DatasetMissing(FileNotFoundError):
@@ -394,88 +413,20 @@ class LMDBDataset(Dataset):
         return out
 
 
-def video_frames(image, clip=0, generator=None):
+def video_frames(image, clip=0, generator=None, rank=0, world=1):
     """The VAE is a per-frame model (Sect. 3.1: "an input image or video frame"). Images (b, 3, H, W) pass through;
     video clips (b, T, 3, H, W) become frames (b * clip, 3, H, W): `clip` consecutive frames per clip from a random
     start (the authors' MOVi VAE recipe: a 6-frame slice, any start frame), flattened into the batch. clip = 0 (or
-    >= T) keeps all T frames, for validation."""
+    >= T) keeps all T frames, for validation. The starts are drawn for the global batch of `world` processes, of
+    which process `rank` takes its part: N processes slice as one does."""
     if image.dim() == 4:
         return image
     b, t = image.shape[:2]
     if 0 < clip < t:
-        start = torch.randint(0, t - clip + 1, (b,), generator=generator)  # (b,) first frame of each slice
+        start = torch.randint(0, t - clip + 1, (b * world,), generator=generator)[rank * b:(rank + 1) * b]  # (b,)
         frames = start[:, None] + torch.arange(clip)  # (b, clip) frame indices
         image = image[torch.arange(b)[:, None], frames]  # (b, clip, 3, H, W)
     return image.flatten(0, 1)  # (b * clip, 3, H, W)
-
-
-def augment(image, bbox, seed, step, rank=0, world=1, scale=(0.75, 1.0), ratio=(3 / 4, 4 / 3)):
-    """--augment, the authors' training augmentation (not in the paper): per sample a random crop of 75-100% of the
-    area with an aspect ratio of 3/4-4/3 (torchvision's RandomResizedCrop draw), resized back to H x W (bilinear,
-    antialiased), then a horizontal flip with probability 1/2. A clip's frames share their sample's crop and flip,
-    and its boxes follow: clipped to the crop, a box left empty becomes the zero box (not visible). The draws are a
-    function of (seed, step) for the global batch, of which this process takes its part, as crop_clips.
-    image (b, 3, H, W) or clips (b, t, 3, H, W); bbox (b, t, K, 4) normalised (x0, y0, x1, y1), or None."""
-    b, (H, W) = image.shape[0], image.shape[-2:]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777_777)  # not crop_clips' stream
-    crops = [crop_box(H, W, scale, ratio, g) for _ in range(b * world)][rank * b:(rank + 1) * b]  # b x (i, j, h, w)
-    flips = (torch.rand(b * world, generator=g) < 0.5)[rank * b:(rank + 1) * b]  # (b,)
-    out = []
-    for x, (i, j, h, w), flip in zip(image, crops, flips):  # x (3, H, W) or (t, 3, H, W)
-        x = F.interpolate(x[..., i:i + h, j:j + w].reshape(-1, 3, h, w), size=(H, W), mode="bilinear",
-                          align_corners=False, antialias=True).reshape(x.shape)
-        out.append(x.flip(-1) if flip else x)
-    if bbox is not None:
-        shown = (bbox[..., 2:] > bbox[..., :2]).all(-1, keepdim=True)  # (b, t, K, 1) the visible boxes
-        i, j, h, w = (torch.tensor(v, dtype=bbox.dtype)[:, None, None] for v in zip(*crops))  # each (b, 1, 1)
-        x0, x1 = ((bbox[..., k] * W - j) / w for k in (0, 2))  # (b, t, K) in the crop's width
-        y0, y1 = ((bbox[..., k] * H - i) / h for k in (1, 3))
-        x0, x1 = torch.where(flips[:, None, None], 1 - x1, x0), torch.where(flips[:, None, None], 1 - x0, x1)
-        bbox = torch.stack([x0, y0, x1, y1], -1).clamp(0, 1)  # (b, t, K, 4)
-        bbox = bbox * (shown & (bbox[..., 2:] > bbox[..., :2]).all(-1, keepdim=True))  # empty after the crop: 0
-    return torch.stack(out), bbox
-
-
-def crop_box(H, W, scale, ratio, generator):
-    """(i, j, h, w) of a random crop as torchvision's RandomResizedCrop draws it: up to 10 tries of an area share
-    in `scale` and a log-uniform aspect ratio in `ratio` that fit the image, else the central crop."""
-    for _ in range(10):
-        area = H * W * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
-        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * torch.rand(1, generator=generator).item())
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= W and 0 < h <= H:
-            i = int(torch.randint(0, H - h + 1, (1,), generator=generator))
-            j = int(torch.randint(0, W - w + 1, (1,), generator=generator))
-            return i, j, h, w
-    w, h = (W, round(W / ratio[0])) if W / H < ratio[0] else (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
-    return (H - h) // 2, (W - w) // 2, h, w
-
-
-def clip_starts(frames, window, count, generator=None):
-    """The first frame of `count` random strided temporal crops (A.4) of `window` frames from clips of `frames`:
-    drawn from {0, w, 2w, ...} (windows that do not overlap: the authors' StridedRandomSlice, {0, 6, 12, 18} on
-    MOVi's 24 frames). A window as long as the clip or longer: the whole clip, start 0. Returns (count,) long."""
-    if window >= frames:
-        return torch.zeros(count, dtype=torch.long)
-    choices = torch.arange(0, frames - window + 1, window)  # (c,) the windows' first frames
-    return choices[torch.randint(len(choices), (count,), generator=generator)]  # (count,)
-
-
-def crop_clips(image, bbox, index, window, seed, step, rank=0, world=1):
-    """A.4's random strided temporal crop, for this process's clips (b, T, 3, H, W) and boxes (b, T, K, 4): `window`
-    consecutive frames from a first frame drawn from {0, w, 2w, ...} (clip_starts: windows that do not
-    overlap, as the authors' {0, 6, 12, 18} on MOVi's 24 frames). The draw is a function of (seed, step) for the
-    global batch, of which this process (`rank` of `world`) takes its part: a resumed run and N processes crop as
-    one process does.
-    Returns the cropped clips (b, w, 3, H, W), boxes (b, w, K, 4), and the (clip, frame) key of every frame taken,
-    in clip-major order (for the guidance cache)."""
-    b, t = image.shape[:2]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = clip_starts(t, window, b * world, g)[rank * b:(rank + 1) * b]  # (b,) this process's
-    frames = starts[:, None] + torch.arange(min(window, t))  # (b, w) frame numbers
-    rows = torch.arange(b)[:, None]  # (b, 1)
-    keys = [(int(i), int(f)) for i, fs in zip(index, frames) for f in fs]
-    return image[rows, frames], bbox[rows, frames], keys  # (b, w, 3, H, W), (b, w, K, 4)
 
 
 # -----------------------------------------------------------------------------

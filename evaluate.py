@@ -7,7 +7,7 @@ Paper: "Multi-Scale Fusion for Object Representation" (Zhao et al., ICLR 2025), 
 
 Run:  python evaluate.py                                   # the OCL checkpoint of the quick start
       python evaluate.py --ckpt runs/ocl_shapes_transformer_msf/best.pt --viz 8 --json metrics.json
-      python evaluate.py --ckpt runs/vae_shapes_msf_c256/best.pt --separability --viz 4   # a VAE checkpoint
+      python evaluate.py --ckpt runs/vae_shapes_msf_c256/best.pt --viz 4   # a VAE checkpoint (with Tab. 4)
       python evaluate.py --images my_photos/                 # your own pictures, no ground truth needed
 
 Metrics (docs/metrics.md: definitions with examples): `pred` and `true` are long label maps, (b, H, W) or, for
@@ -16,9 +16,8 @@ in no metric). A sample where a metric is undefined gets NaN; dataset means skip
 
 Reading order: the metrics (contingency, ari, matched_ious, miou, mbo, video_metrics, miou_by_size,
 masks_to_labels, perplexity, mean_and_count); Tab. 4's separability (kmeans, separability); the evaluation loops
-(validate_vae, validate_ocl); the CLI (evaluate_vae, evaluate_ocl, segment_images, main). Imports data (labels,
-datasets), msf and ocl (rebuilding a model from its checkpoint), train_common (reading a checkpoint safely, the
-device), figures.
+(validate_vae, validate_ocl); the CLI (evaluate_vae, evaluate_ocl, segment_images, main). Imports data, msf and ocl
+(a model from its checkpoint), checkpoints (reading one safely), train_common (the device), figures.
 """
 import argparse
 import json
@@ -29,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
+import checkpoints
 import data
 import figures
 import msf
@@ -478,9 +478,12 @@ def evaluate_ocl(ckpt, args, device):
 
 
 def segment_images(ckpt, args, device):
-    """--images FOLDER: every picture in a folder (any size), prepared as the datasets' images (data.square_image:
-    centre square, resized to the model's resolution) and segmented without ground truth: one Fig. 2 row per picture
-    (image | prediction | one column per slot) in <out>/<name>.png, by default out = RUN/images_<folder>."""
+    """--images FOLDER: every picture in a folder, read upright (16-bit scaled, transparency composited on the
+    dataset's background: data.read_picture), prepared as the datasets' images (data.square_image: centre square,
+    resized to the model's resolution) and segmented without ground truth: one Fig. 2 row per picture (image |
+    prediction | one column per slot) in <out>/<name>.png and its label map <name>_labels.png (slot k = value k), by
+    default out = RUN/images_<folder>. One line of warning for each picture changed on the way (16-bit, transparent,
+    thin: only its centre square, small: blown up); pictures under 8 px a side are skipped."""
     model, ckpt = ocl.load_ocl(ckpt, device, args.dino_weights)
     folder, res = Path(args.images), ckpt["model_args"]["resolution"]
     out_dir = Path(args.out or Path(args.ckpt).parent / f"images_{folder.resolve().name}")  # never the run's files
@@ -488,21 +491,31 @@ def segment_images(ckpt, args, device):
         raise ValueError(f"--images: {args.ckpt} is a video model; score it on clips (--split)" if model.video else
                          f"--out {args.out} is the --images folder: the figures would replace your pictures; give another")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    written, skipped = [], []
+    written, skipped, background = [], [], dataset_background(ckpt, args)
     for path in files:
         try:
-            with Image.open(path) as im:  # as the camera held it (EXIF orientation), in RGB
-                rgb = np.array(ImageOps.exif_transpose(im).convert("RGB"))  # (h, w, 3) uint8
+            rgb, notes = data.read_picture(path, background)  # (h, w, 3) uint8, upright; 16-bit and alpha handled
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # not a picture PIL reads (safely)
             skipped.append(f"{path.name} ({type(e).__name__})")
             continue
+        (h, w), side = rgb.shape[:2], min(rgb.shape[:2])
+        if side < 8:  # a few pixels a side hold nothing to segment
+            skipped.append(f"{path.name} ({w}x{h} px: too small, at least 8 px a side)")
+            continue
+        if max(h, w) > 3 * side:
+            notes.append(f"{w}x{h} px: only its centre square, 1/{max(h, w) / side:.0f} of it, is segmented")
+        if side < res / 2:
+            notes.append(f"{w}x{h} px: its centre square blown up {res / side:.0f}x to {res} px")
+        for note in notes:
+            print(f"warning: {path.name}: {note}")
         image = torch.from_numpy(data.square_image(rgb, res)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
         masks = model.segment(image.to(device))["masks"]  # (1, s, h, w): what validation scores
         name = path.stem if [p.stem for p in files].count(path.stem) == 1 else path.name.replace(".", "_")  # a.jpg, a.png
         name = name if f"{name}.png" not in written else f"{name}_{len(written)}"  # never two pictures on one file
         out_dir.mkdir(parents=True, exist_ok=True)
-        figures.fig2(out_dir / f"{name}.png", image, None, masks_to_labels(masks, (res, res)).cpu(),
-                     upsample_masks(masks, (res, res)).cpu())
+        labels = masks_to_labels(masks, (res, res)).cpu()  # (1, H, W): slot k = value k
+        figures.fig2(out_dir / f"{name}.png", image, None, labels, upsample_masks(masks, (res, res)).cpu())
+        Image.fromarray(labels[0].numpy().astype(np.uint8), "L").save(out_dir / f"{name}_labels.png")
         written.append(f"{name}.png")
     if not written:
         raise ValueError(f"--images {folder}: no picture to segment ({'; '.join(skipped) or 'the folder is empty'}); "
@@ -512,20 +525,33 @@ def segment_images(ckpt, args, device):
     return {"ckpt": str(args.ckpt), "kind": "images", "out": str(out_dir), "figures": written, "skipped": skipped}
 
 
+def dataset_background(ckpt, args, count=256):
+    """What transparent pictures are composited on: the mean background colour (segment 0) of the first `count`
+    training images of the model's dataset, mid-grey where it is not on disk."""
+    a = ckpt["args"]
+    try:
+        dataset = data.load_dataset(a["dataset"], "train", args.data_root or a["data_root"],
+                                    ckpt["model_args"]["resolution"])
+    except (data.DatasetMissing, ValueError):  # the checkpoint travelled without its dataset
+        return (128, 128, 128)
+    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    pixels = torch.cat([s["image"].movedim(0, -1)[s["segment"] == 0] for s in samples])  # (n, 3) in [-1, 1]
+    mean = pixels.mean(0) if len(pixels) else torch.zeros(3)  # (3,)
+    return tuple(int(v) for v in ((mean + 1) * 127.5).round())
+
+
 def _loader(dataset, batch_size):
     """The dataset in order, in batches. Its own generator: even an unshuffled DataLoader draws a seed, which would
     otherwise come from the global stream and make a validation change the noise of the training after it."""
     return torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, generator=torch.Generator())
 
 
-def _first(dataset, limit):
-    """--limit N: the first N samples of the split (0 = all)."""
+def _first(dataset, limit):  # --limit N: the first N samples of the split (0 = all)
     return torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
 
-def _figure_dir(args):
-    out_dir = Path(args.out or Path(args.ckpt).parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _figure_dir(args):  # --viz: the figures go beside the checkpoint, or to --out
+    (out_dir := Path(args.out or Path(args.ckpt).parent)).mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -553,7 +579,6 @@ def parse_args(argv=None):
                         "needed (figures go to --out, default RUN/images_<folder>)")
     p.add_argument("--out", default=None, help="folder for figures (default: the checkpoint's folder)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--separability", action="store_true", help="VAE checkpoints: Tab. 4 separability (always computed)")
     p.add_argument("--clusters", type=data.number(int, 0), default=0,
                    help="k of the separability k-means (0: the dataset's slots)")
     p.add_argument("--seed", type=data.number(int, 0), default=0, help="seed of k-means and of any sampling")
@@ -577,7 +602,7 @@ def main(argv=None):
         sys.exit(f"no checkpoint at {args.ckpt}: train one first (python train_vae.py && python train_ocl.py) "
                  f"or pass --ckpt PATH")
     try:
-        ckpt = train_common.load_checkpoint(args.ckpt)
+        ckpt = checkpoints.load_checkpoint(args.ckpt)
         if args.images and (ckpt["kind"] != "ocl" or not Path(args.images).is_dir()):
             sys.exit(f"--images {args.images}: " + ("not a folder; give a folder of pictures" if ckpt["kind"] == "ocl"
                      else f"{args.ckpt} is a VAE checkpoint; --images takes an OCL one (train_ocl.py's best.pt)"))

@@ -247,7 +247,7 @@ def vae_name(model_args):
 
 
 def load_vae(ckpt, device="cpu"):
-    """Rebuild a stage-1 VAE from its checkpoint dict (train_common.load_checkpoint(path, "vae") reads one safely):
+    """Rebuild a stage-1 VAE from its checkpoint dict (checkpoints.load_checkpoint(path, "vae") reads one safely):
     build_vae with the stored model_args, then the stored weights. Returns the model in eval mode."""
     model = build_vae(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])

@@ -267,7 +267,7 @@ def unet_heads(base):
 
 
 def load_ocl(ckpt, device="cpu", dino_weights=None):
-    """(model in eval mode, ckpt) from an OCL checkpoint dict (train_common.load_checkpoint(path, "ocl") reads one
+    """(model in eval mode, ckpt) from an OCL checkpoint dict (checkpoints.load_checkpoint(path, "ocl") reads one
     safely): the VAE it embeds (msf.load_vae of its arguments and weights), DINO (big-little encoder) from its own
     file, then the OCL model around them. dino_weights: where DINO's weights are (default: where the run found
     them); other weights than the run's are refused."""

@@ -253,4 +253,4 @@ def shapes_video_samples(seed, split_id, count, res, frames):
 
 
 SHAPES_VIDEO_SPLITS = {"train": (0, 2000), "val": (1, 200)}  # split -> (id used in the seed, default count)
-SHAPES_VIDEO_FRAMES = 12  # frames per clip (MOVi: 24); stage 2 trains on strided crops of them (data.crop_clips)
+SHAPES_VIDEO_FRAMES = 12  # frames per clip (MOVi: 24); stage 2 trains on strided crops of them (train_common.crop_clips)

@@ -30,6 +30,7 @@ without `dino` it is the naive CNN alone, the paper's ablation encoder (Tab. 5) 
 """
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -441,6 +442,9 @@ def _dino_is_not_missing(module, incompatible):
 
 DINO_FILE = "dino_deitsmall8_pretrain.pth"  # the official release of Caron et al. 2021 (backbone only, 21.7M)
 DINO_URL = f"https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/{DINO_FILE}"
+# what a download of it must be: its size in bytes and the start of its md5 (the values public downloaders of the
+# file check; no full digest is published with it)
+DINO_BYTES, DINO_MD5_PREFIX = 86_728_949, "230cd5"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO's input normalization
 
 
@@ -527,6 +531,29 @@ def weights_digest(model):
     return digest.hexdigest()
 
 
+def download_dino(path):
+    """The official DINO ViT-S/8 file into `path` (torch's hub cache), checked before it takes that name: downloaded
+    to a temporary file beside it, its size and md5 compared with the known ones, then renamed; a download that
+    fails or differs leaves nothing behind and says what to do."""
+    tmp = path.with_name(f".{path.name}.download-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(DINO_URL, str(tmp), progress=True)
+    except Exception as e:  # offline, a proxy, a full disk: say what to do
+        tmp.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"the DINO ViT-S/8 weights {DINO_FILE} are not in {path.parent} and could not be downloaded from "
+            f"{DINO_URL} ({type(e).__name__}); put the file there or pass --dino-weights PATH "
+            f"(--dino-weights random: random weights, for smoke runs only)") from None
+    size, md5 = tmp.stat().st_size, hashlib.md5(tmp.read_bytes()).hexdigest()
+    if size != DINO_BYTES or not md5.startswith(DINO_MD5_PREFIX):
+        tmp.unlink()
+        raise ValueError(f"the download of {DINO_URL} is not the official file ({size:,} bytes, md5 {md5[:6]}..., "
+                         f"expected {DINO_BYTES:,} bytes, md5 {DINO_MD5_PREFIX}...); nothing was kept. Download it "
+                         f"again, or by hand into {path.parent}")
+    os.replace(tmp, path)
+
+
 def dino_vit_s8(weights=None):
     """DINO ViT-S/8, frozen (eval mode, no gradients), and where its weights came from: (model, source, sha256 of
     the weights). weights: None = the official file through torch's hub cache (downloaded there on first use, never
@@ -539,14 +566,7 @@ def dino_vit_s8(weights=None):
         return model.eval().requires_grad_(False), "random", weights_digest(model)
     path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / DINO_FILE
     if weights is None and not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(DINO_URL, str(path), progress=True)
-        except Exception as e:  # offline, a proxy, a full disk: say what to do
-            raise FileNotFoundError(
-                f"the DINO ViT-S/8 weights {DINO_FILE} are not in {path.parent} and could not be downloaded from "
-                f"{DINO_URL} ({type(e).__name__}); put the file there or pass --dino-weights PATH "
-                f"(--dino-weights random: random weights, for smoke runs only)") from None
+        download_dino(path)
     if not path.is_file():
         raise FileNotFoundError(f"--dino-weights {path}: no such file (the official file is {DINO_FILE}: {DINO_URL})")
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -6,19 +6,20 @@ around those loops to run for days on several GPUs and survive a kill lives here
 name, so that each loop reads forward -> loss -> step with nothing else in the way:
 
   the lr           cosine, warmup_cosine (the shapes of the schedules), set_lr (the lr of every param group)
-  randomness       seed_everything, the data order `infinite_batches` (a pure function of seed and step), and
-                   the per-worker seeds of the DataLoader
-  devices          pick_device, default_workers; `distributed` (torchrun: one process per GPU, DDP)
+  randomness       seed_everything, the data order `infinite_batches` (a pure function of seed and step), the
+                   per-worker seeds of the DataLoader, and what a step draws from its batch: temporal crops of
+                   clips (`clip_starts`, `crop_clips`) and the authors' augmentation (`augment`, --augment)
+  devices          pick_device, default_workers; `distributed` (torchrun: one process per GPU, DDP), `rank_mean`
   run arguments    add_run_args, apply_recipe (a dataset's recipe where no flag was given)
-  checkpoints      save_checkpoint / load_checkpoint (weights_only: loading never runs code), prepare_out_dir,
-                   save_last (last.pt with the whole training state + numbered copies), resume
   the step         RunGuard (stop signals, non-finite losses), check_weights (before any checkpoint is written),
                    optimizer_step (AMP, clipping), Log
+Checkpoints, the lock on --out and --resume are checkpoints.py's.
 
 Reading order: as listed. Nothing here imports a model file: the scripts hand in what they built.
 Imports from the project: data (the dataset facts, the argument types).
 """
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -35,12 +36,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
 
-CKPT_VERSION = 5  # the one checkpoint format this code reads and writes; load_checkpoint refuses any other
 
 # -----------------------------------------------------------------------------
 # The lr and the schedules' shape (the schedules themselves are in the training scripts)
@@ -134,6 +135,81 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, rank=0, world=1, w
 
 
 # -----------------------------------------------------------------------------
+# What a training step draws from its batch: temporal crops of clips (A.4), the authors' augmentation (--augment).
+# Each is a function of (seed, step) for the global batch, of which a process takes its part, so a resumed run and
+# N processes draw as one uninterrupted process does.
+
+
+def augment(image, bbox, seed, step, rank=0, world=1, scale=(0.75, 1.0), ratio=(3 / 4, 4 / 3)):
+    """--augment, the authors' training augmentation (not in the paper): per sample a random crop of 75-100% of the
+    area with an aspect ratio of 3/4-4/3 (torchvision's RandomResizedCrop draw), resized back to H x W (bilinear,
+    antialiased), then a horizontal flip with probability 1/2. A clip's frames share their sample's crop and flip,
+    and its boxes follow: clipped to the crop, a box left empty becomes the zero box (not visible). The draws are a
+    function of (seed, step) for the global batch, of which this process takes its part, as crop_clips.
+    image (b, 3, H, W) or clips (b, t, 3, H, W); bbox (b, t, K, 4) normalised (x0, y0, x1, y1), or None."""
+    b, (H, W) = image.shape[0], image.shape[-2:]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777_777)  # not crop_clips' stream
+    crops = [crop_box(H, W, scale, ratio, g) for _ in range(b * world)][rank * b:(rank + 1) * b]  # b x (i, j, h, w)
+    flips = (torch.rand(b * world, generator=g) < 0.5)[rank * b:(rank + 1) * b]  # (b,)
+    out = []
+    for x, (i, j, h, w), flip in zip(image, crops, flips):  # x (3, H, W) or (t, 3, H, W)
+        x = F.interpolate(x[..., i:i + h, j:j + w].reshape(-1, 3, h, w), size=(H, W), mode="bilinear",
+                          align_corners=False, antialias=True).reshape(x.shape)
+        out.append(x.flip(-1) if flip else x)
+    if bbox is not None:
+        shown = (bbox[..., 2:] > bbox[..., :2]).all(-1, keepdim=True)  # (b, t, K, 1) the visible boxes
+        i, j, h, w = (torch.tensor(v, dtype=bbox.dtype)[:, None, None] for v in zip(*crops))  # each (b, 1, 1)
+        x0, x1 = ((bbox[..., k] * W - j) / w for k in (0, 2))  # (b, t, K) in the crop's width
+        y0, y1 = ((bbox[..., k] * H - i) / h for k in (1, 3))
+        x0, x1 = torch.where(flips[:, None, None], 1 - x1, x0), torch.where(flips[:, None, None], 1 - x0, x1)
+        bbox = torch.stack([x0, y0, x1, y1], -1).clamp(0, 1)  # (b, t, K, 4)
+        bbox = bbox * (shown & (bbox[..., 2:] > bbox[..., :2]).all(-1, keepdim=True))  # empty after the crop: 0
+    return torch.stack(out), bbox
+
+
+def crop_box(H, W, scale, ratio, generator):
+    """(i, j, h, w) of a random crop as torchvision's RandomResizedCrop draws it: up to 10 tries of an area share
+    in `scale` and a log-uniform aspect ratio in `ratio` that fit the image, else the central crop."""
+    for _ in range(10):
+        area = H * W * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
+        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * torch.rand(1, generator=generator).item())
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            i = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+            j = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+            return i, j, h, w
+    w, h = (W, round(W / ratio[0])) if W / H < ratio[0] else (round(H * ratio[1]), H) if W / H > ratio[1] else (W, H)
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+def clip_starts(frames, window, count, generator=None):
+    """The first frame of `count` random strided temporal crops (A.4) of `window` frames from clips of `frames`:
+    drawn from {0, w, 2w, ...} (windows that do not overlap: the authors' StridedRandomSlice, {0, 6, 12, 18} on
+    MOVi's 24 frames). A window as long as the clip or longer: the whole clip, start 0. Returns (count,) long."""
+    if window >= frames:
+        return torch.zeros(count, dtype=torch.long)
+    choices = torch.arange(0, frames - window + 1, window)  # (c,) the windows' first frames
+    return choices[torch.randint(len(choices), (count,), generator=generator)]  # (count,)
+
+
+def crop_clips(image, bbox, index, window, seed, step, rank=0, world=1):
+    """A.4's random strided temporal crop, for this process's clips (b, T, 3, H, W) and boxes (b, T, K, 4): `window`
+    consecutive frames from a first frame drawn from {0, w, 2w, ...} (clip_starts: windows that do not
+    overlap, as the authors' {0, 6, 12, 18} on MOVi's 24 frames). The draw is a function of (seed, step) for the
+    global batch, of which this process (`rank` of `world`) takes its part: a resumed run and N processes crop as
+    one process does.
+    Returns the cropped clips (b, w, 3, H, W), boxes (b, w, K, 4), and the (clip, frame) key of every frame taken,
+    in clip-major order (for the guidance cache)."""
+    b, t = image.shape[:2]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = clip_starts(t, window, b * world, g)[rank * b:(rank + 1) * b]  # (b,) this process's
+    frames = starts[:, None] + torch.arange(min(window, t))  # (b, w) frame numbers
+    rows = torch.arange(b)[:, None]  # (b, 1)
+    keys = [(int(i), int(f)) for i, fs in zip(index, frames) for f in fs]
+    return image[rows, frames], bbox[rows, frames], keys  # (b, w, 3, H, W), (b, w, K, 4)
+
+
+# -----------------------------------------------------------------------------
 # Distributed data parallel: `torchrun --nproc_per_node N train_vae.py ...` (same for train_ocl.py)
 
 
@@ -163,7 +239,9 @@ def distributed(device_name):
     if device.type == "cuda":  # one GPU per process: process k of a machine takes its GPU k
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # the timeout outlasts the longest wait of one process for the others: process 0 filling the DINO feature
+    # cache of a whole dataset (train_ocl.FeatureCache) while the others wait at a barrier
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     try:
         yield Dist(rank, world, local_rank, device)
     finally:
@@ -206,6 +284,17 @@ def reseed_for_rank(seed, d):
         torch.manual_seed(seed * 1009 + d.rank)
 
 
+def rank_mean(x, d):
+    """The mean of a scalar tensor over the processes (the log's training loss: every process's share of the global
+    batch, not process 0's alone); a float. Call it on all processes at the same steps."""
+    x = x.detach().float().reshape(1)
+    if d.world > 1:
+        x = x.to(d.device)
+        dist.all_reduce(x)
+        x = x / d.world
+    return x.item()
+
+
 def gather_objects(obj, d):
     """[obj of process 0, obj of process 1, ...] on every process, for per-process state of any shape (the
     code-replacing samples); objects travel between this run's own processes only."""
@@ -216,7 +305,7 @@ def gather_objects(obj, d):
     return parts
 
 
-def _gather(t, d):
+def gather(t, d):
     """[t of process 0, t of process 1, ...] on every process (same shapes everywhere)."""
     if d.world == 1:
         return [t]
@@ -250,6 +339,9 @@ def add_run_args(p, val_default):
                    help="torch.compile the training step (off by default: it pays only where benchmarks/paper_scale.py "
                         "--compile measures it does; the first steps compile)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
+    p.add_argument("--allow-world-change", action="store_true",
+                   help="--resume with another number of processes than the run was written with (the same data "
+                        "order; the new processes' random generators derived from the saved ones)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
 
 
@@ -274,7 +366,7 @@ def apply_recipe(p, args, recipes, val_parts):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: plain dicts, written atomically, read without unpickling code
+# The errors a training script turns into one-line messages
 
 
 class RunError(Exception):
@@ -283,200 +375,6 @@ class RunError(Exception):
 
 class TrainingStopped(Exception):
     """SIGTERM/SIGINT arrived: the step finished, last.pt was written, the run can be resumed."""
-
-
-def save_checkpoint(path, obj):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written checkpoint, and a failed
-    write (a full disk) removes its temporary and leaves the previous file as it was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, expect_kind=None):
-    """Load a checkpoint dict safely (weights_only=True: no code runs) and check that it is of `expect_kind`
-    ("vae" or "ocl"; None accepts both)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.pt"))
-        raise ValueError(f"{path} is a folder, not a checkpoint; give a file inside it"
-                         + (f" ({', '.join(inside)})" if inside else " (it holds no .pt file)"))
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes): a write that never finished; use another checkpoint of the "
-                         f"run (last.pt, best.pt, step_*.pt) or train again")
-    # map_location="cpu": a GPU checkpoint opens on any machine; the caller moves the model where it runs
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or something that needs unpickling code
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first}); it may be truncated or "
-                         f"corrupt: use another checkpoint of the run, or train again") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by this code (no 'kind' entry)")
-    if ckpt.get("format_version") != CKPT_VERSION:
-        version = ckpt.get("format_version", "1")
-        raise ValueError(f"{path} has checkpoint format {version}; this code reads format {CKPT_VERSION} only. "
-                         f"Use the version of the code that wrote it, or train it again with this one")
-    if expect_kind is not None and ckpt["kind"] != expect_kind:
-        raise ValueError(f"{path} is a {ckpt['kind'].upper()} checkpoint, but a {expect_kind.upper()} checkpoint "
-                         f"is needed here")
-    return ckpt
-
-
-RUN_FILES = ("last.pt", "best.pt", "step_*.pt", "metrics.jsonl")  # what a run writes into --out (and --overwrite deletes)
-
-
-def checkpoint_bytes(model, params, extra=0):
-    """What last.pt will take on disk: the model's state, Adam's two moments of every trained parameter, `extra`
-    bytes of the script's own training state (the VAE's code-replacing pools), and 1 MiB for arguments, metrics and
-    the random generators' states. (best.pt holds the model's state alone.)"""
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return state + 2 * sum(p.numel() * p.element_size() for p in params) + extra + 2 ** 20
-
-
-def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True, last_bytes=None):
-    """Fail before training, not after an hour: --out must be writable, have room for the checkpoints (`last_bytes`:
-    checkpoint_bytes), and not hold another run (any of RUN_FILES) unless --resume (continue it) or --overwrite
-    (start over) says what to do with it. Temporaries that killed runs left behind are removed (and named)."""
-    out = Path(out)
-    try:  # write 4 KiB and delete them: permissions and read-only mounts show up now, not at the first checkpoint
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out {out} is not writable ({e.strerror or e}); choose a folder you can write to") from None
-    if main:
-        for name in data.remove_stale_temporaries(out, ".*.tmp-*"):
-            print(f"removed {out / name}, a temporary a killed run left behind")
-    # last.pt (+ a temporary copy while it is replaced), the numbered copies (hard links where the file system
-    # has them; counted as copies) and best.pt (the model's state)
-    last = last_bytes or checkpoint_bytes(model, model.parameters())
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    need, free = (keep + 2) * last + weights, shutil.disk_usage(out).free
-    if free < need:
-        raise RunError(f"--out {out} has {free / 2 ** 20:.0f} MiB free, but this run's checkpoints need about "
-                       f"{need / 2 ** 20:.0f} MiB (last.pt, best.pt and --keep {keep} numbered copies); free space, "
-                       f"lower --keep, or choose another --out")
-    found = sorted(p.name for pattern in RUN_FILES for p in out.glob(pattern))
-    if found and not resume:
-        if not overwrite:
-            raise RunError(f"{out} already holds a run ({', '.join(found)}). Continue it with --resume, start over "
-                           f"with --overwrite (deletes these files), or choose another --out")
-        if main:  # what this code wrote there, nothing else of the folder
-            for name in found:
-                (out / name).unlink(missing_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # nobody starts before process 0 has cleared the folder
-    return out
-
-
-def rng_state(d):
-    """Every random generator the run uses, as plain tensors and numbers (weights_only loads them): Python's and
-    NumPy's (augmentations drawn in the main process) and torch's CPU (and CUDA) generator, each of every process.
-    Call it on all processes (it gathers)."""
-    # the generators' own state objects are tuples and arrays that weights_only=True would refuse: store tensors
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": gather_objects([version, torch.tensor(internal, dtype=torch.int64), gauss], d),
-             "numpy": gather_objects([torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)], d),
-             "torch": _gather(torch.get_rng_state(), d)}
-    if d.device.type == "cuda":
-        state["cuda"] = _gather(torch.cuda.get_rng_state(d.device), d)
-    return state
-
-
-def set_rng_state(state, d):
-    """Put back what rng_state saved; this process takes its own generators (rank k: the k-th saved ones)."""
-    same = len(state["torch"]) == d.world
-    if isinstance(state["python"][0], int):  # a last.pt written before Python's and NumPy's were kept per process
-        state = {**state, "python": [state["python"]], "numpy": [state["numpy"]]}
-    version, internal, gauss = state["python"][d.rank if len(state["python"]) == d.world else 0]
-    random.setstate((version, tuple(internal.tolist()), gauss))
-    keys, pos, has_gauss, cached = state["numpy"][d.rank if len(state["numpy"]) == d.world else 0]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if not same:  # another process count: the data order is the same, the noise is not
-        if d.main:
-            print(f"note: resuming a {len(state['torch'])}-process run with {d.world} processes; the data order is "
-                  f"unchanged, sampling noise is not bit-identical")
-        return
-    torch.set_rng_state(state["torch"][d.rank])
-    if d.device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"][d.rank], d.device)
-
-
-def save_last(out, ckpt, optimizer, scaler, best, d, keep, **extra):
-    """last.pt = `ckpt` (the weights, as best.pt holds them) plus the training state: optimizer, AMP grad scaler,
-    best score so far, every random generator, and `extra` (the VAE's code-replacing pools of every process). Call it
-    on all processes (the generators are gathered); process 0 writes it, with a numbered copy step_<k>.pt, keeping the
-    newest `keep` copies (the paper kept the final 25 of about 50). A copy is a hard link where the file system
-    allows: no extra space until last.pt is replaced (os.replace gives last.pt a new file; the link keeps the old)."""
-    ckpt["train_state"] = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best": best,
-                           "rng": rng_state(d), **extra}
-    if not d.main:  # the other processes took part in the gather above; process 0 writes
-        return
-    out = Path(out)
-    save_checkpoint(out / "last.pt", ckpt)
-    if keep <= 0:
-        return
-    numbered = out / f"step_{ckpt['step']:07d}.pt"  # zero-padded: sorted by name = sorted by step
-    tmp = out / f".{numbered.name}.tmp"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(out / "last.pt", tmp)
-    except OSError:
-        shutil.copyfile(out / "last.pt", tmp)
-    os.replace(tmp, numbered)
-    for old in sorted(out.glob("step_*.pt"))[:-keep]:  # the oldest beyond --keep
-        old.unlink()
-
-
-def resume(out, kind, args, model_args, model, optimizer, scaler, d, extra=None,
-           must_match=("dataset", "resolution", "steps", "batch_size", "seed", "lr", "predictor_lr", "augment")):
-    """--resume: load last.pt of `out` into the model, optimizer, grad scaler and random generators, and return
-    (step to start at, best score, last validation metrics, train_state). The data order and every schedule are
-    functions of the step, so nothing else needs restoring.
-
-    A checkpoint of another configuration is refused with every difference named: another kind, model, dataset
-    or schedule (the LR, sigma, data order and augmentation are functions of `must_match`). `extra`: more model_args
-    to compare, {"vae": current VAE model_args} for an OCL run."""
-    path = Path(out) / "last.pt"
-    if not path.exists():
-        raise RunError(f"--resume: there is no {path} to continue; run without --resume to start, or give the --out "
-                       f"of the run to continue")
-    ckpt = load_checkpoint(path, kind)
-    if "train_state" not in ckpt:
-        raise RunError(f"--resume: {path} holds weights only, no training state; start a new run in another --out")
-    saved = ckpt["model_args"]
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved.get(k) != v]
-    diffs += [f"{k}: {ckpt['args'].get(k)!r} in the checkpoint, {getattr(args, k, None)!r} now"
-              for k in must_match if ckpt["args"].get(k) != getattr(args, k, None)]
-    for name, ours in (extra or {}).items():  # e.g. the OCL run's embedded VAE: ckpt["vae"]["model_args"]
-        theirs = ckpt[name]["model_args"]
-        diffs += [f"{name}.{k}: {theirs.get(k)!r} in the checkpoint, {v!r} now" for k, v in ours.items() if theirs.get(k) != v]
-    if diffs:
-        raise RunError(f"--resume: {path} belongs to another run configuration ({'; '.join(diffs)}). Resume with the "
-                       f"flags it was started with, or start a new run in another --out")
-    state = ckpt["train_state"]
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # weights of another layout of the model
-        raise RunError(f"--resume: the weights in {path} do not fit this model ({str(e).splitlines()[0]}). Resume "
-                       f"with the flags it was started with, or start a new run in another --out") from None
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"] or not scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    elif d.main:  # a CPU run (AMP off: an empty scaler state) continued on a GPU: the scaler starts afresh
-        print("note: the run was started without AMP (CPU); its GPU continuation starts a fresh grad scaler")
-    set_rng_state(state["rng"], d)
-    return ckpt["step"], state["best"], ckpt["metrics"], state
 
 
 # -----------------------------------------------------------------------------

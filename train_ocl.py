@@ -36,6 +36,7 @@ from pathlib import Path
 import lmdb
 import torch
 
+import checkpoints
 import data
 import evaluate
 import figures
@@ -232,8 +233,8 @@ def train(args):
         model = ocl.OCL(vae, **model_args, dino=dino).to(device)  # Attention whatever the VAE (paired comparisons)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]  # everything but the frozen VAE
-        out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
-                                           train_common.checkpoint_bytes(model, params))
+        out = checkpoints.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
+                                           checkpoints.checkpoint_bytes(model, params))
         # the predictor (video) learns at --predictor-lr times the lr of the rest: train_common.set_lr scales each
         # parameter group by its lr_scale. Image models: one group.
         in_predictor = {id(p) for p in model.predictor.parameters()} if model.video else set()
@@ -246,7 +247,7 @@ def train(args):
         train_common.reseed_for_rank(args.seed, d)
         start, best, metrics = 0, -float("inf"), {}  # best: the highest validation ARI + ARIfg
         if args.resume:  # weights (the VAE the run started with included), optimizer, RNG
-            start, best, metrics, _ = train_common.resume(out, "ocl", args, model_args, model, optimizer, scaler, d,
+            start, best, metrics, _ = checkpoints.resume(out, "ocl", args, model_args, model, optimizer, scaler, d,
                                                           extra={"vae": vae_ckpt["model_args"]} if vae_ckpt else None)
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
@@ -257,8 +258,8 @@ def train(args):
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
         ddp = train_common.wrap_ddp(model, d, args.compile)  # DDP: gradients averaged over processes
-        # the cache holds code indices: the targets of mlp (features) and of diffusion on Z_1 are continuous, and
-        # augmented images or sampled codes give an image other codes at every step
+        # the cache holds code indices (mlp and diffusion on Z_1 read continuous targets), which augmented images and
+        # sampled codes change at every step
         varying = args.augment or args.guidance_noise > 0
         cache = None if args.no_cache or args.decoder == "mlp" or model.diffuses_z or varying else GuidanceCache()
         if varying and not args.no_cache and d.main:
@@ -275,10 +276,10 @@ def train(args):
                 batch = next(batches)
                 image, bbox, keys = batch["image"], batch.get("bbox"), batch["index"]  # this process's share
                 if model.video:  # A.4: a random strided crop of --clip-frames frames of every clip
-                    image, bbox, keys = data.crop_clips(image, bbox, keys, args.clip_frames, args.seed, step,
+                    image, bbox, keys = train_common.crop_clips(image, bbox, keys, args.clip_frames, args.seed, step,
                                                           d.rank, d.world)
                 if args.augment:  # authors: random crop and flip (--augment; boxes follow)
-                    image, bbox = data.augment(image, bbox, args.seed, step, d.rank, d.world)
+                    image, bbox = train_common.augment(image, bbox, args.seed, step, d.rank, d.world)
                 image = image.to(device, non_blocking=True)  # (b, 3, H, W), video (b, t, 3, H, W)
                 bbox = None if bbox is None else bbox.to(device, non_blocking=True)  # video (b, t, K, 4)
                 # the guidance, if seen before (video: per frame)
@@ -291,8 +292,9 @@ def train(args):
                 train_common.optimizer_step(loss, optimizer, scaler, params, args.clip)
 
                 if (step + 1) % args.log_every == 0 or step == 0:
-                    log(step + 1, loss=loss.item(), lr=lr, sigma=sigma)
-                    log.progress(step, loss=loss.item(), sigma=sigma)
+                    shown = train_common.rank_mean(loss, d)  # over every process's share of the batch
+                    log(step + 1, loss=shown, lr=lr, sigma=sigma)
+                    log.progress(step, loss=shown, sigma=sigma)
                 validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # about to write: weights sane?
                     train_common.check_weights(model, d, step, lambda: model(image, 0.0, indices, maps, bbox)["loss"])
@@ -301,10 +303,10 @@ def train(args):
                     score = metrics["ari"] + metrics["ari_fg"]
                     if score > best or best == -float("inf"):  # (the first validation always writes best.pt)
                         best = score
-                        train_common.save_checkpoint(out / "best.pt",
+                        checkpoints.save_checkpoint(out / "best.pt",
                                                      checkpoint(args, model_args, model, step, metrics, vae_ckpt))
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # last: after everything of this step
-                    train_common.save_last(out, checkpoint(args, model_args, model, step, metrics, vae_ckpt),
+                    checkpoints.save_last(out, checkpoint(args, model_args, model, step, metrics, vae_ckpt),
                                            optimizer, scaler, best, d, args.keep)
                 if stopping:
                     raise guard.stopped(step, out)
@@ -329,12 +331,10 @@ def model_args_of(args, resolution):
 
 def describe(args, params, vae_ckpt, resolution, device, start):
     """The run's first line: what trains on what, guided by which VAE, for how long, where."""
-    encoder = "naive CNN" if args.encoder == "cnn" else (
-        "big-little: frozen DINO ViT-S/8 + CNN" + (" with RANDOM DINO weights (smoke run only)"
-                                                   if args.dino_weights == "random" else ""))
-    grouping = "SysBinder (2 blocks)" if args.slot_attention == "sysbinder" else "Slot Attention"
-    queries = f"{args.queries} queries" + (" + box prior on frame 0" if args.box_prior else "")
-    grouping += f" x {args.iters} iterations, {queries}"
+    encoder = "naive CNN" if args.encoder == "cnn" else "big-little: frozen DINO ViT-S/8 + CNN" + (
+        " with RANDOM DINO weights (smoke run only)" if args.dino_weights == "random" else "")
+    grouping = ("SysBinder (2 blocks)" if args.slot_attention == "sysbinder" else "Slot Attention") + \
+        f" x {args.iters} iterations, {args.queries} queries" + (" + box prior on frame 0" if args.box_prior else "")
     video = data.DATASETS[args.dataset]["video"]
     name = {"transformer": "STEVE" if video else "SLATE", "diffusion": "video SlotDiffusion" if video else
             "SlotDiffusion", "mlp": "DINOSAUR"}[args.decoder]
@@ -372,7 +372,7 @@ def validate(model, val_data, args, device, out, step, log):
 def checkpoint(args, model_args, model, step, metrics, vae_ckpt):
     """What best.pt holds: a plain dict that load_ocl rebuilds the model from. It embeds the VAE (weights in
     "model" under vae.*, arguments in "vae"), so evaluate.py needs nothing else. last.pt adds "train_state"."""
-    return {"kind": "ocl", "format_version": train_common.CKPT_VERSION, "args": vars(args), "model_args": model_args,
+    return {"kind": "ocl", "format_version": checkpoints.CKPT_VERSION, "args": vars(args), "model_args": model_args,
             "model": model.state_dict(), "step": step + 1, "metrics": metrics,
             "vae": {"model_args": vae_ckpt["model_args"], "args": vae_ckpt["args"]} if vae_ckpt else None}
 
@@ -403,7 +403,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance-noise", type=data.number(float, 0), default=0.0,
                    help="the authors' stage 2: Gumbel-sample the guidance codes at every step with this logit scale "
                         "(their std: 5 for MSF, 2 for GDR); 0: Eq. 1's argmax (the paper)")
-    p.add_argument("--augment", action="store_true", help="the authors' random crop and flip (data.augment; the paper has none)")
+    p.add_argument("--augment", action="store_true", help="the authors' random crop and flip (train_common.augment; the paper has none)")
     p.add_argument("--dino-target", default=None, choices=["postnorm", "prenorm"],
                    help="DINOSAUR: DINO's map after its final LayerNorm (the authors') or before it (DINOSAUR's own)")
     p.add_argument("--vae-ckpt", default=None, help="stage-1 checkpoint (default: train_vae.py's msf run of the dataset, "
@@ -590,7 +590,7 @@ def load_frozen_vae(args):
     if not path.exists():
         raise FileNotFoundError(f"no VAE checkpoint at {path}. Train it first:\n    python train_vae.py "
                                 f"--dataset {args.dataset} --code-dim {ocl.CODE_DIM.get(args.decoder, 256)}")
-    ckpt = train_common.load_checkpoint(path, "vae")  # refuses an OCL checkpoint, a corrupt file, a newer format
+    ckpt = checkpoints.load_checkpoint(path, "vae")  # refuses an OCL checkpoint, a corrupt file, a newer format
     c = ckpt["model_args"]["code_dim"]
     need = ocl.CODE_DIM.get(args.decoder)
     if need is not None and c != need:

@@ -27,6 +27,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
+import checkpoints
 import data
 import evaluate
 import figures
@@ -90,15 +91,15 @@ def train(args):
                 cb.pool = 0  # no code replacing: no pool of recent vectors to keep (and no random draws for it)
         # each process's sample of recent vectors and code-use counts, fp32
         pools = d.world * sum((cb.pool * cb.weight.shape[1] + cb.weight.shape[0]) * 4 for cb in model.codebooks)
-        out = train_common.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
-                                           train_common.checkpoint_bytes(model, model.parameters(), pools))
+        out = checkpoints.prepare_out_dir(args.out, model, args.keep, args.resume, args.overwrite, d.main,
+                                           checkpoints.checkpoint_bytes(model, model.parameters(), pools))
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on GPUs (A.5); a no-op on CPUs
         train_common.reseed_for_rank(args.seed, d)
         start, best, metrics = 0, float("inf"), {}  # best: the lowest summed validation reconstruction error
         if args.resume:  # weights, optimizer, RNG; the code-replacing pools are the VAE's own extra state
-            start, best, metrics, state = train_common.resume(out, "vae", args, model_args, model, optimizer, scaler, d)
-            for cb, pool in zip(model.codebooks, my_pools(state["pools"], d)):
+            start, best, metrics, state = checkpoints.resume(out, "vae", args, model_args, model, optimizer, scaler, d)
+            for cb, pool in zip(model.codebooks, my_pools(state["pools"], d, [cb.pool for cb in model.codebooks])):
                 cb.load_pool_state(pool)
         log = train_common.Log(out, args.steps, start, enabled=d.main)
         if d.main:
@@ -118,10 +119,10 @@ def train(args):
                 lr = train_common.set_lr(optimizer, lr_at(step, args.steps, args.lr))  # warmup, then cosine (A.5)
                 anneal = anneal_at(step, args.steps) if stabilise else 0.0  # residual alpha, Gumbel tau: 1 -> 0
                 # videos: which frames of each clip, a function of the step (so a resumed run draws the same)
-                slices = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + d.rank)
-                image = data.video_frames(next(batches)["image"], args.clip_frames, slices)  # (b, 3, H, W)
+                slices = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009)  # for the global batch
+                image = data.video_frames(next(batches)["image"], args.clip_frames, slices, d.rank, d.world)  # (b, 3, H, W)
                 if args.augment:  # authors: random crop and flip (--augment)
-                    image, _ = data.augment(image, None, args.seed, step, d.rank, d.world)
+                    image, _ = train_common.augment(image, None, args.seed, step, d.rank, d.world)
                 image = image.to(device, non_blocking=True)  # this process's share of the global batch
 
                 with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -141,8 +142,9 @@ def train(args):
 
                 if (step + 1) % args.log_every == 0 or step == 0:
                     logs = {k: round(v.item(), 5) for k, v in result["logs"].items()}  # recon<n>, codebook, commit
-                    log(step + 1, loss=loss.item(), lr=lr, anneal=anneal, replaced=replaced, **logs)
-                    log.progress(step, loss=loss.item(), **{k: v for k, v in logs.items() if k.startswith("recon")})
+                    shown = train_common.rank_mean(loss, d)  # over every process's share of the batch
+                    log(step + 1, loss=shown, lr=lr, anneal=anneal, replaced=replaced, **logs)
+                    log.progress(step, loss=shown, **{k: v for k, v in logs.items() if k.startswith("recon")})
                 validating = (step + 1) % args.val_every == 0 or step + 1 == args.steps
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # about to write: weights sane?
                     train_common.check_weights(model, d, step, lambda: model(image)["loss"])
@@ -151,9 +153,9 @@ def train(args):
                     if score < best:
                         best = score
                         best_ckpt = checkpoint(args, model_args, model, step, metrics)
-                        train_common.save_checkpoint(out / "best.pt", best_ckpt)
+                        checkpoints.save_checkpoint(out / "best.pt", best_ckpt)
                 if validating or stopping or (step + 1) % args.ckpt_every == 0:  # last: after everything of this step
-                    train_common.save_last(out, checkpoint(args, model_args, model, step, metrics), optimizer, scaler,
+                    checkpoints.save_last(out, checkpoint(args, model_args, model, step, metrics), optimizer, scaler,
                                            best, d, args.keep,
                                            pools=train_common.gather_objects([cb.pool_state() for cb in model.codebooks], d))
                 if stopping:
@@ -163,19 +165,33 @@ def train(args):
     return out
 
 
-def my_pools(saved, d):
-    """This process's code-replacing state from last.pt's `pools` ([process][codebook]). Resumed with another
-    process count, process 0 takes the counts of all saved processes summed (the total that decides which codes are
-    dead) and its own sample; the others start with none."""
-    if saved and isinstance(saved[0], dict):  # a last.pt written before pools were kept per process
-        saved = [saved]
+def my_pools(saved, d, sizes):
+    """This process's code-replacing state from last.pt's `pools` ([process][codebook]). With as many processes as
+    saved: its own. With another count (--allow-world-change), process 0, which alone decides which codes are dead and
+    where they move (vae.Codebook.replace_dead), takes the counts of all saved processes summed and one sample merged
+    from theirs (merge_pool: a uniform sample of everything they saw); the others start empty."""
     if len(saved) == d.world:
         return saved[d.rank]
-    if "hits" not in saved[0][0]:  # an older last.pt: the counts are process 0's, in the model's weights
-        return saved[0] if d.rank == 0 else [{"recent": p["recent"][:0], "seen": 0} for p in saved[0]]
     if d.rank > 0:
         return [{"recent": p["recent"][:0], "seen": 0, "hits": torch.zeros_like(p["hits"])} for p in saved[0]]
-    return [{**p, "hits": sum(q[j]["hits"] for q in saved)} for j, p in enumerate(saved[0])]
+    return [merge_pool([q[j] for q in saved], size) for j, size in enumerate(sizes)]
+
+
+def merge_pool(pools, size):
+    """One reservoir sample of `size` vectors from several: each process's sample stands for the `seen` vectors it
+    drew from, so it gives a share of the merged sample in proportion to `seen` (largest remainders; its vectors
+    chosen by a generator seeded with the total, so the same merge every time). The counts add up."""
+    seen = [p["seen"] for p in pools]
+    total = sum(seen)
+    take = min(size, total, sum(len(p["recent"]) for p in pools))
+    exact = [take * s / max(total, 1) for s in seen]
+    counts = [min(int(e), len(p["recent"])) for e, p in zip(exact, pools)]
+    for i in sorted(range(len(pools)), key=lambda i: int(exact[i]) - exact[i]):  # largest remainders first
+        if sum(counts) < take and counts[i] < len(pools[i]["recent"]):
+            counts[i] += 1
+    g = torch.Generator().manual_seed(total)
+    recent = torch.cat([p["recent"][torch.randperm(len(p["recent"]), generator=g)[:k]] for p, k in zip(pools, counts)])
+    return {"recent": recent, "seen": total, "hits": sum(p["hits"] for p in pools)}
 
 
 def model_args_of(args):
@@ -232,8 +248,8 @@ def validate(model, val_data, args, device, out, step, log):
 def checkpoint(args, model_args, model, step, metrics):
     """What best.pt holds: a plain dict that msf.load_vae rebuilds the model from (model_args + weights), with the
     run's flags, its step and validation metrics, and the vocabulary of each index group (the transformer decoder's
-    classes). last.pt adds "train_state" (optimizer, scaler, RNG, code-replacing pools: train_common.save_last)."""
-    return {"kind": "vae", "format_version": train_common.CKPT_VERSION, "args": vars(args), "model_args": model_args,
+    classes). last.pt adds "train_state" (optimizer, scaler, RNG, code-replacing pools: checkpoints.save_last)."""
+    return {"kind": "vae", "format_version": checkpoints.CKPT_VERSION, "args": vars(args), "model_args": model_args,
             "model": model.state_dict(), "step": step + 1, "metrics": metrics, "vocab": model.vocab}
 
 

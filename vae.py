@@ -288,8 +288,7 @@ class Codebook(nn.Module):
 
     def load_pool_state(self, state):
         self.recent, self.seen = state["recent"].to(self.weight.device), int(state["seen"])
-        if "hits" in state:  # (a last.pt written before the counts were kept per process has process 0's in the model)
-            self.hits.copy_(state["hits"])
+        self.hits.copy_(state["hits"])
 
     def _sync_from_rank0(self):
         if _distributed():

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import decoders  # noqa: E402
 import ocl  # noqa: E402
+import checkpoints  # noqa: E402
 import train_common  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main(argv=None):
     p.add_argument("--timesteps", default="0,25,100,250,500,750,999", help="diffusion time steps to measure")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    model, ckpt = ocl.load_ocl(train_common.load_checkpoint(args.ckpt, "ocl"))
+    model, ckpt = ocl.load_ocl(checkpoints.load_checkpoint(args.ckpt, "ocl"))
     if model.video:
         raise SystemExit("--ckpt: a video model; this measures image models")
     a = ckpt["args"]

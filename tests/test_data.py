@@ -298,34 +298,3 @@ def test_dataloader_workers_read_a_split_the_main_process_holds_open(tmp_path):
         assert len(batches) == 2 and torch.equal(batches[0]["image"][0], first)
     assert torch.equal(ds[0]["image"], first)  # the main process still reads after its workers closed theirs
 
-
-def test_augment_crops_resizes_and_flips_and_boxes_follow_their_objects():
-    """--augment: a white rectangle drawn at a box stays inside the box augment returns for it (each clip's frames
-    take one crop and flip), a box cropped away becomes the zero box, the draws are a function of (seed, step) and
-    two processes take the halves of one process's batch."""
-    import torch
-    H = W = 64
-    torch.manual_seed(0)
-    boxes = torch.tensor([[0.1, 0.2, 0.4, 0.5], [0.6, 0.55, 0.9, 0.95], [0.0, 0.0, 0.0, 0.0]])  # (K, 4), one hidden
-    clips = torch.zeros(8, 2, 3, H, W)
-    for k, (x0, y0, x1, y1) in enumerate(boxes[:2].tolist()):
-        clips[:, :, k, round(y0 * H):round(y1 * H), round(x0 * W):round(x1 * W)] = 1.0  # object k in channel k
-    bbox = boxes.expand(8, 2, 3, 4).clone()
-    out, moved = data.augment(clips, bbox, seed=3, step=11)
-    assert out.shape == clips.shape and torch.equal(out[:, 0], out[:, 1])  # the frames of a clip alike
-    assert not torch.equal(out, clips) and torch.equal(moved[:, :, 2], torch.zeros(8, 2, 4))
-    for b in range(8):
-        for k in range(2):
-            ys, xs = torch.nonzero(out[b, 0, k] > 0.5, as_tuple=True)
-            if len(ys) == 0:  # the object left the crop: its box is the zero box
-                assert (moved[b, 0, k] == 0).all()
-                continue
-            x0, y0, x1, y1 = (moved[b, 0, k] * torch.tensor([W, H, W, H])).tolist()
-            assert x0 - 1.5 <= xs.min() and xs.max() + 1 <= x1 + 1.5 and y0 - 1.5 <= ys.min() and ys.max() + 1 <= y1 + 1.5
-    again, _ = data.augment(clips, bbox, seed=3, step=11)
-    assert torch.equal(again, out)  # a resumed run draws the same
-    halves = [data.augment(clips[r * 4:(r + 1) * 4], bbox[r * 4:(r + 1) * 4], 3, 11, rank=r, world=2)[0] for r in (0, 1)]
-    assert torch.equal(torch.cat(halves), out)  # two processes: the halves of one process's batch
-    for _ in range(200):
-        i, j, h, w = data.crop_box(64, 64, (0.75, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(_))
-        assert 0.73 <= h * w / 64 ** 2 <= 1 and 0.72 <= w / h <= 1.39 and 0 <= i <= 64 - h and 0 <= j <= 64 - w

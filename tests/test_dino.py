@@ -10,12 +10,14 @@ import subprocess
 import sys
 import types
 import urllib.error
+from pathlib import Path
 
 import lmdb
 import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import evaluate
 import ocl
@@ -158,6 +160,24 @@ def test_bad_weight_files_are_named(tmp_path):
         slot_attention.dino_vit_s8(str(tmp_path / "cut.pth"))
 
 
+def test_a_download_is_checked_before_it_takes_the_official_name(tmp_path, monkeypatch):
+    """The DINO file torch's hub would download is kept only if its size and md5 are the official file's: a wrong
+    download is named and nothing is left in the cache; a right one is renamed into place."""
+    import hashlib
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress=True: Path(dst).write_bytes(b"html"))
+    with pytest.raises(ValueError, match=r"is not the official file \(4 bytes, md5 .*expected 86,728,949 bytes, md5 "
+                                         r"230cd5\.\.\.\); nothing was kept"):
+        slot_attention.dino_vit_s8()
+    assert not any((tmp_path / "hub" / "checkpoints").iterdir())
+    body = b"the official bytes"  # stands in for the file: its size and md5 become the known ones
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress=True: Path(dst).write_bytes(body))
+    monkeypatch.setattr(slot_attention, "DINO_BYTES", len(body))
+    monkeypatch.setattr(slot_attention, "DINO_MD5_PREFIX", hashlib.md5(body).hexdigest()[:6])
+    slot_attention.download_dino(tmp_path / "hub" / "checkpoints" / slot_attention.DINO_FILE)
+    assert [p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()] == [slot_attention.DINO_FILE]
+
+
 def test_offline_without_the_file_stops_before_step_one(tiny_root, tiny_vaes, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
 
@@ -185,7 +205,7 @@ def test_big_little_trains_the_projection_keeps_dino_frozen_and_checkpoints_name
     assert ckpt["args"]["dino_weights"] == "random" and ckpt["model_args"]["encoder"] == "dino"
     fresh, _, digest = slot_attention.dino_vit_s8("random")
     assert ckpt["model_args"]["dino_sha256"] == digest
-    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))  # DINO rebuilt from its weights, checked by sha256
+    model, _ = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))  # DINO rebuilt from its weights, checked by sha256
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.dino.state_dict().values(),
                                                   fresh.state_dict().values()))  # unchanged by the 2 steps
     trainable = [n for n, _ in model.named_parameters() if not n.startswith(("vae.", "encoder.dino."))]
@@ -193,7 +213,7 @@ def test_big_little_trains_the_projection_keeps_dino_frozen_and_checkpoints_name
     model.train()
     assert not model.encoder.dino.training and model.encoder.convs.training
     with pytest.raises(ValueError, match="other DINO weights"):
-        ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"), dino_weights=str(official_file))
+        ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"), dino_weights=str(official_file))
 
 
 # ----------------------------------------------------------------------------- the feature cache
@@ -268,7 +288,7 @@ def test_dinosaur_reconstructs_dinos_map_computed_once_and_reads_no_vae(tiny_roo
                                  "--dino-weights", "random", "--out", str(tmp_path / "run"), *TINY_OCL, "--steps", "2"])
     assert args.vae_ckpt is None and train_ocl.run_folder(args, None) == "runs/ocl_shapes_mlp-dino_dino"
     out = train_ocl.train(args)
-    ckpt = train_common.load_checkpoint(out / "best.pt", "ocl")
+    ckpt = checkpoints.load_checkpoint(out / "best.pt", "ocl")
     assert ckpt["vae"] is None and not any(k.startswith("vae.") for k in ckpt["model"])
     model, _ = ocl.load_ocl(ckpt)
     calls = []
@@ -310,7 +330,7 @@ def test_dino_target_prenorm_is_the_last_block_before_the_final_layernorm(tiny_r
                                  "--dino-weights", "random", "--dino-target", "prenorm", "--out", str(tmp_path / "run"),
                                  *TINY_OCL, "--steps", "1"])
     assert train_ocl.run_folder(args, None) == "runs/ocl_shapes_mlp-dino-prenorm_dino"
-    model, _ = ocl.load_ocl(train_common.load_checkpoint(train_ocl.train(args) / "last.pt", "ocl"))
+    model, _ = ocl.load_ocl(checkpoints.load_checkpoint(train_ocl.train(args) / "last.pt", "ocl"))
     frames = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
     with torch.no_grad():
         target = model.targets(frames)[1]  # (1, 384, 8, 8)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import checkpoints
 import convert
 import data
 import evaluate
@@ -176,15 +177,15 @@ def test_empty_and_folder_checkpoints_are_named(custom_shapes, vae_run, tmp_path
 def test_last_pt_size_is_what_the_space_check_expects(vae_run):
     """The free-space check counts last.pt as the model's state + Adam's moments + the code-replacing pools + 1 MiB;
     it must not underestimate what the run writes (it missed the pools by ~25% before)."""
-    ckpt = train_common.load_checkpoint(vae_run / "last.pt", "vae")
+    ckpt = checkpoints.load_checkpoint(vae_run / "last.pt", "vae")
     model = __import__("msf").load_vae(ckpt)
     pools = [p for process in ckpt["train_state"]["pools"] for p in process]  # [process][codebook]
     held = sum((p["recent"].numel() + p["hits"].numel()) * 4 for p in pools)  # the pools as this run filled them
     full = sum((1024 * cb.weight.shape[1] + cb.weight.shape[0]) * 4 for cb in model.codebooks)  # full pools
     actual = (vae_run / "last.pt").stat().st_size
-    tight = train_common.checkpoint_bytes(model, model.parameters(), held)
+    tight = checkpoints.checkpoint_bytes(model, model.parameters(), held)
     assert actual <= tight <= actual + 1.25 * 2 ** 20, (actual, tight)  # the sizes are right, the margin is 1 MiB
-    assert train_common.checkpoint_bytes(model, model.parameters(), full) >= tight
+    assert checkpoints.checkpoint_bytes(model, model.parameters(), full) >= tight
 
 
 def test_a_partial_last_line_of_the_log_is_dropped_on_resume(custom_shapes, tmp_path, capsys, monkeypatch):
@@ -310,3 +311,95 @@ def test_viz_into_a_file_stops_before_evaluating(vae_run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--out .*figures.png is a file; --viz writes its figures into a folder"):
         evaluate.main(["--ckpt", str(vae_run / "best.pt"), "--viz", "2", "--out", str(target)])
     assert "separability" not in capsys.readouterr().out and target.read_bytes() == b"not a folder"
+
+
+# ----------------------------------------------------------------------------- checkpoints that outlive the machine
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_name_and_its_name_after(tmp_path, monkeypatch):
+    """save_checkpoint: the temporary file is flushed (fsync) before the rename, the folder after it, so a power cut
+    leaves the old checkpoint or the new one; save_last's numbered copy is made from the flushed last.pt, renamed
+    into place and its folder flushed, under a name the stale-temporary cleanup knows."""
+    import torch
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or real_replace(a, b))
+    checkpoints.save_checkpoint(tmp_path / "best.pt", {"kind": "vae", "x": torch.ones(3)})
+    assert events == [("fsync", False), ("replace", "best.pt"), ("fsync", True)]
+    events.clear()
+    d = train_common.Dist(0, 1, 0, torch.device("cpu"))
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    checkpoints.save_last(tmp_path, {"kind": "vae", "step": 7}, opt, scaler, 0.0, d, keep=2)
+    assert events == [("fsync", False), ("replace", "last.pt"), ("fsync", True), ("replace", "step_0000007.pt"),
+                      ("fsync", True)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step_0000007.pt"]
+
+
+def test_a_full_disk_stops_the_run_with_the_previous_checkpoint_intact(custom_shapes, tmp_path, monkeypatch, capsys):
+    """ENOSPC while the checkpoints of step 2 are written: the run stops with one line that says how much room there
+    is and what to do, the checkpoints of step 1 are as they were, and no temporary is left."""
+    import errno
+    import torch
+    out = tmp_path / "run"
+    args = ["--data-root", str(custom_shapes), "--out", str(out), *VAE_TINY[:-2], "--steps", "3", "--ckpt-every", "1"]
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            real_save(obj, f, *a, **k)  # half of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit, match=r"no space left on the disk of .*run while writing (best|last).pt \(\d+ MiB free\); "
+                                         r"the previous checkpoints are intact.*--resume"):
+        train_vae.main(args)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 1
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 1
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_one_writer_per_out_and_no_resume_of_a_running_run(custom_shapes, vae_run, tmp_path):
+    """A run holds a lock on its --out for its whole life: a second run into that folder, and --resume of it, stop
+    with a message naming the process that holds it; the folder is untouched. The same process may run there again
+    (one run after the other); once the holder has ended, the lock is free."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoints; checkpoints.hold_run(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(out)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["--data-root", str(custom_shapes), "--out", str(out), *VAE_TINY]
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            with pytest.raises(SystemExit, match=rf"{out} is in use by process {holder.pid} on .*one run writes a folder "
+                                                 rf"at a time.*choose another --out"):
+                train_vae.main([*args, *extra])
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    train_vae.train(train_vae.parse_args(args))  # the holder ended: the folder is free
+    train_vae.train(train_vae.parse_args([*args, "--overwrite"]))  # this process holds it: again is fine
+
+
+def test_non_finite_weights_are_refused_wherever_a_checkpoint_is_read(custom_shapes, vae_run, tmp_path):
+    """A checkpoint with a NaN among its weights: evaluate.py, train_ocl.py --vae-ckpt and --resume refuse it by
+    name, never a score of 0 or a LinAlgError from deep inside."""
+    import torch
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(vae_run / name, weights_only=True)
+        key = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+        ckpt["model"][key] = ckpt["model"][key].clone().fill_(float("nan"))
+        torch.save(ckpt, bad / name)
+    says = rf"holds non-finite weights \(1 tensors, the first {key}\).*earlier checkpoint"
+    with pytest.raises(SystemExit, match=says):
+        evaluate.main(["--ckpt", str(bad / "best.pt"), "--data-root", str(custom_shapes)])
+    with pytest.raises(SystemExit, match=says):
+        train_ocl.main(["--data-root", str(custom_shapes), "--vae-ckpt", str(bad / "best.pt"), "--steps", "1"])
+    with pytest.raises(SystemExit, match=says):
+        train_vae.main(["--data-root", str(custom_shapes), "--out", str(bad), *VAE_TINY, "--resume"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import data
 import decoders
 import evaluate
@@ -272,7 +273,7 @@ def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_
     run folder says -x0-gate; a run of the other decoder does not resume as this one."""
     flags = ["--diffusion-prediction", "x0", "--mask-gate"]
     args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
-    vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
+    vae_args = checkpoints.load_checkpoint(tiny_vaes[4])["model_args"]
     assert train_ocl.run_folder(args, vae_args) == "runs/ocl_shapes_diffusion-x0-gate_msf"
     for wrong in (["--mask-gate"], ["--no-mask-gate"], ["--diffusion-prediction", "x0"],
                   ["--decoder", "diffusion", "--mask-gate", "--slot-attention", "sysbinder"]):
@@ -291,7 +292,7 @@ def test_mask_gate_and_x0_flags_train_resume_and_name_their_run(tiny_root, tiny_
     assert train_ocl.run_folder(train_ocl.parse_args(["--decoder", "diffusion"]), vae_args) == \
         "runs/ocl_shapes_diffusion-x0-gate_msf"
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "gate", "diffusion", "--steps", "1", *flags))
-    model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    model, ckpt = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))
     assert (model.decoder.prediction, model.decoder.gate) == ("x0", True)
     image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
     seen = []
@@ -319,11 +320,11 @@ def test_the_authors_switches_augment_and_guidance_noise(tiny_root, tiny_vaes, t
         assert says in capsys.readouterr().err
     args = ocl_args(tiny_root, tiny_vaes, tmp_path / "run", "transformer", "--steps", "2", "--augment",
                     "--guidance-noise", "5")
-    vae_args = train_common.load_checkpoint(tiny_vaes[256])["model_args"]
+    vae_args = checkpoints.load_checkpoint(tiny_vaes[256])["model_args"]
     assert train_ocl.run_folder(args, vae_args).endswith("transformer-gnoise5-aug_msf")
     out = train_ocl.train(args)
     assert "the guidance cache is off" in capsys.readouterr().out
-    model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    model, ckpt = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))
     assert model.guidance_noise == 5 and ckpt["args"]["augment"]
     image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None].expand(4, -1, -1, -1)  # (4, 3, 64, 64)
     model.train()
@@ -386,7 +387,7 @@ def test_guidance_cache_changes_nothing(tiny_root, tiny_vaes, tmp_path):
 def test_guide_scales_one_and_two(tiny_root, tiny_vaes, tmp_path):
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "g", "transformer", "--steps", "2",
                                    "--guide-scales", "1,2"))
-    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    model, _ = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))
     assert model.decoder.grids == [(16, 16), (8, 8)]
 
 
@@ -460,6 +461,39 @@ def test_evaluate_segments_a_folder_of_your_own_pictures(tiny_root, tiny_vaes, t
     with pytest.raises(SystemExit, match="is a VAE checkpoint; --images takes an OCL one"):
         evaluate.main(["--ckpt", str(tiny_vaes[256]), "--images", str(folder)])
     assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "images_photos"}
+    # every figure comes with its label map: slot k = value k, the prediction the figure shows
+    labels = np.asarray(Image.open(figs / "a_png_labels.png"))
+    assert labels.shape == (64, 64) and labels.max() < slots
+
+
+def test_own_pictures_of_16_bits_transparency_and_odd_shapes_are_said_and_handled(tiny_root, tiny_vaes, tmp_path,
+                                                                                    capsys):
+    """A 16-bit picture is scaled to 8 bits (not clipped to white), a transparent one composited on the dataset's
+    background colour (not black), a very thin one segmented in its centre square and a small one blown up, each with
+    one line of warning; one under 8 px a side is skipped and named."""
+    from PIL import Image
+    out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "run", "transformer", "--steps", "1"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    grey16 = np.full((64, 64), 32768, dtype=np.uint16)  # half of 16-bit white: 128 in 8 bits
+    Image.fromarray(grey16).save(folder / "deep.png")
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)  # fully transparent, black underneath
+    Image.fromarray(rgba, "RGBA").save(folder / "clear.png")
+    Image.fromarray(np.zeros((20, 200, 3), dtype=np.uint8)).save(folder / "thin.png")
+    Image.fromarray(np.zeros((2, 2000, 3), dtype=np.uint8)).save(folder / "line.png")
+    result = evaluate.main(["--ckpt", str(out / "best.pt"), "--images", str(folder)])
+    said = capsys.readouterr().out
+    assert "warning: deep.png: 16-bit: scaled to 8 bits" in said
+    assert "warning: clear.png: transparent: composited on the dataset's background colour" in said
+    assert "warning: thin.png: 200x20 px: only its centre square, 1/10 of it, is segmented" in said
+    assert "warning: thin.png: 200x20 px: its centre square blown up 3x to 64 px" in said
+    assert result["skipped"] == ["line.png (2000x2 px: too small, at least 8 px a side)"]
+    figs = out / "images_photos"
+    first = lambda name: np.asarray(Image.open(figs / name).convert("RGB"))[0, 0]  # noqa: E731  the image's corner
+    assert np.abs(first("deep.png").astype(int) - 128).max() <= 1
+    background = evaluate.dataset_background(checkpoints.load_checkpoint(out / "best.pt"), evaluate.parse_args(
+        ["--ckpt", str(out / "best.pt")]))
+    assert background != (0, 0, 0) and np.abs(first("clear.png").astype(int) - np.array(background)).max() <= 1
 
 
 def test_ocl_size_defaults_are_the_paper_size():
@@ -472,7 +506,7 @@ def test_validation_keeps_the_models_mode_and_the_vae_frozen(tiny_root, tiny_vae
     """evaluate.validate_ocl serves training (model in train mode) and evaluate.py (eval mode): it must leave the
     mode as it found it (evaluate.py's figures after it ran in train mode before, dropout on in the sampler)."""
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / "m", "transformer", "--steps", "1"))
-    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    model, _ = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))
     val = data.load_dataset("shapes", "val", tiny_root)
     for training in (False, True):
         model.train(training)
@@ -513,7 +547,7 @@ def test_diffusion_target_and_latent_scale(tiny_root, tiny_vaes, tmp_path):
     for flags, name in (([], "diffusion-x0-gate_msf"), (["--diffusion-target", "z", "--latent-scale", "1"],
                                                          "diffusion-z-scale1-x0-gate_msf")):
         args = train_ocl.parse_args(["--decoder", "diffusion", "--vae-ckpt", str(tiny_vaes[4]), *flags])
-        vae_args = train_common.load_checkpoint(tiny_vaes[4])["model_args"]
+        vae_args = checkpoints.load_checkpoint(tiny_vaes[4])["model_args"]
         assert train_ocl.run_folder(args, vae_args) == f"runs/ocl_shapes_{name}"
     with pytest.raises(SystemExit):
         train_ocl.parse_args(["--diffusion-target", "z"])  # the transformer decoder has no diffusion target
@@ -521,7 +555,7 @@ def test_diffusion_target_and_latent_scale(tiny_root, tiny_vaes, tmp_path):
     for target, scale in (("x", "auto"), ("z", "1"), ("z", "auto")):
         out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / f"{target}{scale}", "diffusion", "--steps", "1",
                                        "--diffusion-target", target, "--latent-scale", scale))
-        model, ckpt = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+        model, ckpt = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))
         seen = []
         model.decoder.loss = lambda x0, slots, t=None, masks=None: seen.append(x0) or torch.zeros(())
         model(image)
@@ -535,7 +569,7 @@ def test_diffusion_target_and_latent_scale(tiny_root, tiny_vaes, tmp_path):
 def test_guidance_is_fp32_inside_autocast(tiny_root, tiny_vaes):
     """The training step runs under autocast; the frozen guidance must be the same codes as outside it (the
     GuidanceCache builds them outside). On the CPU, bfloat16 autocast stands in for the GPU's fp16."""
-    ckpt = train_common.load_checkpoint(tiny_vaes[256], "vae")
+    ckpt = checkpoints.load_checkpoint(tiny_vaes[256], "vae")
     model = ocl.OCL(msf.load_vae(ckpt), "transformer", 7, 64, slot_dim=32, enc_channels=16, dec_dim=32,
                           dec_layers=1)
     image = data.load_dataset("shapes", "val", tiny_root)[0]["image"][None]  # (1, 3, 64, 64)
@@ -553,8 +587,8 @@ def test_run_folder_names_the_guidance(tiny_root, tiny_vaes, tmp_path):
     vq = train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--vae", "vqvae", "--out",
                                                str(tmp_path / "vq"), "--channels", "16", "--batch-size", "8",
                                                "--steps", "1", "--val-batches", "1"])) / "best.pt"
-    vae_args = {str(tiny_vaes[256]): train_common.load_checkpoint(tiny_vaes[256])["model_args"],
-                str(vq): train_common.load_checkpoint(vq)["model_args"]}
+    vae_args = {str(tiny_vaes[256]): checkpoints.load_checkpoint(tiny_vaes[256])["model_args"],
+                str(vq): checkpoints.load_checkpoint(vq)["model_args"]}
     for decoder, vae, scales, name in [("transformer", tiny_vaes[256], "1", "ocl_shapes_transformer_msf"),
                                        ("transformer", vq, "1", "ocl_shapes_transformer_vqvae"),
                                        ("transformer", tiny_vaes[256], "1,2", "ocl_shapes_transformer_msf-g12"),
@@ -670,7 +704,7 @@ def test_slot_use_measures_what_the_decoder_takes_from_its_slots(decoder, tiny_r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import slot_use
     out = train_ocl.train(ocl_args(tiny_root, tiny_vaes, tmp_path / decoder, decoder, "--steps", "2"))
-    model, _ = ocl.load_ocl(train_common.load_checkpoint(out / "last.pt", "ocl"))
+    model, _ = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))
     val = data.load_dataset("shapes", "val", tiny_root)
     images = torch.stack([torch.as_tensor(val[i]["image"]) for i in range(4)])  # (4, 3, 64, 64)
     rows = slot_use.slot_use(model, images, timesteps=(10, 500))["rows"]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import decoders
 import ocl
 import train_common
@@ -177,25 +178,44 @@ def test_two_gloo_processes_stopped_and_resumed_end_bit_identical(script, how, t
 
 
 def test_code_replacing_state_resumed_with_another_process_count():
-    """A 2-process last.pt resumed by 1 or 3 processes: the counts that decide which codes are dead keep their total
-    (hand-made counts), process 0 keeps its sample of recent vectors, the others start empty."""
-    def pool(hits, n):
-        return {"recent": torch.ones(n, 4), "seen": n, "hits": torch.tensor(hits)}
-    saved = [[pool([1.0, 0.0, 2.0], 5)], [pool([0.0, 3.0, 1.0], 7)]]  # [process][codebook]
-    one = train_vae.my_pools(saved, train_common.Dist(0, 1, 0, torch.device("cpu")))
-    assert one[0]["hits"].tolist() == [1.0, 3.0, 3.0] and len(one[0]["recent"]) == 5
-    third = train_vae.my_pools(saved, train_common.Dist(2, 3, 2, torch.device("cpu")))
+    """A 2-process last.pt resumed by 1 or 3 processes (--allow-world-change): process 0, which decides code
+    replacing, takes the summed counts and one sample merged from both in proportion to what each stood for (5 and 7
+    vectors seen: of 6 places, 2.5 and 3.5, the tie to the first: 3 and 3); the others start empty; the same count
+    takes its own."""
+    def pool(hits, n, value):
+        return {"recent": torch.full((n, 4), value), "seen": n, "hits": torch.tensor(hits)}
+    saved = [[pool([1.0, 0.0, 2.0], 5, 1.0)], [pool([0.0, 3.0, 1.0], 7, 2.0)]]  # [process][codebook]
+    one = train_vae.my_pools(saved, train_common.Dist(0, 1, 0, torch.device("cpu")), [6])
+    assert one[0]["hits"].tolist() == [1.0, 3.0, 3.0] and one[0]["seen"] == 12
+    assert sorted(one[0]["recent"][:, 0].tolist()) == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    assert len(train_vae.my_pools(saved, train_common.Dist(0, 1, 0, torch.device("cpu")), [1024])[0]["recent"]) == 12
+    third = train_vae.my_pools(saved, train_common.Dist(2, 3, 2, torch.device("cpu")), [6])
     assert third[0]["hits"].tolist() == [0.0, 0.0, 0.0] and len(third[0]["recent"]) == 0 and third[0]["seen"] == 0
-    same = train_vae.my_pools(saved, train_common.Dist(1, 2, 1, torch.device("cpu")))
+    same = train_vae.my_pools(saved, train_common.Dist(1, 2, 1, torch.device("cpu")), [6])
     assert same[0]["hits"].tolist() == [0.0, 3.0, 1.0] and same[0]["seen"] == 7
-    # a last.pt of before (pools per codebook, no counts: process 0's are in the weights) still resumes
-    older = [{"recent": torch.ones(5, 4), "seen": 5}]
-    import vae
-    cb = vae.Codebook(3, 4)
-    cb.hits.fill_(2.0)  # as load_state_dict left them
-    cb.load_pool_state(train_vae.my_pools(older, train_common.Dist(0, 1, 0, torch.device("cpu")))[0])
-    assert cb.seen == 5 and cb.hits.tolist() == [2.0, 2.0, 2.0]
-    assert train_vae.my_pools(older, train_common.Dist(1, 2, 1, torch.device("cpu")))[0]["seen"] == 0
+
+
+def test_two_processes_resumed_by_one_then_by_two_again(tiny_root, vae256, tmp_path):
+    """2 -> 1 -> 2 processes: a 2-process run stopped, continued by one process, stopped, continued by two. Without
+    --allow-world-change the change is refused by name; with it, and with no sampling noise (--sigma 0), the chain
+    ends where the uninterrupted 2-process run does (to float tolerance: the data order is the step's, whoever
+    takes it)."""
+    extra = [*OCL_TINY[:OCL_TINY.index("--batch-size")], "--batch-size", "8", *OCL_TINY[OCL_TINY.index("--batch-size") + 2:],
+             "--vae-ckpt", str(vae256), "--sigma", "0", "--steps", "12", "--ckpt-every", "4", "--val-every", "12"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run([*torchrun, *command("train_ocl.py", tiny_root, full, *extra)[1:]], tmp_path)
+    interrupt([*torchrun, *command("train_ocl.py", tiny_root, cut, *extra)[1:]], tmp_path, cut, 4, signal.SIGTERM)
+    refused = subprocess.run(command("train_ocl.py", tiny_root, cut, *extra, "--resume"), cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "was written by 2 process(es), this run has 1" in refused.stderr
+    assert "--allow-world-change" in refused.stderr
+    interrupt(command("train_ocl.py", tiny_root, cut, *extra, "--resume", "--allow-world-change"), tmp_path, cut, 8,
+              signal.SIGTERM)
+    run([*torchrun, *command("train_ocl.py", tiny_root, cut, *extra, "--resume", "--allow-world-change")[1:]], tmp_path)
+    assert torch.load(cut / "last.pt", weights_only=True)["step"] == 12
+    assert_same_weights(full, cut, exact=False, max_step=2 * 12 * 2e-3)
+    assert [s for s, _ in losses(full)] == [s for s, _ in losses(cut)] == list(range(1, 13))
 
 
 def test_compile_wraps_the_training_step_only(tiny_root, tmp_path, monkeypatch):
@@ -238,6 +258,37 @@ def test_global_batches_split_over_ranks_and_resume_mid_epoch():
     assert [a + b for a, b in zip(*ranks)] == single  # rank 0 holds the first half of each global batch, rank 1 the rest
     later = [b["index"].tolist() for b, _ in zip(train_common.infinite_batches(ds, 8, 3, start_step=4), range(3))]
     assert later == single[4:7]  # resuming at step 4 = skipping 4 batches, with no saved loader state
+
+
+def test_augment_crops_resizes_and_flips_and_boxes_follow_their_objects():
+    """--augment: a white rectangle drawn at a box stays inside the box augment returns for it (each clip's frames
+    take one crop and flip), a box cropped away becomes the zero box, the draws are a function of (seed, step) and
+    two processes take the halves of one process's batch."""
+    H = W = 64
+    torch.manual_seed(0)
+    boxes = torch.tensor([[0.1, 0.2, 0.4, 0.5], [0.6, 0.55, 0.9, 0.95], [0.0, 0.0, 0.0, 0.0]])  # (K, 4), one hidden
+    clips = torch.zeros(8, 2, 3, H, W)
+    for k, (x0, y0, x1, y1) in enumerate(boxes[:2].tolist()):
+        clips[:, :, k, round(y0 * H):round(y1 * H), round(x0 * W):round(x1 * W)] = 1.0  # object k in channel k
+    bbox = boxes.expand(8, 2, 3, 4).clone()
+    out, moved = train_common.augment(clips, bbox, seed=3, step=11)
+    assert out.shape == clips.shape and torch.equal(out[:, 0], out[:, 1])  # the frames of a clip alike
+    assert not torch.equal(out, clips) and torch.equal(moved[:, :, 2], torch.zeros(8, 2, 4))
+    for b in range(8):
+        for k in range(2):
+            ys, xs = torch.nonzero(out[b, 0, k] > 0.5, as_tuple=True)
+            if len(ys) == 0:  # the object left the crop: its box is the zero box
+                assert (moved[b, 0, k] == 0).all()
+                continue
+            x0, y0, x1, y1 = (moved[b, 0, k] * torch.tensor([W, H, W, H])).tolist()
+            assert x0 - 1.5 <= xs.min() and xs.max() + 1 <= x1 + 1.5 and y0 - 1.5 <= ys.min() and ys.max() + 1 <= y1 + 1.5
+    again, _ = train_common.augment(clips, bbox, seed=3, step=11)
+    assert torch.equal(again, out)  # a resumed run draws the same
+    halves = [train_common.augment(clips[r * 4:(r + 1) * 4], bbox[r * 4:(r + 1) * 4], 3, 11, rank=r, world=2)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), out)  # two processes: the halves of one process's batch
+    for _ in range(200):
+        i, j, h, w = train_common.crop_box(64, 64, (0.75, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(_))
+        assert 0.73 <= h * w / 64 ** 2 <= 1 and 0.72 <= w / h <= 1.39 and 0 <= i <= 64 - h and 0 <= j <= 64 - w
 
 
 def test_workers_draw_distinct_numbers_per_worker_and_epoch():
@@ -353,7 +404,7 @@ def test_a_cpu_run_resumes_with_amp_on(tiny_root, vae256, tmp_path):
         scaler.load_state_dict({})
     d = train_common.Dist(0, 1, 0, torch.device("cpu"))
     vae_args = ckpt["vae"]["model_args"]
-    start, *_ = train_common.resume(out, "ocl", args, ckpt["model_args"], model, optimizer, scaler, d,
+    start, *_ = checkpoints.resume(out, "ocl", args, ckpt["model_args"], model, optimizer, scaler, d,
                                     extra={"vae": vae_args})
     assert start == 2 and scaler.is_enabled()
 

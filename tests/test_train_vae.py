@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import data
 import msf
 import train_common
@@ -30,7 +31,7 @@ def test_twenty_steps_write_a_safe_checkpoint_and_learn(tmp_path, tiny_root):
         ckpt = torch.load(out / name, map_location="cpu", weights_only=True)  # no code runs while loading
         assert ckpt["kind"] == "vae" and ckpt["model_args"]["kind"] == "msf" and ckpt["model_args"]["code_dim"] == 8
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 20
-    model = msf.load_vae(train_common.load_checkpoint(out / "best.pt", "vae"))
+    model = msf.load_vae(checkpoints.load_checkpoint(out / "best.pt", "vae"))
     assert not model.training and model.num_scales == 3
     logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     recon = [r["recon1"] for r in logs if "recon1" in r]
@@ -58,7 +59,7 @@ def test_same_seed_same_weights(tmp_path, tiny_root):
 def test_every_vae_kind_trains(tmp_path, tiny_root):
     for kind in ("vqvae", "multiscale"):
         out, _ = run(tmp_path / kind, tiny_root, "--steps", "2", "--code-dim", "4", "--vae", kind)
-        ckpt = train_common.load_checkpoint(out / "last.pt", "vae")
+        ckpt = checkpoints.load_checkpoint(out / "last.pt", "vae")
         model = msf.load_vae(ckpt)
         assert ckpt["model_args"]["kind"] == kind
 
@@ -132,18 +133,18 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, tiny_root, monkeypat
 
 def test_load_checkpoint_refuses_wrong_kind_and_corruption(tmp_path):
     path = tmp_path / "x.pt"
-    torch.save({"kind": "ocl", "format_version": train_common.CKPT_VERSION}, path)
+    torch.save({"kind": "ocl", "format_version": checkpoints.CKPT_VERSION}, path)
     with pytest.raises(ValueError, match="OCL checkpoint, but a VAE checkpoint"):
-        train_common.load_checkpoint(path, "vae")
+        checkpoints.load_checkpoint(path, "vae")
     path.write_bytes(b"garbage, not a checkpoint")
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        train_common.load_checkpoint(path, "vae")
+        checkpoints.load_checkpoint(path, "vae")
     torch.save({"kind": "vae", "format_version": 99}, path)
     with pytest.raises(ValueError, match="has checkpoint format 99; this code reads format 5 only"):
-        train_common.load_checkpoint(path, "vae")
+        checkpoints.load_checkpoint(path, "vae")
     torch.save({"kind": "vae"}, path)  # the first format stored no version
     with pytest.raises(ValueError, match="has checkpoint format 1; this code reads format 5 only"):
-        train_common.load_checkpoint(path, "vae")
+        checkpoints.load_checkpoint(path, "vae")
 
 
 # ----------------------------------------------------------------------------- video datasets (MOVi) in stage 1

@@ -81,20 +81,20 @@ def test_shapes_video_is_deterministic_and_loads_as_clips(tmp_path):
 
 def test_clip_starts_are_the_authors_strided_windows():
     g = torch.Generator().manual_seed(0)
-    assert set(data.clip_starts(24, 6, 400, g).tolist()) == {0, 6, 12, 18}  # MOVi: the authors' four windows
-    assert set(data.clip_starts(12, 6, 100, g).tolist()) == {0, 6}  # shapes_video
-    assert set(data.clip_starts(8, 6, 100, g).tolist()) == {0}  # one window fits
-    assert data.clip_starts(6, 8, 3, g).tolist() == [0, 0, 0]  # window longer than the clip: the whole clip
+    assert set(train_common.clip_starts(24, 6, 400, g).tolist()) == {0, 6, 12, 18}  # MOVi: the authors' four windows
+    assert set(train_common.clip_starts(12, 6, 100, g).tolist()) == {0, 6}  # shapes_video
+    assert set(train_common.clip_starts(8, 6, 100, g).tolist()) == {0}  # one window fits
+    assert train_common.clip_starts(6, 8, 3, g).tolist() == [0, 0, 0]  # window longer than the clip: the whole clip
 
 
 def test_crop_is_the_same_for_one_process_and_for_two():
     """The global batch's crop is a function of (seed, step): 2 processes x 2 clips crop as 1 process x 4 clips."""
     clips = torch.arange(4 * 12).float().view(4, 12, 1, 1, 1).expand(4, 12, 3, 2, 2)  # frame value = its number
     boxes = torch.rand(4, 12, 3, 4)
-    one = data.crop_clips(clips, boxes, list(range(4)), 6, 0, 5)  # one process
+    one = train_common.crop_clips(clips, boxes, list(range(4)), 6, 0, 5)  # one process
     for rank in (0, 1):
         part = slice(2 * rank, 2 * rank + 2)
-        mine = data.crop_clips(clips[part], boxes[part], list(range(4))[part], 6, 0, 5, rank, 2)
+        mine = train_common.crop_clips(clips[part], boxes[part], list(range(4))[part], 6, 0, 5, rank, 2)
         assert torch.equal(mine[0], one[0][part]) and torch.equal(mine[1], one[1][part])
         assert mine[2] == one[2][12 * rank:12 * rank + 12]
     image, bbox, keys = one
