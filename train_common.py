@@ -260,14 +260,27 @@ def exit_worker():
         os._exit(0)
 
 
-def wrap_ddp(model, d, compile=False):
+def wrap_ddp(model, d):
     """DistributedDataParallel around the trainable model (a no-op for one process). Buffers are not broadcast
-    every step: the codebooks' hit counts are per process and summed where they are used (vae.Codebook).
-    compile (--compile): torch.compile around that, for the training step only (validation and checkpoints use the
-    plain model, the same weights); the first steps pay for the compilation (benchmarks/paper_scale.py --compile)."""
+    every step: the codebooks' hit counts are per process and summed where they are used (vae.Codebook)."""
     if d.world > 1:
         model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
-    return torch.compile(model) if compile else model
+    return model
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests count graphs with a backend of their own
+
+
+def compile_model(model):
+    """--compile: torch.compile in place (nn.Module.compile: the state_dict keeps its keys, so a checkpoint is the
+    same whether its run compiled or not) of the parts whose graphs are static. A stage-1 VAE (it has codebooks):
+    its encoder and decoder, nearly all of its FLOPs; its quantizer stays eager, since it branches on data (the
+    codebooks start on the first batch, count their use and move dead codes). A stage-2 model: all of it (one
+    recompile when the query noise sigma leaves its first value). The first steps pay for the compilation."""
+    parts = [model.encoder, model.decoder] if hasattr(model, "codebooks") else [model]
+    for part in parts:
+        part.compile(backend=COMPILE_BACKEND)
+    return model
 
 
 def print_batch_rule(d, batch_size, lr):
@@ -336,8 +349,8 @@ def add_run_args(p, val_default):
     p.add_argument("--keep", type=data.number(int, 0), default=3,
                    help="numbered checkpoints step_<k>.pt to keep (paper: 25; 0 = none)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (off by default: it pays only where benchmarks/paper_scale.py "
-                        "--compile measures it does; the first steps compile)")
+                   help="torch.compile the model's static parts (compile_model; off by default: it pays only where "
+                        "benchmarks/paper_scale.py --compile measures it does; the first steps compile)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt, exactly")
     p.add_argument("--allow-world-change", action="store_true",
                    help="--resume with another number of processes than the run was written with (the same data "

@@ -257,7 +257,9 @@ def train(args):
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
-        ddp = train_common.wrap_ddp(model, d, args.compile)  # DDP: gradients averaged over processes
+        if args.compile:  # the whole model, in place
+            train_common.compile_model(model)
+        ddp = train_common.wrap_ddp(model, d)  # DDP: gradients averaged over processes
         # the cache holds code indices (mlp and diffusion on Z_1 read continuous targets), which augmented images and
         # sampled codes change at every step
         varying = args.augment or args.guidance_noise > 0
@@ -591,8 +593,7 @@ def load_frozen_vae(args):
         raise FileNotFoundError(f"no VAE checkpoint at {path}. Train it first:\n    python train_vae.py "
                                 f"--dataset {args.dataset} --code-dim {ocl.CODE_DIM.get(args.decoder, 256)}")
     ckpt = checkpoints.load_checkpoint(path, "vae")  # refuses an OCL checkpoint, a corrupt file, a newer format
-    c = ckpt["model_args"]["code_dim"]
-    need = ocl.CODE_DIM.get(args.decoder)
+    c, need = ckpt["model_args"]["code_dim"], ocl.CODE_DIM.get(args.decoder)
     if need is not None and c != need:
         raise ValueError(f"the {args.decoder} decoder needs c = {need} guidance, but {path} is a c = {c} VAE; "
                          f"train one with: python train_vae.py --dataset {args.dataset} --code-dim {need}")

@@ -109,10 +109,9 @@ def train(args):
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
-        if args.compile:  # the codebooks' bookkeeping (counters, a Python int, data-dependent init) stays eager:
-            for cb in model.codebooks:  # in a graph it would recompile every step
-                cb.observe, cb.init_from = torch.compiler.disable(cb.observe), torch.compiler.disable(cb.init_from)
-        ddp = train_common.wrap_ddp(model, d, args.compile)  # DDP: gradients averaged over processes
+        if args.compile:  # the encoder and decoder; the quantizer's bookkeeping stays eager
+            train_common.compile_model(model)
+        ddp = train_common.wrap_ddp(model, d)  # DDP: gradients averaged over processes
         model.train()
         with train_common.RunGuard(d, scaler.is_enabled(), "Try a lower --lr or --stabilisers on.") as guard:
             for step in range(start, args.steps):

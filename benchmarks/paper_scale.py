@@ -101,12 +101,10 @@ def measure(name, device, steps, batch_scale, compile=False):
     optimizer = torch.optim.Adam(params, lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
-    forward = model
-
     def step():
         x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs().items()}
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            loss = forward(**x)["loss"]
+            loss = model(**x)["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -131,8 +129,8 @@ def measure(name, device, steps, batch_scale, compile=False):
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     compiled = None
-    if compile:  # the same steps through torch.compile; the first two compile (and recompile for the
-        forward = torch.compile(model)  # training-mode branches), then the timed ones
+    if compile:  # the same steps with the parts training compiles (train_common.compile_model), in place: the first
+        train_common.compile_model(model)  # two compile (and recompile once for the query noise), then the timed ones
         start = time.perf_counter()
         step()
         step()

@@ -18,6 +18,7 @@ import torch
 
 import checkpoints
 import decoders
+import evaluate
 import ocl
 import train_common
 import train_ocl
@@ -218,22 +219,37 @@ def test_two_processes_resumed_by_one_then_by_two_again(tiny_root, vae256, tmp_p
     assert [s for s, _ in losses(full)] == [s for s, _ in losses(cut)] == list(range(1, 13))
 
 
-def test_compile_wraps_the_training_step_only(tiny_root, tmp_path, monkeypatch):
-    """--compile: torch.compile around the model the training step calls (here a recorder stands in for the compiler,
-    which takes a minute on a CPU); validation and checkpoints use the plain model, so best.pt holds plain weights."""
-    compiled = []
+def test_compile_compiles_without_graph_breaks_and_checkpoints_load_either_way(tiny_root, vae256, tmp_path,
+                                                                                 monkeypatch):
+    """--compile on the quick start's paths, with a backend that counts the graphs it is given (torch's eager
+    compiler would take minutes here): no graph break, and after the third step no new graph. Stage 1 compiles its
+    encoder and decoder (each: one graph at the first pyramid size, one for the others, in training and in eval mode:
+    8); stage 2 the whole model (3: the query noise at its first value, at any other, and 0 where the weights are
+    checked before a checkpoint). The checkpoints have the plain keys, so a compiled run
+    resumes without --compile and evaluate.py reads it."""
+    import torch._dynamo
+    graphs = []
 
-    def recorder(module):
-        compiled.append(module)
-        return lambda *a, **k: module(*a, **k)
-    monkeypatch.setattr(torch, "compile", recorder)
-    out = train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "c"), *VAE_TINY,
-                                                "--steps", "2", "--compile"]))
-    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
-    assert not any(k.startswith("_orig_mod") for k in torch.load(out / "best.pt", weights_only=True)["model"])
-    train_vae.train(train_vae.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "e"), *VAE_TINY,
-                                          "--steps", "2"]))
-    assert len(compiled) == 1  # off by default
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(train_common, "COMPILE_BACKEND", counting)
+    for script, extra, expected in ((train_vae, [*VAE_TINY, "--steps", "6"], 8),
+                                    (train_ocl, [*OCL_TINY, "--vae-ckpt", str(vae256), "--steps", "6"], 3)):
+        torch._dynamo.reset()
+        graphs.clear()
+        torch._dynamo.utils.counters.clear()
+        out = tmp_path / script.__name__
+        script.train(script.parse_args(["--data-root", str(tiny_root), "--out", str(tmp_path / "three"), *extra[:-1],
+                                        "3", "--compile", "--overwrite"]))
+        first = len(graphs)
+        torch._dynamo.reset()
+        script.train(script.parse_args(["--data-root", str(tiny_root), "--out", str(out), *extra, "--compile"]))
+        assert (first, len(graphs) - first) == (expected, expected), script.__name__  # 6 steps: as many as 3 steps
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+        assert not any(k.startswith("_orig_mod") for k in torch.load(out / "last.pt", weights_only=True)["model"])
+        script.train(script.parse_args(["--data-root", str(tiny_root), "--out", str(out), *extra, "--resume"]))  # eager
+    assert evaluate.main(["--ckpt", str(tmp_path / "train_ocl" / "best.pt"), "--limit", "4"])["metrics"]["ari"]["count"] == 4
 
 
 # ----------------------------------------------------------------------------- data order and workers
