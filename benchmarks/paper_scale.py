@@ -1,6 +1,7 @@
 """What a row of the paper costs: for stage 1 and every stage-2 model of Tab. 1-3, at the paper's settings (128 px,
 --size paper, the big-little DINO encoder, batch 64 / 16 for stage 1, 32 / 8 for stage 2, AMP on GPUs), the
-parameters, the FLOPs of one training step (forward + backward, torch.utils.flop_counter), the peak memory, the time
+parameters, the FLOPs of one training step (forward + backward, torch.utils.flop_counter with the CPU attention
+kernel's formula added), the peak memory (GPU: allocated and reserved under AMP; CPU: the process's, fp32), the time
 per step and, on a GPU, steps/s, the model FLOPs utilisation (achieved FLOP/s over the GPU's peak, as nanoGPT reports
 it) and the hours for the paper's steps (30,000 for stage 1, 50,000 for stage 2). Plus MSF's stage-1 cost over the
 single-scale VQ-VAE's (Sect. 3.4 estimates 1 + 1/4 + 1/16 = 1.31x from the convolutions). And the training loader's
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,6 +53,22 @@ ROWS = {
     "video-slotdiffusion": ("video SlotDiffusion + MSF (Tab. 2)", 2, ["--dataset", "movi_c", "--decoder", "diffusion"], 4),
 }
 PAPER_STEPS = {1: 30_000, 2: 50_000}  # A.5: VAE pretraining 30,000 iterations, OCL training 50,000
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)  # 2 * b * heads * (n q . k + n v) products, as the CUDA kernels count
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP counter knows the CUDA kernels of F.scaled_dot_product_attention but not the CPU one, which it would
+# count as 0 FLOPs: its formulas, given for the CPU kernel and its backward too
+ATTENTION = {op: f for op, f in ((getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),
+                                  _cpu_attention),
+                                 (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
+                                  _cpu_attention_backward)) if op is not None}
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "V100": 125.0}  # dense fp16
 
 
@@ -115,7 +132,7 @@ def measure(name, device, steps, batch_scale, compile=False):
             torch.cuda.synchronize()
 
     step()  # warm-up: allocations, cuDNN's choices, the latent scale, the codebooks' data init
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION) as counter:
         step()
     flops = counter.get_total_flops()
     if device.type == "cuda":
@@ -128,6 +145,7 @@ def measure(name, device, steps, batch_scale, compile=False):
     seconds = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    reserved = {"reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30} if device.type == "cuda" else {}
     compiled = None
     if compile:  # the same steps with the parts training compiles (train_common.compile_model), in place: the first
         train_common.compile_model(model)  # two compile (and recompile once for the query noise), then the timed ones
@@ -146,6 +164,7 @@ def measure(name, device, steps, batch_scale, compile=False):
             "params_trained": sum(p.numel() for p in params), "params_all": sum(p.numel() for p in model.parameters()),
             "codebook_params": codebook, "gflops_step": flops / 1e9, "peak_gib": peak / 2 ** 30,
             "s_step": seconds, "steps": steps, "paper_steps": PAPER_STEPS[stage], "video": "movi" in ROWS[name][2][1],
+            **reserved,
             **(compiled or {})}
 
 
@@ -186,14 +205,17 @@ def gpu_peak_tflops(device, given):
 def table(rows, peak_tflops, loaders=None):
     """The markdown table of the measured rows."""
     gpu = rows[0]["device"].startswith("cuda")
-    head = ["row", "batch", "trained params (M)", "GFLOP / step", f"peak {'GPU' if gpu else 'process'} memory (GiB)",
-            "s / step"]
+    # what the memory column is: on a GPU, torch's peaks of allocated and reserved memory under AMP (what the run
+    # needs, and what its allocator holds); on a CPU, the process's peak resident memory (fp32, no AMP there)
+    memory = "peak GPU memory under AMP, allocated / reserved (GiB)" if gpu else "peak process memory, fp32 (GiB)"
+    head = ["row", "batch", "trained params (M)", "GFLOP / step", memory, "s / step"]
     head += ["steps / s", "MFU", "hours for the paper's steps"] if gpu else ["hours for the paper's steps (this CPU)"]
     head += ["--compile: time per step over eager"] if "s_step_compiled" in rows[0] else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["what"], str(r["batch"]), f"{r['params_trained'] / 1e6:.2f}", f"{r['gflops_step']:,.0f}",
-                 f"{r['peak_gib']:.1f}", f"{r['s_step']:.3f}"]
+        peak = f"{r['peak_gib']:.1f}" + (f" / {r['reserved_gib']:.1f}" if "reserved_gib" in r else "")
+        cells = [r["what"], str(r["batch"]), f"{r['params_trained'] / 1e6:.2f}", f"{r['gflops_step']:,.0f}", peak,
+                 f"{r['s_step']:.3f}"]
         hours = r["paper_steps"] * r["s_step"] / 3600
         if gpu:
             mfu = r["gflops_step"] / r["s_step"] / (peak_tflops * 1e3) if peak_tflops else None

@@ -138,22 +138,46 @@ def test_plain_rows_are_the_published_decoder_paired_against_their_own_baseline(
     assert row(text, "msf")[8] == "+10.00 (1)" and row(text, "vqvae+stab-plain")[8] == "-"
 
 
-def test_paper_scale_counts_a_rows_flops_and_builds_it_as_the_scripts_do():
-    """benchmarks/paper_scale.py on DINOSAUR at batch 1: the model is the one train_ocl.py builds at the paper's
-    settings (11 slots, DINO's 384 features, the 3 x 2,048 MLP), and the counted FLOPs of a training step are at least
-    the decoder MLP's own, by hand: 2 x (forward) + 4 x (backward: input and weight gradients) multiply-adds per
-    weight, for every slot at every one of the (128 / 8)^2 positions."""
+def slate_step_gflop_by_hand():
+    """One training step of the SLATE + MSF paper row for one 128-px COCO image, counted by hand from the
+    architecture (2 FLOPs per multiply-add; trained layers 3x their forward: forward, input and weight gradients;
+    a trained layer whose input needs no gradient 2x; frozen parts their forward alone)."""
+    P, s, d = 128 * 128, 11, 256  # pixels (the naive CNN runs at stride 1), slots (10 objects + 1), slot width
+    mac = {}
+    # naive CNN: conv 3->64 5x5 (2x), three 64->64 5x5 convs, the position map 4->64 (2x), the MLP 64->64->256
+    mac["cnn"] = 2 * P * 64 * 3 * 25 + 3 * 3 * P * 64 * 64 * 25 + 2 * P * 4 * 64 + 3 * P * (64 * 64 + 64 * d)
+    # big-little: DINO ViT-S/8 frozen, patch embedding and 12 blocks of 257 tokens x 384 (qkv, proj, 4x MLP,
+    # q.k and attn.v); its 3x3 projection 384 -> 64 on the 16x16 map (2x)
+    n, c = 16 * 16 + 1, 384
+    mac["dino"] = 256 * c * 3 * 64 + 12 * (n * c * 12 * c + 2 * n * n * c) + 2 * 256 * 64 * c * 9
+    # Slot Attention: keys and values of the 16,384 inputs once; 3 iterations of q, q.k, attn.v, GRU (6 d^2), MLP
+    mac["slots"] = 3 * (2 * P * d * d + 3 * (s * d * d + 2 * s * P * d + 6 * s * d * d + 4 * s * d * d))
+    # SLATE's decoder on 32x32 = 1,024 tokens of 256, 4 layers: self-attention (4 T d^2 and 2 T^2 d), cross-attention
+    # (2 T d^2, the slots' keys and values, 2 T s d), MLP (8 T d^2); the embedding of X, two 64-way classifiers
+    T = 32 * 32
+    layer = 14 * T * d * d + 2 * T * T * d + 2 * s * d * d + 2 * T * s * d
+    mac["decoder"] = 3 * (4 * layer + T * d * d + 2 * T * d * 64)
+    # the frozen MSF VAE at 128, 64, 32 px: encoder convs 3->32 4x4/2, 32->64 4x4/2, four 64->64 3x3, 64->256 1x1;
+    # W's two projections and the matching of 4 candidates against codebooks of 64
+    mac["vae"] = sum((H // 2) ** 2 * 32 * 3 * 16 + (H // 4) ** 2 * (64 * 32 * 16 + 4 * 64 * 64 * 9 + 64 * 256 +
+                                                                    2 * 256 * 512 + 4 * 64 * 256) for H in (128, 64, 32))
+    return 2 * sum(mac.values()) / 1e9  # about 97.3
+
+
+def test_paper_scale_counts_the_slate_rows_flops_within_ten_percent_of_a_hand_count():
+    """benchmarks/paper_scale.py on the SLATE + MSF row at batch 1 (the model as train_ocl.py builds it at the
+    paper's settings): its FLOPs of a training step within 10% of the hand count, attention included (torch's
+    counter would count the CPU attention kernel as 0: 13% of this step); the loader line; Sect. 3.4's codebook
+    parameters of stage 1."""
     import paper_scale
-    row = paper_scale.measure("dinosaur", torch.device("cpu"), steps=1, batch_scale=1 / 32)
+    row = paper_scale.measure("slate", torch.device("cpu"), steps=1, batch_scale=1 / 32)
     assert row["batch"] == 1 and row["stage"] == 2 and row["paper_steps"] == 50_000
-    mlp = 256 * 2048 + 2048 * 2048 * 2 + 2048 * 385  # slot_dim 256 -> 2,048 -> 2,048 -> 2,048 -> 384 + alpha
-    hand = 6 * mlp * 11 * 16 * 16
-    assert hand <= row["gflops_step"] * 1e9 <= 3 * hand  # the decoder dominates; DINO and Slot Attention add the rest
-    assert row["params_trained"] > mlp and row["peak_gib"] > 0 and row["s_step"] > 0
+    hand = slate_step_gflop_by_hand()
+    assert abs(row["gflops_step"] / hand - 1) < 0.10, (row["gflops_step"], hand)
+    assert row["params_trained"] > 0 and row["peak_gib"] > 0 and row["s_step"] > 0
     loader = paper_scale.loader_rate("images", 0, batch=2, batches=2)  # samples/s of 128 px records, decoded
     text = paper_scale.table([row], None, {"images": {0: loader}})
-    assert f"Loader, images at the paper's batch: 0 workers {loader:,.0f} samples/s; the fastest stage-2 row on " \
-           f"images consumes {1 / row['s_step']:,.2f} samples/s" in text
+    assert "peak process memory, fp32 (GiB)" in text and f"0 workers {loader:,.0f} samples/s" in text
     stage1 = paper_scale.measure("msf", torch.device("cpu"), steps=1, batch_scale=1 / 64)
     assert stage1["codebook_params"] == 2 ** 17 + 2 ** 16  # Sect. 3.4: projection c x 2c, 4 codebooks of 64 x 256
 
