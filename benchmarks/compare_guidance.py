@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import data  # noqa: E402  (one-line argument errors)
 import stats  # noqa: E402  (benchmarks/stats.py: paired intervals, verdicts, binding)
 
 AUTHORS_SD = ["--diffusion-prediction", "eps", "--no-mask-gate"]  # SlotDiffusion's own decoder (train_ocl.py flags)
@@ -352,7 +353,7 @@ def short(cell):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = data.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="shapes")
     p.add_argument("--data-root", type=Path, default=ROOT / "data")
     p.add_argument("--cells", default="main", help="main, ablations, all, or variant names separated by commas")

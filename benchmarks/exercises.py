@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402  (one-line argument errors)
 import stats  # noqa: E402  (paired intervals and verdicts)
 
 SEEDS = (0, 1, 2)
@@ -246,8 +248,6 @@ def ship(args):
         ckpt = torch.load(src / made, map_location="cpu", weights_only=True)
         ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
         torch.save(ckpt, dst / name)
-    sys.path.insert(0, str(ROOT))
-    import data
     import evaluate
     with __import__("tempfile").TemporaryDirectory() as tmp:
         data.write_shapes(tmp, 64, counts={"train": 2, "val": 64}, quiet=True)  # val's first 64 images, as in data/
@@ -260,7 +260,7 @@ def ship(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = data.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help="exercise numbers, e.g. 1,2,5 (default: all but 11; the baseline "
                                                 "always runs first where its cells are missing)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
@@ -288,9 +288,7 @@ def main(argv=None):
     specs = exercises(args.exercises.read_text())
     wanted = args.only.split(",") if args.only else [k for k in specs if k not in ("baseline", "11")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.table:
-        sys.path.insert(0, str(ROOT))
-        import data  # the datasets every cell reads, written once before the cells start (never by two at once)
+    if not args.table:  # the datasets every cell reads, written once before the cells start (never by two at once)
         for name in ("shapes", "shapes_video"):
             if name == "shapes" or "11" in wanted:
                 data.load_dataset(name, "val", args.data_root)

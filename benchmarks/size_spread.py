@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import compare_guidance  # noqa: E402  (the cells and their runner)
+import data  # noqa: E402  (one-line argument errors)
 import stats  # noqa: E402  (paired intervals and verdicts)
 
 SPREADS = [(24, 24), (6, 48), (3, 60)]  # object sides at 64 px, smallest to widest spread (the plan)
@@ -157,7 +158,7 @@ def figure(found, path, size=(460, 300)):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = data.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--cells", default=",".join(CELLS), help="variants to run (compare_guidance.py names)")
     p.add_argument("--data-root", type=Path, default=ROOT / "data" / "size_spread")

@@ -2,6 +2,8 @@
 
 Run: python -m pytest -q
 """
+import contextlib
+import re
 import sys
 from pathlib import Path
 
@@ -71,3 +73,12 @@ def tiny_video_vaes(tiny_video_root, tmp_path_factory):
                                      "--batch-size", "2", "--steps", "2", "--val-batches", "1"])
         paths[c] = train_vae.train(args) / "best.pt"
     return paths
+
+
+@contextlib.contextmanager
+def refused(capsys, message):
+    """A command line refused by argparse: exit status 2 and one line on stderr that matches `message` (regex)."""
+    with pytest.raises(SystemExit, match="^2$"):
+        yield
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err

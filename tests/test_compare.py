@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_guidance as cg  # noqa: E402
+from conftest import refused  # noqa: E402
 
 
 def fake_cell(variant, seed, ari_fg, ran_on="CPU (x86_64, 2 cores)"):
@@ -214,7 +215,7 @@ def test_size_spread_pairs_each_spread_seed_by_seed_and_draws_the_gain(tmp_path,
     assert "| 24 to 24" in capsys.readouterr().out
 
 
-def test_size_spread_runs_seed_major_through_compare_guidance(tmp_path, monkeypatch):
+def test_size_spread_runs_seed_major_through_compare_guidance(tmp_path, monkeypatch, capsys):
     import size_spread
     built, calls = [], []
     monkeypatch.setattr(size_spread, "build_dataset", lambda root, sides: built.append(sides) or root / f"{sides}")
@@ -227,7 +228,7 @@ def test_size_spread_runs_seed_major_through_compare_guidance(tmp_path, monkeypa
     assert all(c[c.index("--cells") + 1] == "vqvae+stab,gdr,msf" and c[c.index("--decoders") + 1] == "transformer"
                for c in calls)
     assert (tmp_path / "r" / "table.md").read_text() == "(no cells yet)\n"
-    with pytest.raises(SystemExit):
+    with refused(capsys, r"--seeds 'zero': give seeds as integers separated by commas"):
         size_spread.main(["--seeds", "zero", "--table"])
 
 

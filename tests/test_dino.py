@@ -24,7 +24,7 @@ import ocl
 import slot_attention
 import train_common
 import train_ocl
-from conftest import ROOT, TINY_OCL
+from conftest import ROOT, TINY_OCL, refused
 
 D, HEADS, DEPTH = 384, 6, 12
 
@@ -187,7 +187,7 @@ def test_offline_without_the_file_stops_before_step_one(tiny_root, tiny_vaes, tm
     out = tmp_path / "run"
     argv = ["--data-root", str(tiny_root), "--encoder", "dino", "--vae-ckpt", str(tiny_vaes[256]), "--out", str(out),
             *TINY_OCL]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="could not be downloaded") as e:
         train_ocl.main(argv)
     message = str(e.value)
     assert "dino_deitsmall8_pretrain.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
@@ -278,11 +278,11 @@ def test_feature_cache_under_two_gloo_processes_has_one_writer(tiny_root, tiny_v
 
 # ----------------------------------------------------------------------------- DINOSAUR on DINO's features
 
-def test_dinosaur_reconstructs_dinos_map_computed_once_and_reads_no_vae(tiny_root, tmp_path):
+def test_dinosaur_reconstructs_dinos_map_computed_once_and_reads_no_vae(tiny_root, tmp_path, capsys):
     """--decoder mlp --encoder dino is DINOSAUR: the target is the frozen DINO's map (b, 384, H/8, W/8), computed once
     per step and shared with the encoder (or both from the feature cache); MSE over tokens and channels; alpha masks
     on DINO's grid; no VAE is loaded, stored or named, and evaluate.py scores it."""
-    with pytest.raises(SystemExit):  # a VAE given to a model that reads none is refused
+    with refused(capsys, "is DINOSAUR: it reconstructs DINO's features and reads no VAE"):  # a VAE it would not read
         train_ocl.parse_args(["--decoder", "mlp", "--encoder", "dino", "--vae-ckpt", "runs/x/best.pt"])
     args = train_ocl.parse_args(["--data-root", str(tiny_root), "--decoder", "mlp", "--encoder", "dino",
                                  "--dino-weights", "random", "--out", str(tmp_path / "run"), *TINY_OCL, "--steps", "2"])
