@@ -10,7 +10,7 @@ h_n = h / 2^(n-1); Z^si_n, Z^sv_n the two halves after project-up; C^si the shar
 `codebook_si` (m, c); C^sv_n the scale-variant codebooks `codebooks_sv[n]` (m, c); W `weight` (2c, c);
 I_n `indices[n]` (b, 2, h_n, w_n) = [scale-invariant index, scale-variant index]; X_n `xs[n]` (b, c, h_n, w_n).
 
-Reading order: image_pyramid, resample, multi_scale_fusion (the paper's contribution, one pure function),
+Reading order: image_pyramid, resample, multi_scale_fusion (the paper's contribution, one function of its inputs),
 fuse_continuous (the channel-concat / element-wise-sum alternatives of Tab. 6), MSFVAE (the module that
 train_vae.py trains), build_vae (the one `if` that turns --vae flags into a model), load_vae (the same from a
 checkpoint: what train_ocl.py and evaluate.py call).
@@ -70,6 +70,12 @@ def multi_scale_fusion(zs, codebook_si, codebooks_sv, weight, inter=True, tau=0.
     inter=False: each scale votes alone (no inter-scale fusion). tau > 0: Gumbel sampling in matching; noise > 0:
     the authors' Gumbel-sampled stage-2 guidance (vae.match), whose perturbed probabilities then vote in Eq. 4.
     alpha: annealed residual (vae.straight_through). Codebooks may be tensors or vae.Codebook modules.
+
+    What it changes besides its outputs: nothing with plain tensors or in eval mode (stage 2, evaluation). A
+    vae.Codebook in training mode also keeps the books of the code-replacing trick: on its first call it starts its
+    codes on the candidates it is given (Codebook.init_from), and every selection counts which codes were used and
+    adds the vectors to its sample of recent ones (Codebook.observe); with tau > 0 the Gumbel noise draws from the
+    random generator.
 
     Returns indices: N x (b, 2, h_n, w_n) long ([si, sv]; (b, 1, h_n, w_n) without intra-scale fusion) and
     xs: N x (b, c, h_n, w_n); the forward value of xs is Eq. 5 exactly (for alpha = 0) and its gradient reaches

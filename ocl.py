@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import decoders
+import encoders
 import msf
-import slot_attention
-from slot_attention import BlockCoupling, BoxQueries, CNNEncoder, GaussianQueries, Predictor, SlotAttention, SysBinder
+from encoders import CNNEncoder
+from slot_attention import BlockCoupling, BoxQueries, GaussianQueries, Predictor, SlotAttention, SysBinder
 
 # Model sizes (--size): "paper" follows the authors' configs, "cpu" shrinks every width so that the built-in
 # datasets train on a 2-core CPU, "class" is "cpu" on a 16x16 grid (encoder stride 4) for classroom runs of a few
@@ -287,7 +288,7 @@ def load_dino(weights=None, sha256=None):
     """The frozen DINO ViT-S/8 of the big-little encoder and the sha256 of its weights (checkpoints name DINO by it
     instead of holding its 87 MB again): from `weights` (a path; None: torch's hub cache, downloaded on first use;
     "random": smoke runs only). With `sha256` (what a checkpoint names), other weights are refused."""
-    dino, found, digest = slot_attention.dino_vit_s8(weights)
+    dino, found, digest = encoders.dino_vit_s8(weights)
     if sha256 is not None and digest != sha256:
         raise ValueError(f"this checkpoint was trained with other DINO weights (sha256 {sha256[:16]}...) than "
                          f"{found} (sha256 {digest[:16]}...); pass --dino-weights with the file the run used")

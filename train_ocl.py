@@ -257,9 +257,7 @@ def train(args):
         workers = train_common.default_workers(device) if args.workers is None else args.workers
         batches = train_common.infinite_batches(train_data, args.batch_size, args.seed, start, d.rank, d.world,
                                                 workers, pin_memory=device.type == "cuda")
-        if args.compile:  # the whole model, in place
-            train_common.compile_model(model)
-        ddp = train_common.wrap_ddp(model, d)  # DDP: gradients averaged over processes
+        ddp = train_common.wrap_ddp(train_common.compile_model(model) if args.compile else model, d)  # DDP: grads averaged
         # the cache holds code indices (mlp and diffusion on Z_1 read continuous targets), which augmented images and
         # sampled codes change at every step
         varying = args.augment or args.guidance_noise > 0

@@ -55,10 +55,9 @@ class Encoder(nn.Module):  # ours: a small residual CNN sized for a CPU, 4x down
             ResBlock(ch), ResBlock(ch),
             nn.GroupNorm(8, ch), nn.SiLU(),
             nn.Conv2d(ch, code_dim, 1),  # (b, c, H/4, W/4)
-            # standardise each sample's Z (zero mean, unit variance, no learnable scale): codes live on a fixed
-            # scale and the encoder cannot run away from them once the residual is annealed (GDR's public code
-            # gets this with an extra loss pulling Z towards its group-normalised self)
-            # ours: Z standardised per sample (the authors' code: an extra loss pulls Z there)
+            # ours: Z standardised per sample (zero mean, unit variance, no learnable scale; the authors' code pulls
+            # Z there with an extra loss): codes live on a fixed scale, and the encoder cannot run away from them
+            # once the residual is annealed
             nn.GroupNorm(1, code_dim, affine=False),
         )
 

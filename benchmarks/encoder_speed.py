@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import encoders  # noqa: E402
 import msf  # noqa: E402
-import slot_attention  # noqa: E402
 import ocl  # noqa: E402
 import train_ocl  # noqa: E402
 
@@ -72,7 +72,7 @@ def main():
     device = torch.device(args.device)
     torch.manual_seed(0)
     vae = msf.build_vae("msf", 256).to(device).eval()
-    dino, _, digest = slot_attention.dino_vit_s8("random")
+    dino, _, digest = encoders.dino_vit_s8("random")
     common = dict(decoder="transformer", num_slots=11, resolution=args.resolution, **ocl.SIZES[args.size])
     models = {"cnn": ocl.OCL(vae, **common).to(device),
               "dino": ocl.OCL(vae, **common, encoder="dino", dino=dino, dino_sha256=digest).to(device)}

@@ -1,4 +1,4 @@
-"""The card's command end to end, at the paper's settings, without a download: a synthetic COCO panoptic download
+"""The README's COCO commands end to end, at the paper's settings, without a download: a synthetic COCO panoptic download
 (benchmarks/synthetic_downloads.py) -> convert.py coco -> train_vae.py --dataset coco --code-dim 4 -> train_ocl.py
 --dataset coco --decoder diffusion --dino-weights random -> evaluate.py, each training stopped by SIGTERM after its first checkpoint and
 continued with --resume, as a cluster would. Prints each command with its wall time, the conversion's throughput
@@ -66,7 +66,7 @@ def run(cmd, log, stop_at=None, out=None):
     return time.time() - start, stopped
 
 
-# per dataset: the synthetic download's writer and splits, the card's stage-1 and stage-2 flags, the official
+# per dataset: the synthetic download's writer and splits, the README's stage-1 and stage-2 flags, the official
 # download's sizes for the extrapolation (samples of train and val: COCO 2017 images, MOVi-C scenes of 24 frames)
 CHAINS = {
     "coco": dict(write=synthetic_downloads.write_coco, splits=("train", "val"), vae=["--code-dim", "4"],
@@ -85,7 +85,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, help="a new folder for the download, the dataset and the runs")
     p.add_argument("--dataset", default="coco", choices=list(CHAINS),
-                   help="coco: SlotDiffusion + MSF (the card's command); movi_c: STEVE + MSF on clips")
+                   help="coco: SlotDiffusion + MSF (the README's COCO commands); movi_c: STEVE + MSF on clips")
     p.add_argument("--train", type=int, default=500, help="synthetic training images (MOVi: scenes)")
     p.add_argument("--val", type=int, default=50, help="synthetic validation images (MOVi: scenes)")
     p.add_argument("--steps", type=int, default=4, help="training steps per stage (stopped after the first checkpoint, resumed)")

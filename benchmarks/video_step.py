@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import encoders  # noqa: E402
 import msf  # noqa: E402
-import slot_attention  # noqa: E402
 import ocl  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    dino, _, digest = slot_attention.dino_vit_s8("random")
+    dino, _, digest = encoders.dino_vit_s8("random")
     dino = dino.to(device)
     common = dict(num_slots=args.slots, resolution=args.resolution, iters=1, encoder="dino", dino=dino,
                   dino_sha256=digest, video=True, queries="box", **ocl.SIZES[args.size])

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import checkpoints
 import data
 import evaluate
+import encoders
 import ocl
-import slot_attention
 import train_common
 import train_ocl
 from conftest import ROOT, TINY_OCL, refused
@@ -96,7 +96,7 @@ def official_file(tmp_path_factory):
 
 
 def test_official_state_dict_loads_strictly_and_equals_a_plain_vit(official_file):
-    model, source, digest = slot_attention.dino_vit_s8(str(official_file))
+    model, source, digest = encoders.dino_vit_s8(str(official_file))
     assert source == str(official_file) and not model.training
     assert all(not p.requires_grad for p in model.parameters())
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official_shapes()
@@ -109,12 +109,12 @@ def test_official_state_dict_loads_strictly_and_equals_a_plain_vit(official_file
             ours, ref = model(image), plain_vit(sd, image)
         assert ours.shape == (image.shape[0], D, size // 8, size // 8)
         torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
-    other, _, other_digest = slot_attention.dino_vit_s8("random")
-    assert other_digest != digest and slot_attention.dino_vit_s8("random")[2] == other_digest  # fixed random
+    other, _, other_digest = encoders.dino_vit_s8("random")
+    assert other_digest != digest and encoders.dino_vit_s8("random")[2] == other_digest  # fixed random
 
 
 def test_position_embeddings_are_untouched_at_the_native_grid(official_file):
-    model, _, _ = slot_attention.dino_vit_s8(str(official_file))
+    model, _, _ = encoders.dino_vit_s8(str(official_file))
     assert torch.equal(model.position(28, 28), model.pos_embed)  # no resampling at 224 px
     assert model.position(16, 16).shape == (1, 1 + 256, D)  # 128 px
 
@@ -139,7 +139,7 @@ def cubic_1d(values, out_len, scale):
 def test_position_embeddings_at_128_px_are_dinos_interpolate_pos_encoding():
     """At a 16x16 patch grid (128 px) the patch position embeddings are DINO's: bicubic by the scale factor
     (16 + 0.1) / 28 along each axis (not a resize to 16 x 16 cells), held against the formula written out."""
-    model = slot_attention.dino_vit_s8("random")[0]
+    model = encoders.dino_vit_s8("random")[0]
     with torch.no_grad():
         model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=torch.Generator().manual_seed(0)))
         ours = model.position(16, 16)[0, 1:].reshape(16, 16, D).double()
@@ -152,12 +152,12 @@ def test_position_embeddings_at_128_px_are_dinos_interpolate_pos_encoding():
 
 def test_bad_weight_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="--dino-weights .*no such file"):
-        slot_attention.dino_vit_s8(str(tmp_path / "missing.pth"))
+        encoders.dino_vit_s8(str(tmp_path / "missing.pth"))
     state = official_state()
     del state["norm.bias"]
     torch.save(state, tmp_path / "cut.pth")
     with pytest.raises(ValueError, match="cut.pth is not a DINO ViT-S/8 state dict"):
-        slot_attention.dino_vit_s8(str(tmp_path / "cut.pth"))
+        encoders.dino_vit_s8(str(tmp_path / "cut.pth"))
 
 
 def test_a_download_is_checked_before_it_takes_the_official_name(tmp_path, monkeypatch):
@@ -168,14 +168,14 @@ def test_a_download_is_checked_before_it_takes_the_official_name(tmp_path, monke
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress=True: Path(dst).write_bytes(b"html"))
     with pytest.raises(ValueError, match=r"is not the official file \(4 bytes, md5 .*expected 86,728,949 bytes, md5 "
                                          r"230cd5\.\.\.\); nothing was kept"):
-        slot_attention.dino_vit_s8()
+        encoders.dino_vit_s8()
     assert not any((tmp_path / "hub" / "checkpoints").iterdir())
     body = b"the official bytes"  # stands in for the file: its size and md5 become the known ones
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress=True: Path(dst).write_bytes(body))
     monkeypatch.setattr(slot_attention, "DINO_BYTES", len(body))
     monkeypatch.setattr(slot_attention, "DINO_MD5_PREFIX", hashlib.md5(body).hexdigest()[:6])
-    slot_attention.download_dino(tmp_path / "hub" / "checkpoints" / slot_attention.DINO_FILE)
-    assert [p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()] == [slot_attention.DINO_FILE]
+    encoders.download_dino(tmp_path / "hub" / "checkpoints" / encoders.DINO_FILE)
+    assert [p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()] == [encoders.DINO_FILE]
 
 
 def test_offline_without_the_file_stops_before_step_one(tiny_root, tiny_vaes, tmp_path, monkeypatch):
@@ -203,7 +203,7 @@ def test_big_little_trains_the_projection_keeps_dino_frozen_and_checkpoints_name
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert not any(".dino." in k for k in ckpt["model"]) and "encoder.dino_proj.weight" in ckpt["model"]
     assert ckpt["args"]["dino_weights"] == "random" and ckpt["model_args"]["encoder"] == "dino"
-    fresh, _, digest = slot_attention.dino_vit_s8("random")
+    fresh, _, digest = encoders.dino_vit_s8("random")
     assert ckpt["model_args"]["dino_sha256"] == digest
     model, _ = ocl.load_ocl(checkpoints.load_checkpoint(out / "last.pt", "ocl"))  # DINO rebuilt from its weights, checked by sha256
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.dino.state_dict().values(),
@@ -223,8 +223,8 @@ def _one_process():
 
 
 def test_cached_features_are_the_encoders_bit_for_bit_and_a_stale_cache_is_refused(tiny_root, tmp_path):
-    dino, _, digest = slot_attention.dino_vit_s8("random")
-    model = types.SimpleNamespace(encoder=slot_attention.CNNEncoder(32, 16, 2, dino=dino))  # what FeatureCache uses
+    dino, _, digest = encoders.dino_vit_s8("random")
+    model = types.SimpleNamespace(encoder=encoders.CNNEncoder(32, 16, 2, dino=dino))  # what FeatureCache uses
     train = data.load_dataset("shapes", "train", tiny_root)
     folder = tmp_path / "train_dino"
     cache = train_ocl.FeatureCache(train, digest, folder).open(model, torch.device("cpu"), 8, _one_process())
@@ -233,7 +233,7 @@ def test_cached_features_are_the_encoders_bit_for_bit_and_a_stale_cache_is_refus
     assert stored.dtype == torch.float16 and stored.shape == (8, 384, 8, 8)
     with torch.no_grad():
         assert torch.equal(stored, dino(batch["image"]).half())
-        encoder = slot_attention.CNNEncoder(32, 16, 2, dino=dino)
+        encoder = encoders.CNNEncoder(32, 16, 2, dino=dino)
         assert torch.equal(encoder(batch["image"])[0], encoder(batch["image"], stored)[0])  # the two paths agree
 
     cache.close()
@@ -308,7 +308,7 @@ def test_dinosaur_reconstructs_dinos_map_computed_once_and_reads_no_vae(tiny_roo
 
 
 def test_dinosaurs_mlp_is_three_hidden_layers_of_2048_at_paper_size():
-    model = ocl.OCL(None, "mlp", 7, 128, encoder="dino", dino=slot_attention.dino_vit_s8("random")[0])
+    model = ocl.OCL(None, "mlp", 7, 128, encoder="dino", dino=encoders.dino_vit_s8("random")[0])
     layers = [m for m in model.decoder.mlp]
     widths = [(m.in_features, m.out_features) for m in layers if isinstance(m, torch.nn.Linear)]
     assert widths == [(256, 2048), (2048, 2048), (2048, 2048), (2048, 385)]  # 384 features + 1 alpha logit
@@ -319,7 +319,7 @@ def test_dino_target_prenorm_is_the_last_block_before_the_final_layernorm(tiny_r
     """--dino-target prenorm (OCLF's DINOSAUR): the target is the last block's map before DINO's final LayerNorm,
     whose LayerNorm over channels is exactly the usual map; the encoder still reads the final map, and one DINO
     forward gives both."""
-    dino = slot_attention.dino_vit_s8("random")[0]
+    dino = encoders.dino_vit_s8("random")[0]
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         post, pre = dino(image, prenorm=True)  # (2, 384, 4, 4) each

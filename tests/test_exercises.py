@@ -127,6 +127,33 @@ def test_every_solution_applies_to_the_code_and_changes_its_exercises_tag():
         assert hunks and abs(int(hunks[0]) + 3 - line) <= 10, (patch.name, where, hunks, line)
 
 
+def test_every_solution_applies_and_comes_off_on_a_clean_tree(tmp_path):
+    """As EXERCISES.md tells a teacher: on a clean copy of the repository, `git apply` of each solution changes the
+    files its patch names and nothing else, and `git apply -R` leaves the tree clean again."""
+    import shutil
+    import subprocess
+
+    def git(*argv):
+        done = subprocess.run(["git", *argv], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, (argv, done.stderr)
+        return done.stdout
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    for f in tracked:
+        if (ROOT / f).is_file() and not f.startswith(("results/", "exercises/baseline/")):
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, tmp_path / f)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clean")
+    for patch in sorted((ROOT / "exercises" / "solutions").glob("*.patch")):
+        named = set(re.findall(r"^\+\+\+ b/(\S+)", patch.read_text(), flags=re.M))
+        git("apply", str(patch))
+        changed = {line[3:] for line in git("status", "--porcelain").splitlines()}
+        assert changed == named, (patch.name, changed)
+        git("apply", "-R", str(patch))
+        assert git("status", "--porcelain") == "", patch.name
+
+
 @pytest.fixture(scope="module")
 def first_64_val(tmp_path_factory):
     """The first 64 images of shapes' val split (sample i does not depend on the split's size)."""

@@ -21,7 +21,8 @@ import ocl
 import train_common
 import train_ocl
 import train_vae
-from slot_attention import BlockCoupling, CNNEncoder, GaussianQueries, SlotAttention, SysBinder
+from encoders import CNNEncoder
+from slot_attention import BlockCoupling, GaussianQueries, SlotAttention, SysBinder
 
 from conftest import TINY_OCL, refused
 
