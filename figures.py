@@ -1,6 +1,6 @@
 """Figures, written as PNG with Pillow: the paper's Fig. 2 (image, ground truth, prediction, one column per slot) and
 Fig. 3 (the codes of every scale before and after inter-scale fusion, coloured by a PCA), reconstructions row by
-row, and every run's curves.png (its metrics.jsonl as one panel per quantity).
+row, and every run's curves.png (its metrics.jsonl, one panel per quantity with its scales as coloured lines).
 
 Reading order: palette, to_uint8, save_rows_png / save_grid (every figure is a grid of tiles), fig2, fig2_files,
 diffusion_recon, pca_colours, fig3, vae_fig3, curves. evaluate.py --viz draws Fig. 2 (and SlotDiffusion's sampled
@@ -9,6 +9,7 @@ curves.png at each validation. Imports data (its IGNORE label) and nothing else 
 """
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,37 +169,80 @@ def vae_fig3(out_dir, model, images):
     print(f"wrote {len(images)} Fig. 3 style PNGs to {out_dir} (columns: image, {', '.join(columns)}; one row per scale)")
 
 
-def curves(jsonl, path, columns=4, size=(240, 150)):
-    """curves.png of a run, drawn from its metrics.jsonl: one panel per quantity, the training loss first, then every
-    validation metric (`val_*`), each against the step (PIL only; the training scripts redraw it at every
-    validation). A panel names its quantity, its last value, its y range and its step range."""
+# curves.png: one panel per quantity, the scales or codebooks of a quantity as coloured lines in that panel.
+# (title, pattern of the logged names, the label of a line from the pattern's groups); the first panel that matches a
+# name takes it; a logged series that no panel names gets a panel of its own, and constant series (e.g. W's singular
+# values, kept at 1) are left out.
+PANELS = [
+    ("training loss", r"loss", lambda: "loss"),
+    ("reconstruction MSE (val)", r"val_recon(\d+)", lambda n: f"scale {n}"),
+    # codebook k of a scale: MSF's 0 scale-invariant, 1 scale-variant; GDR's two groups; the VQ-VAE's one codebook
+    ("codebook perplexity (val)", r"val_perplexity(\d+)_(\d+)", lambda n, k: f"scale {n} book {k}"),
+    ("share of codes used (val)", r"val_used(\d+)_(\d+)", lambda n, k: f"scale {n} book {k}"),
+    ("Eq. 4: scale 1's super-pixels won by", r"val_wins1_(\d+)", lambda j: f"scale {j}"),
+    ("segmentation (val, x100)", r"val_(ari|ari_fg|miou|mbo)", lambda m: {"ari": "ARI", "ari_fg": "ARIfg", "miou": "mIoU",
+                                                                       "mbo": "mBO"}[m]),
+    ("mIoU by object size (val, x100)", r"val_miou_(small|medium|large)", lambda k: k),
+    ("video ARIfg (val, x100)", r"val_ari_fg_(t|later)", lambda k: {"t": "per frame", "later": "frames 1+"}[k]),
+]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def curves(jsonl, path, columns=3, size=(330, 220)):
+    """curves.png of a run, from its metrics.jsonl (the training scripts redraw it at every validation): one panel per
+    quantity (PANELS), its scales or codebooks as coloured lines with a legend, value ticks on both axes, the training
+    loss on a log axis when it spans a decade or more; segmentation metrics x100."""
     series = {}  # name -> [(step, value)], in the order of the log
     for line in Path(jsonl).read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
         for name, value in record.items():
             if (name == "loss" or name.startswith("val_")) and isinstance(value, (int, float)) and math.isfinite(value):
                 series.setdefault(name, []).append((record["step"], value))
-    if not series:
+    series = {k: v for k, v in series.items() if max(p[1] for p in v) > min(p[1] for p in v) or len(v) == 1}
+    panels = {}  # title -> {label: points}
+    for name, points in series.items():
+        for title, pattern, label in PANELS + [(name, re.escape(name), lambda *a: name)]:
+            m = re.fullmatch(pattern, name)
+            if m:
+                scale = 100 if title.endswith("x100)") else 1
+                panels.setdefault(title, {})[label(*m.groups())] = [(s, scale * v) for s, v in points]
+                break
+    if not panels:
         return
     w, h = size
-    rows = -(-len(series) // columns)  # ceil
-    first = min(p[0][0] for p in series.values())  # one step axis for every panel
-    last = max(p[-1][0] for p in series.values())
+    rows = -(-len(panels) // columns)  # ceil
+    steps = [s for lines in panels.values() for points in lines.values() for s, _ in points]
+    first, last = min(steps), max(steps)  # one step axis for every panel
     img = Image.new("RGB", (columns * w, rows * h), "white")
     draw = ImageDraw.Draw(img)
-    for i, (name, points) in enumerate(series.items()):
-        x0, y0 = (i % columns) * w + 44, (i // columns) * h + 18  # the plot area: (x0, y0) to (x0 + pw, y0 + ph)
-        pw, ph = w - 56, h - 40
-        steps, values = zip(*points)
+    for i, (title, lines) in enumerate(panels.items()):
+        x0, y0 = (i % columns) * w + 52, (i // columns) * h + 22  # the plot area: (x0, y0) to (x0 + pw, y0 + ph)
+        pw, ph = w - 64, h - 76
+        values = [v for points in lines.values() for _, v in points]
         lo, hi = min(values), max(values)
-        xy = [(x0 + pw * (s - first) / max(1, last - first), y0 + ph * (1 - (v - lo) / ((hi - lo) or 1)))
-              for s, v in points]
+        log = title == "training loss" and lo > 0 and hi / lo >= 10  # a loss over decades reads on a log axis
+        f = (lambda v: math.log10(v)) if log else (lambda v: v)
+        flo, fhi = f(lo), f(hi)
+        fhi = fhi if fhi > flo else flo + 1
+        X = lambda s: x0 + pw * (s - first) / max(1, last - first)  # noqa: E731
+        Y = lambda v: y0 + ph * (1 - (f(v) - flo) / (fhi - flo))  # noqa: E731
         draw.rectangle((x0, y0, x0 + pw, y0 + ph), outline=(180, 180, 180))
-        draw.line(xy, fill=(31, 119, 180), width=2) if len(xy) > 1 else draw.ellipse(
-            (xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
-        draw.text((x0, y0 - 3), f"{name}  (last {values[-1]:.4g})", fill="black", anchor="lb")
-        draw.text((x0 - 3, y0), f"{hi:.3g}", fill="gray", anchor="rt")
-        draw.text((x0 - 3, y0 + ph), f"{lo:.3g}", fill="gray", anchor="rb")
-        draw.text((x0, y0 + ph + 3), f"step {first}", fill="gray", anchor="lt")
-        draw.text((x0 + pw, y0 + ph + 3), f"{last}", fill="gray", anchor="rt")
+        for k in range(3):  # value ticks: bottom, middle, top
+            v = 10 ** (flo + k * (fhi - flo) / 2) if log else lo + k * (hi - lo) / 2
+            draw.line((x0 - 3, Y(v), x0, Y(v)), fill="gray")
+            draw.text((x0 - 5, Y(v)), f"{v:.3g}", fill="gray", anchor="rm")
+        for k in range(3):  # step ticks
+            s = first + k * (last - first) // 2
+            draw.line((X(s), y0 + ph, X(s), y0 + ph + 3), fill="gray")
+            draw.text((X(s), y0 + ph + 5), f"{s}", fill="gray", anchor="mt")
+        draw.text((x0, y0 - 5), title + (" (log)" if log else ""), fill="black", anchor="lb")
+        for j, (label, points) in enumerate(lines.items()):
+            colour = COLOURS[j % len(COLOURS)]
+            xy = [(X(s), Y(v)) for s, v in points]
+            draw.line(xy, fill=colour, width=2) if len(xy) > 1 else draw.ellipse(
+                (xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=colour)
+            lx, ly = x0 + (j % 3) * (pw // 3), y0 + ph + 20 + (j // 3) * 12  # the legend, 3 entries a row
+            draw.line((lx, ly + 5, lx + 10, ly + 5), fill=colour, width=3)
+            draw.text((lx + 13, ly), f"{label} {points[-1][1]:.3g}"[:18], fill="black")
     img.save(path)

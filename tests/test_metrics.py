@@ -215,26 +215,38 @@ def test_rows_are_labelled_on_a_margin_at_their_left(tmp_path):
 
 
 def test_curves_draw_every_quantity_against_one_step_axis(tmp_path):
-    """curves.png from a metrics.jsonl: one panel per quantity (the training loss, then each val_* metric; not the lr),
-    y up, every panel on the same step axis: a falling loss runs from the plot's top left to its bottom right, a
-    rising metric logged from step 100 on starts a quarter of the way in, at the bottom."""
+    """curves.png from a metrics.jsonl: one panel per quantity (the training loss, the segmentation metrics, a VAE's
+    reconstruction with one coloured line per scale; not the lr, not a constant series), y up, every panel on the same
+    step axis: a falling loss runs from the plot's top left to its bottom right, a rising metric logged from step 100
+    on starts a quarter of the way in, at the bottom; a loss that falls from 100 to 1 is drawn on a log axis, where it
+    is a straight line through 10 at half the height."""
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 401):
             f.write(json.dumps({"step": step, "time": 0.0, "loss": 5 - step / 100, "lr": 1e-3}) + "\n")
             if step % 100 == 0:
-                f.write(json.dumps({"step": step, "time": 0.0, "val_ari": step / 400, "val_mbo": 0.5}) + "\n")
+                f.write(json.dumps({"step": step, "time": 0.0, "val_ari": step / 400, "val_mbo": 0.5,
+                                    "val_recon1": 1 / step, "val_recon2": 2 / step, "val_w_sigma_max": 1.0}) + "\n")
     figures.curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     img = np.asarray(Image.open(tmp_path / "curves.png")).astype(int)
-    assert img.shape == (150, 4 * 240, 3)  # 3 panels: loss, val_ari, val_mbo, on one row of 4
+    assert img.shape == (220, 3 * 330, 3)  # 3 panels on a row: loss, segmentation (ARI), reconstruction (2 scales)
+    blue, orange = figures.COLOURS[0], figures.COLOURS[1]
 
-    def curve_near(x, y):  # the curve's colour within 3 pixels of (x, y)
+    def curve_near(x, y, colour=blue):  # the colour within 3 pixels of (x, y)
         window = img[y - 3:y + 4, x - 3:x + 4]
-        return (np.abs(window - [31, 119, 180]).sum(axis=2) < 60).any()
-    x0, y0, pw, ph = 44, 18, 240 - 56, 150 - 40  # the first panel's plot area
+        return (np.abs(window - colour).sum(axis=2) < 60).any()
+    x0, y0, pw, ph = 52, 22, 330 - 64, 220 - 76  # the first panel's plot area
     assert curve_near(x0, y0) and curve_near(x0 + pw, y0 + ph) and not curve_near(x0, y0 + ph)
-    x1 = 240 + x0 + round(pw * 99 / 399)  # val_ari's first point: step 100 on the axis from step 1 to 400
-    assert curve_near(x1, y0 + ph) and curve_near(240 + x0 + pw, y0) and not curve_near(240 + x0, y0 + ph)
-
+    x1 = 330 + x0 + round(pw * 99 / 399)  # ARI (x100): 25 at step 100, the lowest, at the bottom: a quarter in
+    assert curve_near(x1, y0 + ph) and curve_near(330 + x0 + pw, y0)
+    x2 = 2 * 330 + x0 + round(pw * 99 / 399)  # reconstruction from step 100: scale 2 at 0.02 (the top), scale 1 at
+    assert curve_near(x2, y0, orange)  # 0.01, (0.01 - 0.0025) / (0.02 - 0.0025) of the way up
+    assert curve_near(x2, y0 + round(ph * (1 - 0.0075 / 0.0175)), blue)
+    with open(tmp_path / "decades.jsonl", "w") as f:
+        for step in range(1, 401):
+            f.write(json.dumps({"step": step, "loss": 100 * 0.01 ** ((step - 1) / 399)}) + "\n")
+    figures.curves(tmp_path / "decades.jsonl", tmp_path / "decades.png")
+    img = np.asarray(Image.open(tmp_path / "decades.png")).astype(int)
+    assert curve_near(x0 + pw // 2, y0 + ph // 2)  # 10 at half the steps, half the height: a log axis
 
 def test_perplexity_of_codebook_usage():
     """exp(entropy): 8 codes used equally -> 8, one code -> 1, two codes at 3:1 -> exp(H) by hand."""
