@@ -153,7 +153,7 @@ def hold_run(out):
     f.seek(0)
     f.truncate()
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
-    f.write(f"process {os.getpid()} on {socket.gethostname()} (`{command}`, since {time.strftime('%Y-%m-%d %H:%M')})")
+    f.write(f"process {os.getpid()} on {socket.gethostname()} ('{command}', since {time.strftime('%Y-%m-%d %H:%M')})")
     f.flush()
     _HELD[out] = f
 

@@ -39,6 +39,25 @@ def vae256(tiny_root, tmp_path_factory):
                                                  *VAE_TINY, "--steps", "2"])) / "best.pt"
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted runs the resume tests compare with, each trained once per module: reference(cmd) runs
+    `cmd` (its --out left to this fixture) the first time it is asked for and returns its folder."""
+    done = {}
+
+    def get(script, tiny_root, *extra, nproc=1):
+        key = (script, nproc, *extra)
+        if key not in done:
+            out = tmp_path_factory.mktemp("reference") / "full"
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+            printed = run([*(torchrun if nproc > 1 else [sys.executable]), *command(script, tiny_root, out, *extra)[1:]],
+                          out.parent).stdout
+            (out.parent / "stdout.txt").write_text(printed)  # what the run printed, beside its folder
+            done[key] = out
+        return done[key]
+    return get
+
+
 def command(script, tiny_root, out, *extra):
     return [sys.executable, str(ROOT / script), "--data-root", str(tiny_root), "--out", str(out), *extra]
 
@@ -90,7 +109,7 @@ def assert_same_weights(a, b, exact=True, max_step=None):
 
 @pytest.mark.parametrize("script,sig", [("train_vae.py", signal.SIGKILL), ("train_ocl.py", signal.SIGKILL),
                                         ("train_ocl.py", signal.SIGTERM)])
-def test_killed_and_resumed_run_ends_bit_identical(script, sig, tiny_root, vae256, tmp_path):
+def test_killed_and_resumed_run_ends_bit_identical(script, sig, tiny_root, vae256, tmp_path, reference):
     """N steps uninterrupted vs. killed after a checkpoint (at a random point of a later step), then --resume to N.
     The VAE run uses every stateful part: Gumbel noise, code replacing every 3 steps (the pools of recent vectors),
     data-dependent codebook init; the OCL run the query noise (sigma > 0) and the guidance cache."""
@@ -99,8 +118,7 @@ def test_killed_and_resumed_run_ends_bit_identical(script, sig, tiny_root, vae25
                  "--val-every", "12"]
     else:
         extra = [*OCL_TINY, "--vae-ckpt", str(vae256), "--steps", "24", "--ckpt-every", "4", "--val-every", "12"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    run(command(script, tiny_root, full, *extra), tmp_path)
+    full, cut = reference(script, tiny_root, *extra), tmp_path / "cut"
     code, err = interrupt(command(script, tiny_root, cut, *extra), tmp_path, cut, 8, sig)
     stopped_at = torch.load(cut / "last.pt", weights_only=True)["step"]
     assert 8 <= stopped_at < 24
@@ -120,7 +138,7 @@ def test_killed_and_resumed_run_ends_bit_identical(script, sig, tiny_root, vae25
 
 
 @pytest.mark.parametrize("script", ["train_vae.py", "train_ocl.py"])
-def test_two_gloo_processes_take_the_single_process_steps(script, tiny_root, vae256, tmp_path):
+def test_two_gloo_processes_take_the_single_process_steps(script, tiny_root, vae256, tmp_path, reference):
     """torchrun with 2 CPU processes x batch 4 vs 1 process x batch 8 over the same global batches: the same
     parameters after 4 steps (to float tolerance: the gradient sums are ordered differently). Noise is switched
     off (--stabilisers off, --sigma 0) since each process draws its own; the codebooks' data init stays on (it
@@ -128,17 +146,15 @@ def test_two_gloo_processes_take_the_single_process_steps(script, tiny_root, vae
     if script == "train_vae.py":
         extra = ["--channels", "16", "--batch-size", "8", "--val-batches", "1", "--log-every", "1", "--code-dim", "4",
                  "--stabilisers", "off", "--steps", "4", "--lr", "2e-4"]
-    else:
-        extra = ["--slot-dim", "32", "--enc-channels", "16", "--dec-dim", "32", "--dec-layers", "1", "--batch-size", "8",
-                 "--val-batches", "1", "--log-every", "1", "--vae-ckpt", str(vae256), "--sigma", "0", "--steps", "4"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(command(script, tiny_root, one, *extra), tmp_path)
-    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                *command(script, tiny_root, two, *extra)[1:]], tmp_path)
-    assert "2 processes x batch 4 = effective batch 8" in done.stdout
-    assert_same_weights(one, two, exact=False, max_step=2 * 4 * (2e-4 if script == "train_vae.py" else 2e-3))
-    la, lb = losses(one), losses(two)  # rank 0 logs alone: one line per step; its loss is its half's
-    assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3, 4]
+    else:  # the 2-process run of test_two_processes_resumed_by_one_then_by_two_again, shared
+        extra = ocl_without_noise(vae256)
+    steps = int(extra[extra.index("--steps") + 1])
+    one, two = reference(script, tiny_root, *extra), reference(script, tiny_root, *extra, nproc=2)
+    assert "2 processes x batch 4 = effective batch 8" in (two.parent / "stdout.txt").read_text()
+    assert_same_weights(one, two, exact=False, max_step=2 * steps * (2e-4 if script == "train_vae.py" else 2e-3))
+    la, lb = losses(one), losses(two)  # one line per step; the loss is the mean over both processes' halves
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(1, steps + 1))
+    assert la[0][1] == pytest.approx(lb[0][1], rel=1e-5)  # step 1: the same weights, the same 8 images
 
 
 def children(pid):
@@ -197,16 +213,21 @@ def test_code_replacing_state_resumed_with_another_process_count():
     assert same[0]["hits"].tolist() == [0.0, 3.0, 1.0] and same[0]["seen"] == 7
 
 
-def test_two_processes_resumed_by_one_then_by_two_again(tiny_root, vae256, tmp_path):
+def ocl_without_noise(vae256):
+    """A 12-step OCL run without sampling noise (--sigma 0) at a global batch of 8: 1 and 2 processes take the same
+    steps, to float tolerance."""
+    return [*OCL_TINY[:OCL_TINY.index("--batch-size")], "--batch-size", "8", *OCL_TINY[OCL_TINY.index("--batch-size") + 2:],
+            "--vae-ckpt", str(vae256), "--sigma", "0", "--steps", "12", "--ckpt-every", "4", "--val-every", "12"]
+
+
+def test_two_processes_resumed_by_one_then_by_two_again(tiny_root, vae256, tmp_path, reference):
     """2 -> 1 -> 2 processes: a 2-process run stopped, continued by one process, stopped, continued by two. Without
     --allow-world-change the change is refused by name; with it, and with no sampling noise (--sigma 0), the chain
     ends where the uninterrupted 2-process run does (to float tolerance: the data order is the step's, whoever
     takes it)."""
-    extra = [*OCL_TINY[:OCL_TINY.index("--batch-size")], "--batch-size", "8", *OCL_TINY[OCL_TINY.index("--batch-size") + 2:],
-             "--vae-ckpt", str(vae256), "--sigma", "0", "--steps", "12", "--ckpt-every", "4", "--val-every", "12"]
+    extra = ocl_without_noise(vae256)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    run([*torchrun, *command("train_ocl.py", tiny_root, full, *extra)[1:]], tmp_path)
+    full, cut = reference("train_ocl.py", tiny_root, *extra, nproc=2), tmp_path / "cut"
     interrupt([*torchrun, *command("train_ocl.py", tiny_root, cut, *extra)[1:]], tmp_path, cut, 4, signal.SIGTERM)
     refused = subprocess.run(command("train_ocl.py", tiny_root, cut, *extra, "--resume"), cwd=tmp_path, env=ENV,
                              capture_output=True, text=True, timeout=300)
