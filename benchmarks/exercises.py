@@ -86,6 +86,11 @@ def copy_repository(dst):
             shutil.copy2(ROOT / f, dst / f)
 
 
+def reads_baseline(spec):
+    """Whether an exercise's commands read the shipped baseline (exercises/baseline/): those that change stage 2 only."""
+    return any(shipped in c for c in spec["commands"] for shipped in BASELINE_READS)
+
+
 def run_cell(args, key, spec, seed):
     """Run one (exercise, seed) in its scratch folder; returns the cell's dict."""
     work = args.work / f"{key}__s{seed}"
@@ -96,7 +101,7 @@ def run_cell(args, key, spec, seed):
     patch = patch_of(key)
     if patch:
         subprocess.run(["git", "apply", str(patch)], cwd=work, check=True)
-    if key != "baseline":  # the baseline of this seed stands where the exercise reads the shipped one
+    if reads_baseline(spec):  # the baseline of this seed stands where the exercise reads the shipped one
         for shipped, made in BASELINE_READS.items():
             (work / shipped).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(args.work / f"baseline__s{seed}" / made, work / shipped)
@@ -259,7 +264,7 @@ def ship(args):
           f"MiB) and expected.json")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = data.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help="exercise numbers, e.g. 1,2,5 (default: all but 11; the baseline "
                                                 "always runs first where its cells are missing)")
@@ -275,7 +280,11 @@ def main(argv=None):
     p.add_argument("--pool", type=Path, default=None,
                    help="a class's runs: FOLDER/<exercise>/*.json, each a student's `evaluate.py --json`; prints "
                         "their table (seeds paired across exercises) and writes nothing")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.pool:
         if not args.pool.is_dir():
             sys.exit(f"--pool {args.pool}: no such folder (one subfolder per exercise: baseline, 1, 2, ...)")
@@ -302,9 +311,11 @@ def main(argv=None):
             (args.results / "table.md").write_text(table(args.results))
             print(f"{key} seed {seed}: {cell['minutes']} min -> {path}", flush=True)
 
+        needs_runs = any(reads_baseline(specs[k]) for k in wanted)  # the baseline's checkpoints, not only its cells
+
         def missing(key):
             return [s for s in seeds if not (args.results / f"{key}__s{s}.json").exists() or
-                    (key == "baseline" and not (args.work / f"baseline__s{s}" / "runs").exists())]
+                    (key == "baseline" and needs_runs and not (args.work / f"baseline__s{s}" / "runs").exists())]
         failed = []
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as executor:
             for todo in ([("baseline", s) for s in missing("baseline")],  # first: the others read its checkpoints
