@@ -134,7 +134,7 @@ def run(cmd, log, threads):
 
 
 def train(script, out, flags, steps, threads):
-    """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted. Its output
+    """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted (over again if before its first checkpoint). Its output
     goes to `out`.log (one log per run, so that runs side by side do not interleave).
     Returns the seconds it trained: this process's wall time plus what the earlier processes of an interrupted run
     logged; 0 for a run an earlier cell or invocation finished (a VAE that cells share counts once)."""
@@ -144,6 +144,9 @@ def train(script, out, flags, steps, threads):
         if torch.load(last, map_location="cpu", weights_only=True)["step"] >= steps:
             return 0.0
         flags, earlier = [*flags, "--resume"], logged_seconds(out / "metrics.jsonl")
+    elif (out / "metrics.jsonl").exists():
+        # interrupted before its first checkpoint: nothing to continue, and the folder is this runner's own
+        flags = [*flags, "--overwrite"]
     start = time.time()
     run([str(ROOT / script), *flags, "--out", str(out)], out.with_suffix(".log"), threads)
     return earlier + time.time() - start

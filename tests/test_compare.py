@@ -247,6 +247,11 @@ def test_a_resumed_run_counts_the_minutes_of_every_process(tmp_path, monkeypatch
     seconds = cg.train("train_ocl.py", out, [], 800, 1)
     assert "--resume" in calls[0] and 150.3 <= seconds < 151.3  # the earlier 150.3 s + this (instant) process
     assert cg.train("train_ocl.py", out, [], 601, 1) == 0.0 and len(calls) == 1  # already finished: not rerun
+    early = tmp_path / "early"  # stopped before its first checkpoint: only a log line, nothing to resume
+    early.mkdir()
+    (early / "metrics.jsonl").write_text(json.dumps({"step": 1, "time": 2.0}) + "\n")
+    cg.train("train_ocl.py", early, [], 800, 1)
+    assert "--overwrite" in calls[1] and "--resume" not in calls[1]
 
 
 def test_statistics_against_hand_computed_values():
