@@ -273,3 +273,19 @@ def test_statistics_against_hand_computed_values():
     # std 3.37: 9 pairs give 2.3060 * 3.37 / 3 = 2.590 > 2.5, 10 give 2.2622 * 3.37 / 3.1623 = 2.411
     assert stats.seeds_needed(3.37) == 10 and stats.seeds_needed(float("nan")) is None
     assert stats.binding([50.0, 44.9, 45.0]) == (2, 3, 47.5) and stats.binding([10.0])[:2] == (0, 1)
+
+
+def test_headline_pairs_cells_of_one_folder_and_counts_binding(tmp_path, monkeypatch):
+    """benchmarks/headline.py reads the cells on disk: MSF 60, 62, 64 against GDR 55, 58, 58 (differences 5, 4, 6 by
+    hand: mean 5, 95% interval 5 +- 2.48) and GDR binds on 3 of 3 with mean 57.00."""
+    import headline
+    folder = tmp_path / "compare_shapes"
+    folder.mkdir()
+    for seed, (m, g) in enumerate([(0.60, 0.55), (0.62, 0.58), (0.64, 0.58)]):
+        write(folder, fake_cell("msf", seed, m))
+        write(folder, fake_cell("gdr", seed, g))
+    monkeypatch.setattr(headline, "R", tmp_path)
+    text = headline.table()
+    line = next(x for x in text.splitlines() if x.startswith("| SLATE: MSF - GDR"))
+    assert "+5.00 [+2.52, +7.48]" in line and "| 3 of 3 | ahead |" in line
+    assert "| SLATE: gdr | 3 of 3 | 57.00 |" in text and "SlotDiffusion" not in text  # no cells, no row
