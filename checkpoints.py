@@ -129,7 +129,7 @@ def sync_folder(folder):
 # -----------------------------------------------------------------------------
 # The run's folder: one writer, room for the checkpoints, nothing deleted that the run did not write
 
-_HELD = {}  # resolved --out -> the open lock file this process holds (released when the process ends)
+_HELD = {}  # resolved --out -> (the open lock file this process holds, whether it made it); released when it ends
 
 
 def hold_run(out):
@@ -141,6 +141,7 @@ def hold_run(out):
     if out in _HELD or os.name != "posix":
         return
     import fcntl
+    created = not (out / LOCK).exists()
     f = open(out / LOCK, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,6 +149,8 @@ def hold_run(out):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
+        if created:
+            (out / LOCK).unlink(missing_ok=True)
         raise RunError(f"{out} is in use by {holder}: one run writes a folder at a time. Wait for it to finish, stop "
                        f"it (kill -TERM writes last.pt and stops it; then --resume), or choose another --out") from None
     f.seek(0)
@@ -155,7 +158,17 @@ def hold_run(out):
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
     f.write(f"process {os.getpid()} on {socket.gethostname()} ('{command}', since {time.strftime('%Y-%m-%d %H:%M')})")
     f.flush()
-    _HELD[out] = f
+    _HELD[out] = f, created
+
+
+def release_run(out):
+    """Give up the lock on --out, for a run refused before it wrote anything: the lock file goes too if this process
+    made it, so a refused run leaves the folder exactly as it found it."""
+    f, created = _HELD.pop(Path(out).resolve(), (None, False))
+    if f is not None:
+        if created:
+            Path(f.name).unlink(missing_ok=True)
+        f.close()  # closing the file releases the flock
 
 
 def checkpoint_bytes(model, params, extra=0):
@@ -181,6 +194,19 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True, 
         raise RunError(f"--out {out} is not writable ({e.strerror or e}); choose a folder you can write to") from None
     if main:
         hold_run(out)  # before anything in the folder is touched: a running run's files are never ours to delete
+    try:
+        check_out_dir(out, model, keep, resume, overwrite, main, last_bytes)
+    except RunError:
+        release_run(out)
+        raise
+    if dist.is_initialized():
+        dist.barrier()  # nobody starts before process 0 has cleared the folder
+    return out
+
+
+def check_out_dir(out, model, keep, resume, overwrite, main, last_bytes):
+    """prepare_out_dir's checks, with the lock held: stale temporaries, room on the disk, an earlier run."""
+    if main:
         for name in remove_stale(out):
             print(f"removed {out / name}, a temporary a killed run left behind")
     # last.pt (+ a temporary copy while it is replaced), the numbered copies (hard links where the file system
@@ -200,9 +226,6 @@ def prepare_out_dir(out, model, keep, resume=False, overwrite=False, main=True, 
         if main:  # what this code wrote there, nothing else of the folder
             for name in found:
                 (out / name).unlink(missing_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # nobody starts before process 0 has cleared the folder
-    return out
 
 
 def remove_stale(out):

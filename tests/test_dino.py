@@ -172,8 +172,8 @@ def test_a_download_is_checked_before_it_takes_the_official_name(tmp_path, monke
     assert not any((tmp_path / "hub" / "checkpoints").iterdir())
     body = b"the official bytes"  # stands in for the file: its size and md5 become the known ones
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress=True: Path(dst).write_bytes(body))
-    monkeypatch.setattr(slot_attention, "DINO_BYTES", len(body))
-    monkeypatch.setattr(slot_attention, "DINO_MD5_PREFIX", hashlib.md5(body).hexdigest()[:6])
+    monkeypatch.setattr(encoders, "DINO_BYTES", len(body))
+    monkeypatch.setattr(encoders, "DINO_MD5_PREFIX", hashlib.md5(body).hexdigest()[:6])
     encoders.download_dino(tmp_path / "hub" / "checkpoints" / encoders.DINO_FILE)
     assert [p.name for p in (tmp_path / "hub" / "checkpoints").iterdir()] == [encoders.DINO_FILE]
 
