@@ -289,3 +289,13 @@ def test_headline_pairs_cells_of_one_folder_and_counts_binding(tmp_path, monkeyp
     line = next(x for x in text.splitlines() if x.startswith("| SLATE: MSF - GDR"))
     assert "+5.00 [+2.52, +7.48]" in line and "| 3 of 3 | ahead |" in line
     assert "| SLATE: gdr | 3 of 3 | 57.00 |" in text and "SlotDiffusion" not in text  # no cells, no row
+
+
+def test_compile_speed_takes_the_rate_after_the_compiling_steps():
+    """benchmarks/compile_speed.py: steps 1 (slow: it compiles) and 25, 50, 100 logged at 30 s, 40 s, 45 s, 55 s;
+    from step 25 on: (55 - 40) / (100 - 25) = 0.2 s per step by hand; validation lines carry no loss and are skipped."""
+    import compile_speed
+    log = [{"step": 1, "time": 30.0, "loss": 9.0}, {"step": 25, "time": 40.0, "loss": 5.0},
+           {"step": 50, "time": 45.0, "loss": 4.0}, {"step": 100, "time": 55.0, "loss": 3.0},
+           {"step": 100, "time": 58.0, "val_ari_fg": 0.5}]
+    assert compile_speed.s_per_step(log, 25) == pytest.approx(0.2)
