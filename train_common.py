@@ -278,6 +278,11 @@ def compile_model(model):
     codebooks start on the first batch, count their use and move dead codes). A stage-2 model: all of it (one
     recompile when the query noise sigma leaves its first value). The first steps pay for the compilation."""
     parts = [model.encoder, model.decoder] if hasattr(model, "codebooks") else [model]
+    import torch._inductor.config
+    # Inductor draws random numbers (the query noise, Gumbel matching) with a generator of its own unless told not
+    # to: a compiled run would then be another random draw than the eager run of the same seed. torch's own
+    # generator keeps them the same draws, and --resume restores it.
+    torch._inductor.config.fallback_random = True
     for part in parts:
         part.compile(backend=COMPILE_BACKEND)
     return model
