@@ -29,6 +29,9 @@ def slot_use(model, images, timesteps=(0, 25, 100, 250, 500, 750, 999), seed=0):
     indices, xs = model.targets(images)
     slots, masks = model.encode(images)  # the query means, as at evaluation: (b, s, d), (b, s, h, w)
     contexts = [model.context(s) for s in (slots, slots.roll(1, 0), torch.zeros_like(slots))]
+    # with --mask-gate the slots reach the UNet through their masks too: own slots with their masks, another image's
+    # with that image's masks, zero slots with uniform masks (under which the gate changes nothing)
+    gates = [masks, masks.roll(1, 0), torch.full_like(masks, 1.0 / masks.shape[1])]  # (b, s, h, w) each
     rows = []
     if model.decoder_kind == "diffusion":
         dec = model.decoder
@@ -38,7 +41,9 @@ def slot_use(model, images, timesteps=(0, 25, 100, 250, 500, 750, 999), seed=0):
             tt = torch.full((x0.shape[0],), t, dtype=torch.long)  # (b,)
             noise = torch.randn(x0.shape, generator=g)  # (b, c, h, w), shared by the three contexts
             xt = decoders.q_sample(x0, tt, noise, dec.alpha_bar)
-            rows.append((f"t = {t}", *(F.mse_loss(dec.unet(xt, tt, c), noise).item() for c in contexts)))
+            target = noise if dec.prediction == "eps" else x0  # what the decoder was trained to predict
+            rows.append((f"t = {t}", *(F.mse_loss(dec.unet(xt, tt, c, dec._gate(m)), target).item()
+                                       for c, m in zip(contexts, gates))))
     elif model.decoder_kind == "transformer":
         rows.append(("cross-entropy", *(model.decoder.loss(model.decoder(xs, c), indices).item() for c in contexts)))
     else:

@@ -721,3 +721,15 @@ def test_slot_use_measures_what_the_decoder_takes_from_its_slots(decoder, tiny_r
     out = slot_use.slot_use(model, images, timesteps=(10, 500))
     assert all(own == other for _, own, other, _ in out["rows"])
     assert out["cover"] == 3 and out["largest"] == 0.75
+    if decoder == "diffusion":  # the recipe's decoder predicts x0 through the gate: a UNet that predicts 0 scores
+        dec, gates = model.decoder, []  # mean((scale X)^2) whatever the noise, and reads each context's own masks
+        assert dec.prediction == "x0" and dec.gate
+        dec.unet.forward = lambda xt, t, c, gate: gates.append(gate) or torch.zeros_like(xt)
+        own = masks.clone()
+        own[1] = masks[1].flip(-1)  # images 0 and 1 split differently: rolled masks are another image's
+        model.encode = lambda image: (slots, own)
+        rows = slot_use.slot_use(model, images, timesteps=(10,))["rows"]
+        x0 = model.targets(images)[1][0] * dec.scale
+        assert rows[0][1] == pytest.approx((x0 ** 2).mean().item(), rel=1e-6)
+        assert torch.equal(gates[0], own) and torch.equal(gates[1], own.roll(1, 0)) and not torch.equal(own, gates[1])
+        assert torch.all(gates[2] == 1 / own.shape[1])  # uniform: the gate changes nothing
