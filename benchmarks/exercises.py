@@ -40,7 +40,7 @@ SEEDS = (0, 1, 2)
 # what answers each exercise's question with little noise, read off the cell: (label, where: "vae" / "ocl" / "loss",
 # key); the four metrics are reported for every exercise beside it
 OBSERVABLES = {
-    "1": ("scale 1's own share of Eq. 4's vote (wins1_1)", "vae", "wins1_1"),
+    "1": ("scale 1's own share of Eq. 4's winners (wins1_1)", "vae", "wins1_1"),
     "2": ("mIoU of small objects (mIoU_S)", "ocl", "miou_small"),
     "3": ("share of scale 1's super-pixels won by scale 4 (wins1_4)", "vae", "wins1_4"),
     "4": ("scale-1 reconstruction MSE x100 (recon1)", "vae", "recon1"),
