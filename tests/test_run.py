@@ -107,12 +107,13 @@ def assert_same_weights(a, b, exact=True, max_step=None):
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("script,sig", [("train_vae.py", signal.SIGKILL), ("train_ocl.py", signal.SIGKILL),
-                                        ("train_ocl.py", signal.SIGTERM)])
+@pytest.mark.parametrize("script,sig", [("train_vae.py", signal.SIGKILL), ("train_ocl.py", signal.SIGKILL)])
 def test_killed_and_resumed_run_ends_bit_identical(script, sig, tiny_root, vae256, tmp_path, reference):
     """N steps uninterrupted vs. killed after a checkpoint (at a random point of a later step), then --resume to N.
     The VAE run uses every stateful part: Gumbel noise, code replacing every 3 steps (the pools of recent vectors),
-    data-dependent codebook init; the OCL run the query noise (sigma > 0) and the guidance cache."""
+    data-dependent codebook init; the OCL run the query noise (sigma > 0) and the guidance cache. (SIGTERM, which
+    lets the step end and writes last.pt there: test_two_processes_resumed_by_one_then_by_two_again and the
+    2-process SIGTERM to torchrun.)"""
     if script == "train_vae.py":
         extra = [*VAE_TINY, "--code-dim", "4", "--steps", "24", "--ckpt-every", "4", "--replace-every", "3",
                  "--val-every", "12"]
@@ -233,8 +234,11 @@ def test_two_processes_resumed_by_one_then_by_two_again(tiny_root, vae256, tmp_p
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "was written by 2 process(es), this run has 1" in refused.stderr
     assert "--allow-world-change" in refused.stderr
-    interrupt(command("train_ocl.py", tiny_root, cut, *extra, "--resume", "--allow-world-change"), tmp_path, cut, 8,
-              signal.SIGTERM)
+    code, err = interrupt(command("train_ocl.py", tiny_root, cut, *extra, "--resume", "--allow-world-change"), tmp_path,
+                          cut, 8, signal.SIGTERM)
+    stopped_at = torch.load(cut / "last.pt", weights_only=True)["step"]  # SIGTERM: the step ends, last.pt is written
+    assert code == 1 and f"stopped by SIGTERM after step {stopped_at}" in err and "--resume" in err
+    assert losses(cut)[-1][0] == stopped_at
     run([*torchrun, *command("train_ocl.py", tiny_root, cut, *extra, "--resume", "--allow-world-change")[1:]], tmp_path)
     assert torch.load(cut / "last.pt", weights_only=True)["step"] == 12
     assert_same_weights(full, cut, exact=False, max_step=2 * 12 * 2e-3)
@@ -244,7 +248,7 @@ def test_two_processes_resumed_by_one_then_by_two_again(tiny_root, vae256, tmp_p
 def test_compile_compiles_without_graph_breaks_and_checkpoints_load_either_way(tiny_root, vae256, tmp_path,
                                                                                  monkeypatch):
     """--compile on the quick start's paths, with a backend that counts the graphs it is given (torch's eager
-    compiler would take minutes here): no graph break, and over 6 steps no graph but the expected ones (a graph
+    compiler would take minutes here): no graph break, and over 4 steps no graph but the expected ones (a graph
     recompiled for a value that changes each step would add one per step). Stage 1 compiles its
     encoder and decoder (each: one graph at the first pyramid size, one for the others, in training and in eval mode:
     8); stage 2 the whole model (3: the query noise at its first value, at any other, and 0 where the weights are
@@ -257,8 +261,8 @@ def test_compile_compiles_without_graph_breaks_and_checkpoints_load_either_way(t
         graphs.append(gm)
         return gm.forward
     monkeypatch.setattr(train_common, "COMPILE_BACKEND", counting)
-    for script, extra, expected in ((train_vae, [*VAE_TINY, "--steps", "6"], 8),
-                                    (train_ocl, [*OCL_TINY, "--vae-ckpt", str(vae256), "--steps", "6"], 3)):
+    for script, extra, expected in ((train_vae, [*VAE_TINY, "--steps", "4"], 8),
+                                    (train_ocl, [*OCL_TINY, "--vae-ckpt", str(vae256), "--steps", "4"], 3)):
         torch._dynamo.reset()
         graphs.clear()
         torch._dynamo.utils.counters.clear()
