@@ -134,8 +134,9 @@ def run(cmd, log, threads):
 
 
 def train(script, out, flags, steps, threads):
-    """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted (over again if before its first checkpoint). Its output
-    goes to `out`.log (one log per run, so that runs side by side do not interleave).
+    """Train into `out` unless it already finished there; continue it (--resume) if it was interrupted, or start it
+    over (--overwrite) if it stopped before its first checkpoint. Its output goes to `out`.log (one log per run, so
+    that runs side by side do not interleave).
     Returns the seconds it trained: this process's wall time plus what the earlier processes of an interrupted run
     logged; 0 for a run an earlier cell or invocation finished (a VAE that cells share counts once)."""
     import torch
