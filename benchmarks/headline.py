@@ -19,6 +19,7 @@ COMPARISONS = [
     ("SLATE: MSF - stabilised VQ-VAE", "compare_shapes", "transformer", "msf", "vqvae+stab", None),
     ("SLATE: MSF - GDR (the fusion of scales)", "compare_shapes", "transformer", "msf", "gdr", None),
     ("SLATE: GDR - stabilised VQ-VAE", "compare_shapes", "transformer", "gdr", "vqvae+stab", None),
+    ("SLATE: MSF - multiscale (the pyramid, no fusion)", "compare_shapes", "transformer", "msf", "multiscale", None),
     ("SLATE, seeds 3-9 alone (one CPU, one commit): MSF - stabilised VQ-VAE", "compare_shapes", "transformer", "msf",
      "vqvae+stab", range(3, 10)),
     ("SLATE, seeds 3-9 alone: MSF - GDR", "compare_shapes", "transformer", "msf", "gdr", range(3, 10)),
@@ -38,6 +39,8 @@ COMPARISONS = [
     ("STEVE, seeds 0-2 (chose the recipe): MSF - stabilised VQ-VAE", "compare_shapes_video", "transformer", "msf",
      "vqvae+stab", range(0, 3)),
     ("STEVE, seeds 0-2: MSF - GDR", "compare_shapes_video", "transformer", "msf", "gdr", range(0, 3)),
+    ("STEVE, seeds 0-2: GDR - stabilised VQ-VAE", "compare_shapes_video", "transformer", "gdr", "vqvae+stab",
+     range(0, 3)),
     ("STEVE, seeds 3-5 (the test): MSF - GDR", "compare_shapes_video", "transformer", "msf", "gdr", range(3, 6)),
 ] + [(f"size spread {ratio}: MSF - {name}", f"size_spread/sides{sides}", "transformer", "msf", b, None)
      for ratio, sides in (("1x", "24-24"), ("8x", "6-48"), ("20x", "3-60"))
