@@ -110,7 +110,9 @@ class TransformerDecoder(nn.Module):
         self.classifiers = nn.ModuleList([nn.ModuleList([nn.Linear(dim, m) for m in self.vocab]) for _ in self.grids])
 
     def forward(self, xs, slots):
-        """xs: per guide scale (b, c, h, w); slots (b, s, d_slot) -> per scale, per index group (b, m, h, w) logits."""
+        """xs: per guide scale (b, c, h, w); slots (b, s, d_slot) -> per scale, per index group (b, h*w, m) logits,
+        tokens in raster order. Token-major, as the classifiers write them: cross-entropy over 4,096 codes reads this
+        layout without a copy, which makes a 4,096-code VQ-VAE's SLATE step markedly cheaper on a CPU."""
         tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in xs], dim=1)  # (b, n, c)
         b = tokens.shape[0]
         inp = torch.cat([self.bos.expand(b, -1, -1), self.embed(tokens[:, :-1])], dim=1) + self.pos  # (b, n, d)
@@ -120,15 +122,17 @@ class TransformerDecoder(nn.Module):
         logits, start = [], 0
         for (h, w), classifiers in zip(self.grids, self.classifiers):
             part = out[:, start:start + h * w]  # (b, h*w, d)
-            logits.append([cls(part).transpose(1, 2).reshape(b, -1, h, w) for cls in classifiers])  # g x (b, m, h, w)
+            logits.append([cls(part) for cls in classifiers])  # g x (b, h*w, m)
             start += h * w
         return logits
 
     @staticmethod
     def loss(logits, indices):
         """Cross-entropy of every index group at every guide scale, summed over groups (Sect. 3.1: reconstruction
-        as classification); averaged over guide scales. indices: per scale (b, g, h, w)."""
-        per_scale = [sum(F.cross_entropy(lg, idx[:, k]) for k, lg in enumerate(lgs)) for lgs, idx in zip(logits, indices)]
+        as classification); averaged over guide scales. logits: per scale, per group (b, h*w, m); indices: per scale
+        (b, g, h, w)."""
+        per_scale = [sum(F.cross_entropy(lg.flatten(0, 1), idx[:, k].flatten())  # (b*h*w, m) against (b*h*w,)
+                         for k, lg in enumerate(lgs)) for lgs, idx in zip(logits, indices)]
         return sum(per_scale) / len(per_scale)
 
 

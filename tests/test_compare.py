@@ -299,3 +299,19 @@ def test_compile_speed_takes_the_rate_after_the_compiling_steps():
            {"step": 50, "time": 45.0, "loss": 4.0}, {"step": 100, "time": 55.0, "loss": 3.0},
            {"step": 100, "time": 58.0, "val_ari_fg": 0.5}]
     assert compile_speed.s_per_step(log, 25) == pytest.approx(0.2)
+
+
+def test_slate_loss_layouts_give_one_loss(capsys):
+    """benchmarks/slate_loss.py: the decoder's token-major loss equals image-shaped cross-entropy over the code-major
+    view (2 groups, a 3 x 5 grid: a mixed-up height and width would pair tokens with other indices), and the
+    benchmark prints one row per guidance with its ratio."""
+    import decoders
+    import slate_loss
+    g = torch.Generator().manual_seed(1)
+    logits = [[torch.randn(2, 15, 6, generator=g), torch.randn(2, 15, 9, generator=g)]]  # (b, h*w, m) per group
+    indices = [torch.stack([torch.randint(0, 6, (2, 3, 5), generator=g), torch.randint(0, 9, (2, 3, 5), generator=g)], 1)]
+    token = decoders.TransformerDecoder.loss(logits, indices).item()
+    assert slate_loss.code_major_loss(logits, indices, [(3, 5)]).item() == pytest.approx(token, rel=1e-6)
+    slate_loss.main(["--repeats", "1", "--batch-size", "2", "--grid", "4"])
+    out = capsys.readouterr().out
+    assert "| MSF (two groups) | 64/64 |" in out and "| VQ-VAE | 4096 |" in out

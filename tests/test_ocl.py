@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_ocl.py
 """
 import inspect
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +81,33 @@ def test_transformer_decoder_is_causal():
     torch.manual_seed(0)
     dec = decoders.TransformerDecoder(code_dim=6, vocab=[5, 7], grids=[(4, 4)], slot_dim=8, dim=16, layers=2, heads=2).eval()
     x, slots = torch.randn(2, 6, 4, 4), torch.randn(2, 3, 8)
-    logits = [torch.cat([lg.flatten(2) for lg in dec([x], slots)[0]], 1)]  # (b, 12, 16) tokens in raster order
+    logits = [torch.cat([lg.transpose(1, 2) for lg in dec([x], slots)[0]], 1)]  # (b, 12, 16) tokens in raster order
     for j in (0, 5, 15):
         x2 = x.clone()
         x2.view(2, 6, 16)[:, :, j] += 3.0  # change token j
-        after = torch.cat([lg.flatten(2) for lg in dec([x2], slots)[0]], 1)
+        after = torch.cat([lg.transpose(1, 2) for lg in dec([x2], slots)[0]], 1)
         assert torch.allclose(after[..., :j + 1], logits[0][..., :j + 1], atol=1e-5)  # tokens <= j see no change
         if j < 15:
             assert not torch.allclose(after[..., j + 1:], logits[0][..., j + 1:])
     shapes = [tuple(lg.shape) for lg in dec([x], slots)[0]]
-    assert shapes == [(2, 5, 4, 4), (2, 7, 4, 4)]
+    assert shapes == [(2, 16, 5), (2, 16, 7)]
 
 
 def test_transformer_loss_sums_groups():
-    logits = [[torch.zeros(1, 4, 2, 2), torch.zeros(1, 8, 2, 2)]]  # uniform predictions
+    logits = [[torch.zeros(1, 4, 4), torch.zeros(1, 4, 8)]]  # uniform predictions, (b, h*w, m) per group
     idx = [torch.zeros(1, 2, 2, 2, dtype=torch.long)]
     assert decoders.TransformerDecoder.loss(logits, idx).item() == pytest.approx(torch.log(torch.tensor(4.0 * 8.0)).item())
+
+
+def test_transformer_loss_pairs_each_token_with_its_own_index():
+    """Token t of the raster order is scored against the index at (t // w, t % w), by the formula
+    -log(exp(l_t[i]) / sum_j exp(l_t[j])) written out per token, averaged over tokens and images."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 5, generator=g)  # (b, h*w, m), a 2 x 3 grid
+    idx = torch.randint(0, 5, (2, 1, 2, 3), generator=g)  # (b, g=1, h, w)
+    terms = [math.log(sum(math.exp(v) for v in logits[b, t].tolist())) - logits[b, t, idx[b, 0, t // 3, t % 3]].item()
+             for b in range(2) for t in range(6)]
+    assert decoders.TransformerDecoder.loss([[logits]], [idx]).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
 
 
 def test_noise_schedule_matches_closed_form():
