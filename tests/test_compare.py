@@ -291,6 +291,23 @@ def test_headline_pairs_cells_of_one_folder_and_counts_binding(tmp_path, monkeyp
     assert "| SLATE: gdr | 3 of 3 | 57.00 |" in text and "SlotDiffusion" not in text  # no cells, no row
 
 
+def test_headline_counts_a_recipes_test_seeds_apart(tmp_path, monkeypatch):
+    """STEVE's recipe was chosen on seeds 0-2: MSF 40 and 60 there, 30 at the test seed 3, so the binding rows read 1 of
+    2 (mean 60.00) and 0 of 1, never 1 of 3; and the test seed is paired only in its own comparison."""
+    import headline
+    folder = tmp_path / "compare_shapes_video"
+    folder.mkdir()
+    for seed, (m, g) in enumerate([(0.40, 0.35), (0.60, 0.50)]):
+        write(folder, fake_cell("msf", seed, m))
+        write(folder, fake_cell("gdr", seed, g))
+    write(folder, fake_cell("msf", 3, 0.30))
+    write(folder, fake_cell("gdr", 3, 0.20))
+    monkeypatch.setattr(headline, "R", tmp_path)
+    text = headline.table()
+    assert "| STEVE, seeds 0-2: msf | 1 of 2 | 60.00 |" in text and "| STEVE, seeds 3-5: msf | 0 of 1 | - |" in text
+    assert "| STEVE, seeds 0-2: MSF - GDR | 2 (0,1) |" in text and "| STEVE, seeds 3-5 (the test): MSF - GDR | 1 (3) |" in text
+
+
 def test_compile_speed_takes_the_rate_after_the_compiling_steps():
     """benchmarks/compile_speed.py: steps 1 (slow: it compiles) and 25, 50, 100 logged at 30 s, 40 s, 45 s, 55 s;
     from step 25 on: (55 - 40) / (100 - 25) = 0.2 s per step by hand; validation lines carry no loss and are skipped."""
