@@ -93,6 +93,11 @@ BASELINE = "vqvae+stab"
 DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale", "--diffusion-prediction", "--mask-gate",
                   "--no-mask-gate"}  # train_ocl.py flags that only the diffusion decoder reads
 METRICS = ("ari", "ari_fg", "miou", "mbo")
+# Recipes chosen on some seeds (results/2026-12-06-settle-plan.md): SlotDiffusion's `shapes` recipe (x0 + gate, 4,800
+# steps) and the `shapes_video` STEVE recipe were tuned on seeds 0-2. A cell of another seed tests the recipe, so the
+# table gives it rows and comparisons of its own ("msf (test)") instead of averaging it in with the seeds that chose.
+CHOSEN_ON = {("shapes", "diffusion"): range(0, 3), ("shapes_video", "transformer"): range(0, 3)}
+TEST = " (test)"  # the row-name suffix of a recipe's test seeds
 
 
 def cells(args):
@@ -265,7 +270,7 @@ def table(results):
         return "(no cells yet)\n"
     rows, order = {}, [n for n in VARIANTS]
     for c in found:
-        rows.setdefault((c["decoder"], c["variant"]), {})[c["seed"]] = c
+        rows.setdefault((c["decoder"], c["variant"] + part(c)), {})[c["seed"]] = c
     video = any("ari_fg_later" in c["metrics"] for c in found)  # clips: ARIfg_1+ beside ARIfg over whole clips
     lines = [f"| decoder | guidance | seeds | ARI | ARIfg | bound (ARIfg >= {stats.THRESHOLD:g}): k of n, their mean |"
              f"{' ARIfg_1+ |' if video else ''} mIoU | mBO | ARIfg - {BASELINE}: mean [95% interval] | ARIfg - msf | "
@@ -273,7 +278,10 @@ def table(results):
              "|---|---|---|---|---|---|" + "---|" * video + "---|---|---|---|---|---|---|---|---|---|"]
     comparisons = []
     place = lambda name: order.index(name) if name in order else len(order)  # noqa: E731  (a variant since renamed: last)
-    for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer", place(kv[0][1]),
+    # transformer rows first; a recipe's test rows after the rows of the seeds that chose it
+    for (decoder, name), by_seed in sorted(rows.items(), key=lambda kv: (kv[0][0] != "transformer",
+                                                                         kv[0][1].endswith(TEST),
+                                                                         place(kv[0][1].removesuffix(TEST)),
                                                                          kv[0][1])):
         seeds = sorted(by_seed)
         get = lambda k: [100 * by_seed[s]["metrics"][k] for s in seeds]  # noqa: E731
@@ -302,9 +310,19 @@ def table(results):
             f"on all of `val`; x100, mean +- std over seeds; paired differences: mean over the seeds both rows have "
             f"and its 95% t interval (benchmarks/stats.py); rows of SlotDiffusion's published decoder (-plain, "
             f"msf-z, ...) are paired against {BASELINE}-plain and msf-plain; minutes are wall time with the cells "
-            f"side by side as stated.\n\n" + stats.HEADER + "\n" + "\n".join(dict.fromkeys(comparisons)) +
+            f"side by side as stated." + (f" Rows named{TEST} hold the seeds a recipe was not chosen on (seeds "
+            f"{', '.join(sorted({str(c['seed']) for c in found if part(c)}))}), paired only with each other."
+            if any(part(c) for c in found) else "") + "\n\n" + stats.HEADER + "\n" + "\n".join(dict.fromkeys(comparisons)) +
             "\n\nWhere the cells "
             f"ran (commit: the code each cell ran):\n" + "".join(f"- {m}\n" for m in machines))
+
+
+def part(cell):
+    """TEST if the cell's seed tests a recipe chosen on other seeds (CHOSEN_ON), else "". Cells from before cells
+    recorded their dataset are `shapes`, or `shapes_video` where they score clips (ARIfg_1+)."""
+    dataset = cell.get("dataset") or ("shapes_video" if "ari_fg_later" in cell["metrics"] else "shapes")
+    chosen = CHOSEN_ON.get((dataset, cell["decoder"]))
+    return TEST if chosen is not None and cell["seed"] not in chosen else ""
 
 
 def ocl_budget(found):
@@ -321,8 +339,9 @@ def against_rows(name):
     """The rows a variant's paired differences are taken against: the stabilised VQ-VAE and MSF with the same
     SlotDiffusion decoder (a row of the published decoder, -plain, msf-z, ..., against vqvae+stab-plain and
     msf-plain), so that the columns isolate the guidance or the change the variant names."""
-    published = name in VARIANTS and set(AUTHORS_SD) <= set(VARIANTS[name][1])
-    return (BASELINE + "-plain", "msf-plain") if published else (BASELINE, "msf")
+    variant, test = (name.removesuffix(TEST), TEST) if name.endswith(TEST) else (name, "")  # a test row: test rows
+    published = variant in VARIANTS and set(AUTHORS_SD) <= set(VARIANTS[variant][1])
+    return tuple(n + test for n in ((BASELINE + "-plain", "msf-plain") if published else (BASELINE, "msf")))
 
 
 def ari_fg(rows, decoder, name):

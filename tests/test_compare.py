@@ -275,6 +275,29 @@ def test_statistics_against_hand_computed_values():
     assert stats.binding([50.0, 44.9, 45.0]) == (2, 3, 47.5) and stats.binding([10.0])[:2] == (0, 1)
 
 
+def test_table_gives_a_recipes_test_seeds_rows_of_their_own(tmp_path):
+    """SlotDiffusion's `shapes` recipe was chosen on seeds 0-2: MSF 30, 40 and GDR 20, 20 there (differences 10, 20:
+    mean 15), MSF 50 against GDR 45 at the test seed 3 (+5). The seed-3 cells are rows "msf (test)" and "gdr (test)",
+    paired only with each other, never averaged into the choosing rows; SLATE on `shapes` (no recipe chosen on seeds)
+    keeps seed 3 in its one row, and a STEVE cell from before cells named their dataset is told by its clip metric."""
+    diffusion = lambda v, s, a: {**fake_cell(v, s, a), "decoder": "diffusion", "dataset": "shapes"}  # noqa: E731
+    for seed, (m, g) in ((0, (0.30, 0.20)), (1, (0.40, 0.20)), (3, (0.50, 0.45))):
+        write(tmp_path, diffusion("msf", seed, m))
+        write(tmp_path, diffusion("gdr", seed, g))
+        write(tmp_path, {**fake_cell("msf", seed, m), "dataset": "shapes"})
+    text = cg.table(tmp_path)
+    line = lambda v: next(x for x in text.splitlines() if x.startswith(f"| diffusion | {v} |")).split(" | ")  # noqa
+    assert line("msf")[2:5] == ["2", "50.00 +- 0.00", "35.00 +- 7.07"]  # seeds, ARI, ARIfg
+    assert line("msf (test)")[2:5] == ["1", "50.00", "50.00"]
+    assert line("gdr")[9] == "-15.00 [-78.53, +48.53] (2)" and line("gdr (test)")[9] == "-5.00 (1)"
+    assert row(text, "msf")[2] == "3"  # SLATE: seeds 0, 1, 3 in one row
+    assert "| diffusion: msf - gdr | 2 (0,1) |" in text and "| diffusion: msf (test) - gdr (test) | 1 (3) |" in text
+    assert "Rows named (test) hold the seeds a recipe was not chosen on (seeds 3)" in text
+    video = fake_cell("msf", 4, 0.6)
+    video["metrics"]["ari_fg_later"] = 0.6
+    assert cg.part(video) == cg.TEST and cg.part({**video, "seed": 2}) == ""
+
+
 def test_headline_pairs_cells_of_one_folder_and_counts_binding(tmp_path, monkeypatch):
     """benchmarks/headline.py reads the cells on disk: MSF 60, 62, 64 against GDR 55, 58, 58 (differences 5, 4, 6 by
     hand: mean 5, 95% interval 5 +- 2.48) and GDR binds on 3 of 3 with mean 57.00."""
