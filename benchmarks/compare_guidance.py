@@ -23,7 +23,8 @@ encoder, queries and Slot Attention start from the same weights (train_ocl seeds
 Budget: each decoder's recipe (shapes: the quick start's, VAE 400 steps, OCL 3,200 steps at batch 16, SlotDiffusion
 4,800; shapes_video: the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise;
 SlotDiffusion is the recipe's (shapes: x0 prediction and the mask gate, ours), the -plain rows its authors' decoder. Video cells add ARIfg_1+
-(ARIfg over the frames after the first, whose boxes the model is given) to the table.
+(ARIfg over the frames after the first, whose boxes the model is given) to the table. A recipe chosen on seeds 0-2
+(CHOSEN_ON) keeps its other seeds apart: rows and comparisons named "(test)".
 """
 import argparse
 import concurrent.futures
