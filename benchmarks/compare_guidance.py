@@ -24,7 +24,7 @@ Budget: each decoder's recipe (shapes: the quick start's, VAE 400 steps, OCL 3,2
 4,800; shapes_video: the video preset, STEVE for 6,000 steps) unless --vae-steps / --ocl-steps say otherwise;
 SlotDiffusion is the recipe's (shapes: x0 prediction and the mask gate, ours), the -plain rows its authors' decoder. Video cells add ARIfg_1+
 (ARIfg over the frames after the first, whose boxes the model is given) to the table. A recipe chosen on seeds 0-2
-(CHOSEN_ON) keeps its other seeds apart: rows and comparisons named "(test)".
+(stats.CHOSEN_ON) keeps its other seeds apart: rows and comparisons named "(test)".
 """
 import argparse
 import concurrent.futures
@@ -94,10 +94,8 @@ BASELINE = "vqvae+stab"
 DIFFUSION_ONLY = {"--diffusion-target", "--latent-scale", "--diffusion-prediction", "--mask-gate",
                   "--no-mask-gate"}  # train_ocl.py flags that only the diffusion decoder reads
 METRICS = ("ari", "ari_fg", "miou", "mbo")
-# Recipes chosen on some seeds (results/2026-12-06-settle-plan.md): SlotDiffusion's `shapes` recipe (x0 + gate, 4,800
-# steps) and the `shapes_video` STEVE recipe were tuned on seeds 0-2. A cell of another seed tests the recipe, so the
-# table gives it rows and comparisons of its own ("msf (test)") instead of averaging it in with the seeds that chose.
-CHOSEN_ON = {("shapes", "diffusion"): range(0, 3), ("shapes_video", "transformer"): range(0, 3)}
+# A cell of a seed its recipe was not chosen on (stats.CHOSEN_ON) tests the recipe, so the table gives it rows and
+# comparisons of its own ("msf (test)") instead of averaging it in with the seeds that chose.
 TEST = " (test)"  # the row-name suffix of a recipe's test seeds
 
 
@@ -319,10 +317,10 @@ def table(results):
 
 
 def part(cell):
-    """TEST if the cell's seed tests a recipe chosen on other seeds (CHOSEN_ON), else "". Cells from before cells
+    """TEST if the cell's seed tests a recipe chosen on other seeds (stats.CHOSEN_ON), else "". Cells from before cells
     recorded their dataset are `shapes`, or `shapes_video` where they score clips (ARIfg_1+)."""
     dataset = cell.get("dataset") or ("shapes_video" if "ari_fg_later" in cell["metrics"] else "shapes")
-    chosen = CHOSEN_ON.get((dataset, cell["decoder"]))
+    chosen = stats.CHOSEN_ON.get((dataset, cell["decoder"]))
     return TEST if chosen is not None and cell["seed"] not in chosen else ""
 
 

@@ -24,11 +24,11 @@ COMPARISONS = [
      "vqvae+stab", range(3, 10)),
     ("SLATE, seeds 3-9 alone: MSF - GDR", "compare_shapes", "transformer", "msf", "gdr", range(3, 10)),
     ("SlotDiffusion, seeds 0-2 (chose the recipe): MSF - stabilised VQ-VAE", "slotdiffusion_shapes", "diffusion", "msf",
-     "vqvae+stab", range(0, 3)),
-    ("SlotDiffusion, seeds 0-2: MSF - GDR", "slotdiffusion_shapes", "diffusion", "msf", "gdr", range(0, 3)),
+     "vqvae+stab", stats.CHOSEN),
+    ("SlotDiffusion, seeds 0-2: MSF - GDR", "slotdiffusion_shapes", "diffusion", "msf", "gdr", stats.CHOSEN),
     ("SlotDiffusion, seeds 3-5 (the test): MSF - stabilised VQ-VAE", "slotdiffusion_shapes", "diffusion", "msf",
-     "vqvae+stab", range(3, 6)),
-    ("SlotDiffusion, seeds 3-5: MSF - GDR", "slotdiffusion_shapes", "diffusion", "msf", "gdr", range(3, 6)),
+     "vqvae+stab", stats.TESTED),
+    ("SlotDiffusion, seeds 3-5: MSF - GDR", "slotdiffusion_shapes", "diffusion", "msf", "gdr", stats.TESTED),
     ("SlotDiffusion, the smaller UNet of the cells of 2026-12-03: MSF - stabilised VQ-VAE", "compare_shapes",
      "diffusion", "msf", "vqvae+stab", None),
     ("SlotDiffusion, the smaller UNet: MSF - GDR", "compare_shapes", "diffusion", "msf", "gdr", None),
@@ -37,21 +37,21 @@ COMPARISONS = [
     ("SlotDiffusion: x0 alone - published", "slotdiffusion_shapes", "diffusion", "msf-x0", "msf-plain", None),
     ("SlotDiffusion: the gate alone - published", "slotdiffusion_shapes", "diffusion", "msf-gate", "msf-plain", None),
     ("STEVE, seeds 0-2 (chose the recipe): MSF - stabilised VQ-VAE", "compare_shapes_video", "transformer", "msf",
-     "vqvae+stab", range(0, 3)),
-    ("STEVE, seeds 0-2: MSF - GDR", "compare_shapes_video", "transformer", "msf", "gdr", range(0, 3)),
+     "vqvae+stab", stats.CHOSEN),
+    ("STEVE, seeds 0-2: MSF - GDR", "compare_shapes_video", "transformer", "msf", "gdr", stats.CHOSEN),
     ("STEVE, seeds 0-2: GDR - stabilised VQ-VAE", "compare_shapes_video", "transformer", "gdr", "vqvae+stab",
-     range(0, 3)),
-    ("STEVE, seeds 3-5 (the test): MSF - GDR", "compare_shapes_video", "transformer", "msf", "gdr", range(3, 6)),
+     stats.CHOSEN),
+    ("STEVE, seeds 3-5 (the test): MSF - GDR", "compare_shapes_video", "transformer", "msf", "gdr", stats.TESTED),
 ] + [(f"size spread {ratio}: MSF - {name}", f"size_spread/sides{sides}", "transformer", "msf", b, None)
      for ratio, sides in (("1x", "24-24"), ("8x", "6-48"), ("20x", "3-60"))
      for name, b in (("stabilised VQ-VAE", "vqvae+stab"), ("GDR", "gdr"))]
 # (label, cell folder, decoder, variants, seeds or None for all): a recipe's choosing seeds apart from its test seeds
 BOUND = [("SLATE", "compare_shapes", "transformer", ("vqvae+stab", "gdr", "msf"), None),
          ("SlotDiffusion, seeds 0-2", "slotdiffusion_shapes", "diffusion", ("vqvae+stab", "gdr", "msf", "msf-plain",
-                                                                            "msf-x0", "msf-gate"), range(0, 3)),
-         ("SlotDiffusion, seeds 3-5", "slotdiffusion_shapes", "diffusion", ("vqvae+stab", "gdr", "msf"), range(3, 6)),
-         ("STEVE, seeds 0-2", "compare_shapes_video", "transformer", ("vqvae+stab", "gdr", "msf"), range(0, 3)),
-         ("STEVE, seeds 3-5", "compare_shapes_video", "transformer", ("vqvae+stab", "gdr", "msf"), range(3, 6))]
+                                                                            "msf-x0", "msf-gate"), stats.CHOSEN),
+         ("SlotDiffusion, seeds 3-5", "slotdiffusion_shapes", "diffusion", ("vqvae+stab", "gdr", "msf"), stats.TESTED),
+         ("STEVE, seeds 0-2", "compare_shapes_video", "transformer", ("vqvae+stab", "gdr", "msf"), stats.CHOSEN),
+         ("STEVE, seeds 3-5", "compare_shapes_video", "transformer", ("vqvae+stab", "gdr", "msf"), stats.TESTED)]
 
 
 def ari_fg(folder, decoder, variant):
